@@ -1,0 +1,444 @@
+"""Load ``config.toml`` once into frozen, validated dataclasses.
+
+Every section of the TOML file has one dataclass here. Values are checked when loaded, so a bad
+AE title, port, path or duration stops the process at start-up with a message naming the key,
+instead of failing later in the middle of an association. Sub-configs are passed down as
+arguments; nothing here is a module global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from dicom_node.errors import ConfigError
+
+# DICOM PS3.5 Table 6.2-1: AE is up to 16 characters of the default repertoire without backslash
+# or control characters; leading/trailing spaces are not significant and an all-space AE is invalid.
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5B\x5D-\x7E]{1,16}$")
+
+OnMissingSeg = Literal["score-whole-region", "hold", "reject"]
+FramePolicy = Literal["all", "middle", "max-contrast"]
+StudyRule = Literal["mean", "max", "median"]
+Backend = Literal["eager", "compile", "onnx"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+Modality = Literal["image", "clinical", "lab"]
+Target = Literal["binary", "regression"]
+
+
+def validate_ae_title(value: Any, key: str) -> str:
+    """Return the AE title stripped of padding, or raise naming ``key``."""
+    if not isinstance(value, str) or not _AE_TITLE_RE.match(value) or not value.strip():
+        raise ConfigError(
+            key, f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
+        )
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Optional TLS for the listener (or for one destination)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The receiving node: who we are, where we listen and who may call us."""
+
+    ae_title: str = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    data_dir: Path = Path("./node-data")
+    allowed_calling_aets: tuple[str, ...] = ()
+    allow_any_calling_aet: bool = False
+    require_called_aet: bool = True
+    max_pdu: int = 131072
+    tcp_nodelay: bool = True
+    disk_reserve_mb: int = 1024
+    acse_timeout_seconds: float = 30.0
+    dimse_timeout_seconds: float = 60.0
+    network_timeout_seconds: float = 60.0
+    max_associations: int = 16
+    log_level: str = "INFO"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.data_dir / "failed"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "index.sqlite"
+
+
+@dataclass(frozen=True)
+class CompletionConfig:
+    """When a study counts as complete (quiet period, ceiling, SEG policy)."""
+
+    idle_seconds: float = 60.0
+    max_wait_seconds: float = 900.0
+    require_seg: bool = True
+    on_missing_seg: OnMissingSeg = "score-whole-region"
+    poll_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The job worker that scores complete studies."""
+
+    enabled: bool = True
+    max_attempts: int = 3
+    retry_base_seconds: float = 30.0
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How US objects are turned into images (frame choice for cine loops)."""
+
+    frame_policy: FramePolicy = "middle"
+    max_frames: int = 16
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Which model scores studies and how."""
+
+    enabled: bool = True
+    model_dir: Path | None = None
+    study_rule: StudyRule = "mean"
+    roi_margin: float = 0.1
+    cam_enabled: bool = True
+    cam_target_layer: str = "auto"
+    torch_threads: int = 2
+    device: DeviceName = "auto"
+    backend: Backend = "eager"
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    """What the node writes back: the algorithm's identity and the SR/SC series."""
+
+    manufacturer: str = "dicom-node project"
+    algorithm_name: str = "dicom-node SARCO screening"
+    institution_name: str = ""
+    sr_series_description: str = "Sarcopenia screening SR (research use)"
+    sc_series_description: str = "Sarcopenia Grad-CAM (research use)"
+    sr_series_number: int = 9001
+    sc_series_number: int = 9002
+    burn_in_text: str = "RESEARCH USE ONLY - not for diagnosis"
+    heatmap_jpeg: bool = False
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """One PACS that results are sent to with C-STORE."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Retry policy for sending results: exponential backoff with jitter up to a horizon."""
+
+    retry_initial_seconds: float = 30.0
+    retry_max_seconds: float = 900.0
+    retry_horizon_hours: float = 72.0
+    jitter_fraction: float = 0.2
+    poll_seconds: float = 2.0
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's training protocol (Chen et al. 2025); defaults are the paper's values."""
+
+    backbone: str = "convnext_tiny"
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: Path | None = None
+    input_size: int = 224
+    in_chans: int = 3
+    folds: int = 5
+    epochs: int = 150
+    warmup_epochs: int = 5
+    batch_size: int = 48
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    downsample_negatives: bool = True
+    flip_prob: float = 0.5
+    shift: float = 0.1
+    scale: float = 0.1
+    rotate_degrees: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    roi_margin: float = 0.1
+    modalities: tuple[Modality, ...] = ("image",)
+    mlp_hidden: int = 128
+    mlp_dropout: float = 0.2
+    complete_cases: bool = False
+    target: Target = "binary"
+    regression_column: str = "asmi"
+    seed: int = 42
+    num_workers: int = 0
+    device: DeviceName = "auto"
+    torch_threads: int = 2
+    output_dir: Path = Path("./runs/model")
+    frame_policy: FramePolicy = "middle"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole node configuration, loaded once at start-up."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source_path: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Generic TOML -> dataclass conversion with key-named errors
+# --------------------------------------------------------------------------------------------
+
+
+def _convert(value: Any, tp: Any, key: str, base_dir: Path) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple,) and args:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__}")
+        inner = args[0]
+        return tuple(_convert(v, inner, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {type(value).__name__}")
+        return dict(value)
+    if args and type(None) in args:  # Optional[X]
+        if value is None or value == "":
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], key, base_dir)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {type(value).__name__}")
+        return _build(tp, value, key, base_dir)
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"expected a non-empty path string, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: Any, table: dict[str, Any], prefix: str, base_dir: Path) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, "unknown key (check spelling; see config.toml for all keys)")
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(value, hints[name], key, base_dir)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(prefix or "<root>", str(exc)) from None
+
+
+def _check_port(port: int, key: str) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, f"{port} is not a TCP port (1-65535)")
+
+
+def _check_positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"{value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _validate(cfg: Config) -> Config:
+    """Cross-field checks; returns a copy with normalised AE titles."""
+    node = cfg.node
+    ae = validate_ae_title(node.ae_title, "node.ae_title")
+    callers = tuple(
+        validate_ae_title(a, f"node.allowed_calling_aets[{i}]")
+        for i, a in enumerate(node.allowed_calling_aets)
+    )
+    _check_port(node.port, "node.port")
+    if not 4096 <= node.max_pdu <= 2**32 - 1 and node.max_pdu != 0:
+        raise ConfigError("node.max_pdu", f"{node.max_pdu} is outside 4096..4294967295 (or 0)")
+    _check_positive(node.disk_reserve_mb, "node.disk_reserve_mb", allow_zero=True)
+    for k in ("acse_timeout_seconds", "dimse_timeout_seconds", "network_timeout_seconds"):
+        _check_positive(getattr(node, k), f"node.{k}")
+    if node.max_associations < 1:
+        raise ConfigError("node.max_associations", "must be >= 1")
+    if node.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("node.log_level", f"{node.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
+    if not callers and not node.allow_any_calling_aet:
+        raise ConfigError(
+            "node.allowed_calling_aets",
+            "is empty: list the modalities' AE titles or set allow_any_calling_aet = true",
+        )
+    _check_tls(node.tls, "node.tls")
+    c = cfg.completion
+    _check_positive(c.idle_seconds, "completion.idle_seconds")
+    _check_positive(c.max_wait_seconds, "completion.max_wait_seconds")
+    _check_positive(c.poll_seconds, "completion.poll_seconds")
+    if c.max_wait_seconds < c.idle_seconds:
+        raise ConfigError("completion.max_wait_seconds", "must be >= completion.idle_seconds")
+    if cfg.worker.max_attempts < 1:
+        raise ConfigError("worker.max_attempts", "must be >= 1")
+    s = cfg.scoring
+    if s.enabled and s.model_dir is None:
+        raise ConfigError(
+            "scoring.model_dir", "is required when scoring.enabled = true (or set enabled = false)"
+        )
+    if not 0 <= s.roi_margin <= 1:
+        raise ConfigError("scoring.roi_margin", "must be between 0 and 1")
+    if s.torch_threads < 1:
+        raise ConfigError("scoring.torch_threads", "must be >= 1")
+    dests = []
+    names: set[str] = set()
+    for i, d in enumerate(cfg.destinations):
+        key = f"destinations[{i}]"
+        if d.name in names:
+            raise ConfigError(f"{key}.name", f"duplicate destination name {d.name!r}")
+        names.add(d.name)
+        _check_port(d.port, f"{key}.port")
+        _check_tls(d.tls, f"{key}.tls", server=False)
+        dests.append(dataclasses.replace(d, ae_title=validate_ae_title(d.ae_title, f"{key}.ae_title")))
+    dl = cfg.delivery
+    _check_positive(dl.retry_initial_seconds, "delivery.retry_initial_seconds")
+    _check_positive(dl.retry_max_seconds, "delivery.retry_max_seconds")
+    _check_positive(dl.retry_horizon_hours, "delivery.retry_horizon_hours")
+    if not 0 <= dl.jitter_fraction < 1:
+        raise ConfigError("delivery.jitter_fraction", "must be in [0, 1)")
+    t = cfg.train
+    if t.folds < 2:
+        raise ConfigError("train.folds", "must be >= 2")
+    for k in ("epochs", "batch_size", "input_size"):
+        if getattr(t, k) < 1:
+            raise ConfigError(f"train.{k}", "must be >= 1")
+    if t.warmup_epochs < 0:
+        raise ConfigError("train.warmup_epochs", "must be >= 0")
+    if t.lr <= 0:
+        raise ConfigError("train.lr", "must be > 0")
+    if t.in_chans not in (1, 3):
+        raise ConfigError("train.in_chans", "must be 1 or 3")
+    if not t.modalities:
+        raise ConfigError("train.modalities", "must name at least one of image, clinical, lab")
+    return dataclasses.replace(
+        cfg,
+        node=dataclasses.replace(node, ae_title=ae, allowed_calling_aets=callers),
+        destinations=tuple(dests),
+    )
+
+
+def _check_tls(tls: TLSConfig, key: str, server: bool = True) -> None:
+    if not tls.enabled:
+        return
+    if server:
+        for name in ("cert_file", "key_file"):
+            if getattr(tls, name) is None:
+                raise ConfigError(f"{key}.{name}", "is required when TLS is enabled")
+    if tls.require_client_cert and tls.ca_file is None:
+        raise ConfigError(f"{key}.ca_file", "is required when require_client_cert = true")
+    for name in ("cert_file", "key_file", "ca_file"):
+        p = getattr(tls, name)
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"{key}.{name}", f"file not found: {p}")
+
+
+def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML mapping.
+
+    Relative paths are resolved against ``base_dir`` (the config file's folder), so a config file
+    means the same thing whatever the working directory.
+    """
+    base = (base_dir or Path.cwd()).resolve()
+    data = dict(data)
+    dests = data.pop("destinations", [])
+    if not isinstance(dests, list):
+        raise ConfigError("destinations", "expected an array of tables ([[destinations]])")
+    cfg = _build(Config, data, "", base)
+    built = tuple(
+        _build(DestinationConfig, d, f"destinations[{i}]", base) if isinstance(d, dict)
+        else _raise(f"destinations[{i}]", "expected a table")
+        for i, d in enumerate(dests)
+    )
+    return _validate(dataclasses.replace(cfg, destinations=built))
+
+
+def _raise(key: str, msg: str) -> Any:
+    raise ConfigError(key, msg)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate ``config.toml``; raise :class:`ConfigError` naming the bad key."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("<file>", f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("<file>", f"{p} is not valid TOML: {exc}") from None
+    cfg = config_from_dict(data, base_dir=p.resolve().parent)
+    return dataclasses.replace(cfg, source_path=p.resolve())

@@ -1,0 +1,139 @@
+"""Plain data passed between the reader, the scorer, the trainer and the results writer.
+
+These dataclasses are the contracts between packages: the reader produces :class:`USFrame`, the
+scoring pipeline produces :class:`StudyScore`, ``dicom_node.results`` turns a ``StudyScore`` into
+DICOM. They hold numpy arrays and UIDs only, never pydicom datasets, so each side can be tested
+without the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class USFrame:
+    """One ultrasound frame cropped to its 2D tissue region, with its ROI mask if a SEG exists.
+
+    Attributes:
+        sop_instance_uid: SOP Instance UID of the source US image.
+        series_instance_uid: its Series Instance UID.
+        study_instance_uid: its Study Instance UID.
+        sop_class_uid: its SOP Class UID (US Image or US Multi-frame Image Storage).
+        frame_number: 1-based DICOM frame number (1 for single-frame objects).
+        image: float32 grayscale, shape (H, W), values 0..1, cropped to the tissue region.
+        crop_box: (row0, col0, row1, col1) of the crop in source pixel coordinates (end exclusive).
+        spacing_cm: (row, col) physical size of one pixel in cm, from the US region calibration
+            (absolute values); None when the object carries no calibration.
+        mask: bool (H, W) aligned with ``image``, True inside the rectus femoris ROI; None when no
+            SEG references this frame.
+        seg_sop_instance_uid: SOP Instance UID of the DICOM-SEG the mask came from.
+        seg_series_instance_uid: its Series Instance UID.
+        segment_number: segment number inside that SEG.
+        patient_id: Patient ID (never the name).
+        manufacturer: Manufacturer tag, for per-vendor reporting.
+        model_name: ManufacturerModelName tag.
+        source_rows: Rows of the full source frame (before cropping).
+        source_cols: Columns of the full source frame.
+    """
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    frame_number: int
+    image: np.ndarray
+    crop_box: tuple[int, int, int, int]
+    spacing_cm: tuple[float, float] | None = None
+    mask: np.ndarray | None = None
+    seg_sop_instance_uid: str | None = None
+    seg_series_instance_uid: str | None = None
+    segment_number: int | None = None
+    patient_id: str = ""
+    manufacturer: str = ""
+    model_name: str = ""
+    source_rows: int = 0
+    source_cols: int = 0
+
+
+@dataclass
+class MuscleMeasurements:
+    """Quantitative rectus femoris measurements from the ROI and the US calibration.
+
+    Attributes:
+        csa_cm2: cross-sectional area of the ROI in cm^2 (None without calibration).
+        thickness_cm: maximal antero-posterior extent of the ROI in cm (None without calibration).
+        echo_intensity_mean: mean grey level inside the ROI on a 0-255 scale.
+        echo_intensity_sd: standard deviation of the grey level inside the ROI (heterogeneity).
+    """
+
+    csa_cm2: float | None
+    thickness_cm: float | None
+    echo_intensity_mean: float
+    echo_intensity_sd: float
+
+
+@dataclass
+class ImageScore:
+    """The ensemble's verdict on one frame.
+
+    Attributes:
+        frame: the scored frame (UIDs, crop, mask reference).
+        probability: mean over the fold models of the sarcopenia probability.
+        fold_probabilities: one probability per fold model.
+        fold_spread: standard deviation of ``fold_probabilities`` (an uncertainty).
+        heatmap: float32 (H, W) in 0..1 aligned with ``frame.image`` (Grad-CAM averaged over folds);
+            None when CAM is switched off.
+        measurements: muscle measurements; None when the frame has no ROI.
+        roi_source: "seg" when a DICOM-SEG gave the ROI, "whole-region" when the tissue region was
+            scored without one.
+    """
+
+    frame: USFrame
+    probability: float
+    fold_probabilities: list[float]
+    fold_spread: float
+    heatmap: np.ndarray | None = None
+    measurements: MuscleMeasurements | None = None
+    roi_source: str = "seg"
+
+
+@dataclass
+class ModelInfo:
+    """Identity of the model that produced a score (IHE AI Results: the algorithm as a device)."""
+
+    name: str
+    version: str
+    model_uid: str
+    backbone: str
+    threshold: float
+    n_folds: int
+
+
+@dataclass
+class StudyScore:
+    """The ensemble's verdict on one study.
+
+    Attributes:
+        study_instance_uid: the scored study.
+        patient_id: its Patient ID.
+        probability: study probability by ``rule`` over the image probabilities.
+        positive: probability >= model threshold ("Sarcopenia present").
+        rule: the aggregation rule used (mean / max / median).
+        images: one entry per scored frame.
+        model: identity of the model.
+        skipped: (SOP Instance UID, reason) for objects that could not be used.
+        timings_ms: per-stage wall time, for logs and benchmarks.
+    """
+
+    study_instance_uid: str
+    patient_id: str
+    probability: float
+    positive: bool
+    rule: str
+    images: list[ImageScore]
+    model: ModelInfo
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)

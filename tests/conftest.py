@@ -1,0 +1,48 @@
+"""Shared fixtures: strict pydicom like highdicom's own tests, free ports, temp node configs."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import Config, config_from_dict
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def make_config(data_dir: Path, **sections: dict) -> Config:
+    """A node config rooted in ``data_dir``; ``sections`` override/extend TOML tables."""
+    base: dict = {
+        "node": {
+            "ae_title": "DICOMNODE",
+            "port": free_port(),
+            "data_dir": str(data_dir),
+            "allowed_calling_aets": ["STORESCU", "PYNETDICOM", "ECHOSCU", "SENDER"],
+            "disk_reserve_mb": 0,
+        },
+        "completion": {"idle_seconds": 1, "max_wait_seconds": 5, "poll_seconds": 0.2},
+        "scoring": {"enabled": False},
+    }
+    for name, table in sections.items():
+        if isinstance(table, dict) and isinstance(base.get(name), dict):
+            base[name] = {**base[name], **table}
+        else:
+            base[name] = table
+    return config_from_dict(base, base_dir=data_dir)
+
+
+@pytest.fixture
+def node_config(tmp_path: Path) -> Config:
+    return make_config(tmp_path / "node")
