@@ -9,6 +9,9 @@ import pytest
 
 from dicom_node.config import Config, config_from_dict
 
+# Cross-package session fixtures live in tests/fixtures/; each module registers itself here.
+pytest_plugins: list[str] = []
+
 
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
