@@ -29,7 +29,7 @@ COMMANDS: dict[str, str] = {
     "synth": "training.synthetic:synth_command",
     "train": "training.run:train_command",
     "evaluate": "training.run:evaluate_command",
-    "compare": "training.run:compare_command",
+    "compare": "training.compare:compare_command",
     "score": "inference.pipeline:score_command",
     "outbox": "dicom_node.sender:outbox_command",
     "resend": "dicom_node.sender:resend_command",
