@@ -299,3 +299,79 @@ def start_pacs(workdir: Path, callers: Sequence[str], prefer_orthanc: bool = Tru
         except RuntimeError as exc:
             log.warning("Orthanc did not start (%s); using a pynetdicom storage SCP", exc)
     return PynetdicomPeer(workdir)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """Write a config mapping as TOML (tables, arrays of tables, scalars, lists; no tomli_w)."""
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict)
+               and not (isinstance(v, list) and v and isinstance(v[0], dict))]
+    out = [f"{k} = {_toml_value(v)}" for k, v in scalars]
+    for k, v in data.items():
+        name = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out += ["", f"[{name}]", dump_toml(v, name)]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                out += ["", f"[[{name}]]", dump_toml(item, name)]
+    return "\n".join(line for line in out if line is not None).strip() + "\n"
+
+
+class NodeProcess:
+    """``dicom-node serve`` as a child process with a config written to ``workdir``."""
+
+    def __init__(self, workdir: Path, config: dict, start_timeout: float = 120.0,
+                 python: str | None = None) -> None:
+        import sys
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "node.toml"
+        self.config_path.write_text(dump_toml(config))
+        self.port = int(config["node"]["port"])
+        self.ae_title = str(config["node"].get("ae_title", "DICOMNODE"))
+        self.data_dir = Path(config["node"]["data_dir"])
+        self.log_path = workdir / "node.log"
+        self.proc = start_process(
+            [python or sys.executable, "-m", "dicom_node.cli", "serve", "--config",
+             str(self.config_path)], self.log_path, cwd=workdir)
+        try:
+            wait_for_port(self.port, start_timeout, self.proc, "dicom-node serve", self.log_path)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=20.0)
+
+
+def storescu(files: Sequence[Path], port: int, aec: str, aet: str = "STORESCU",
+             timeout: float = 600.0, extra: Sequence[str] = ("-pdu", "131072")) -> float:
+    """Send ``files`` in one association with DCMTK storescu (TCP_NODELAY=1); return seconds.
+
+    Raises RuntimeError with storescu's last output when it fails or times out.
+    """
+    cmd = [str(DCMTK_STORESCU), "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
+           *map(str, files)]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "TCP_NODELAY": "1"})
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"storescu to port {port} timed out after {timeout:.0f} s") from None
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0 or "E:" in r.stderr:
+        raise RuntimeError(f"storescu to port {port} failed (exit {r.returncode}): "
+                           f"{(r.stderr or r.stdout)[-800:]}")
+    return elapsed
