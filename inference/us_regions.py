@@ -1,0 +1,198 @@
+"""Find the 2D tissue image inside an ultrasound frame, with its physical pixel size.
+
+Scanners burn a user interface (logo, depth scale, TGC curve, text, thumbnails) around the B-mode
+image. The Sequence of Ultrasound Regions (PS3.3 C.8.5.5) says where the calibrated image is: we
+keep regions with RegionSpatialFormat 1 (2D) and RegionDataType 1 (tissue), skip Doppler, M-mode
+and colour bars, and take |PhysicalDeltaX/Y| when the unit is cm (code 3). Side-by-side (dual)
+views give two such regions: the largest is used, or each one with ``region_policy="all"``.
+Objects without the sequence get a content-based crop: the largest connected bright, speckled
+area, which leaves out text and flat UI bars.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from dicom_node.errors import NoTissueRegionError
+
+logger = logging.getLogger(__name__)
+
+RegionPolicy = Literal["largest", "all"]
+Box = tuple[int, int, int, int]
+
+SPATIAL_2D = 1
+DATA_TISSUE = 1
+UNIT_CM = 3
+# A calibrated region smaller than this (after clipping to the frame) is a thumbnail or a
+# mis-declared region, not an image a model can read.
+MIN_REGION_PX = 16
+
+
+@dataclass(frozen=True)
+class TissueRegion:
+    """A rectangle of the frame holding the 2D tissue image.
+
+    Attributes:
+        box: (row0, col0, row1, col1) in source pixel coordinates, end exclusive.
+        spacing_cm: (row, col) size of one pixel in cm; None when uncalibrated.
+        source: ``"sequence"`` (from the Sequence of Ultrasound Regions) or ``"content"``.
+    """
+
+    box: Box
+    spacing_cm: tuple[float, float] | None
+    source: str
+
+    @property
+    def area(self) -> int:
+        r0, c0, r1, c1 = self.box
+        return max(0, r1 - r0) * max(0, c1 - c0)
+
+
+def _spacing(item: Dataset) -> tuple[float, float] | None:
+    """(row, col) cm per pixel from one region item; None unless both axes are in cm."""
+    ux = item.get("PhysicalUnitsXDirection")
+    uy = item.get("PhysicalUnitsYDirection")
+    dx = item.get("PhysicalDeltaX")
+    dy = item.get("PhysicalDeltaY")
+    if ux != UNIT_CM or uy != UNIT_CM or dx is None or dy is None:
+        return None
+    dx, dy = abs(float(dx)), abs(float(dy))  # some devices store negative deltas
+    if not (np.isfinite(dx) and np.isfinite(dy)) or dx <= 0 or dy <= 0:
+        return None
+    return (dy, dx)
+
+
+def regions_from_sequence(ds: Dataset, rows: int, cols: int) -> list[TissueRegion]:
+    """All usable 2D tissue regions of ``ds``, clipped to the frame, largest first.
+
+    Returns an empty list when the sequence is present but has no 2D tissue region (e.g. a
+    Doppler-only or M-mode-only object) and ``[]`` too when the sequence is absent: callers
+    tell the two apart with ``"SequenceOfUltrasoundRegions" in ds``.
+    """
+    out: list[TissueRegion] = []
+    for item in ds.get("SequenceOfUltrasoundRegions", []) or []:
+        if item.get("RegionSpatialFormat") != SPATIAL_2D or item.get("RegionDataType") != DATA_TISSUE:
+            continue
+        try:
+            x0 = int(item.RegionLocationMinX0)
+            y0 = int(item.RegionLocationMinY0)
+            x1 = int(item.RegionLocationMaxX1)
+            y1 = int(item.RegionLocationMaxY1)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        # Max X1/Y1 are the last pixel inside the region (inclusive); clip to the frame, since
+        # down-scaled exports keep the original region coordinates.
+        box = (max(0, min(y0, y1)), max(0, min(x0, x1)),
+               min(rows, max(y0, y1) + 1), min(cols, max(x0, x1) + 1))
+        if box[2] - box[0] < MIN_REGION_PX or box[3] - box[1] < MIN_REGION_PX:
+            logger.debug("skipping region %s: too small after clipping to %dx%d", box, rows, cols)
+            continue
+        out.append(TissueRegion(box=box, spacing_cm=_spacing(item), source="sequence"))
+    out.sort(key=lambda r: r.area, reverse=True)
+    return out
+
+
+def content_region(gray: np.ndarray) -> Box | None:
+    """Bounding box of the largest bright, textured connected area of ``gray``; None if none.
+
+    Speckle makes tissue locally non-dark *and* locally varied; text is thin strokes on black
+    (removed by a morphological opening at a scale larger than a glyph stroke) and UI bars are
+    flat (low local variance). The bounding box of the largest surviving component is the image.
+    """
+    h, w = gray.shape
+    if h < MIN_REGION_PX or w < MIN_REGION_PX:
+        return None
+    k = int(max(5, min(h, w) // 50)) | 1
+    g = gray.astype(np.float32, copy=False)
+    mean = ndimage.uniform_filter(g, k)
+    sq = ndimage.uniform_filter(g * g, k)
+    std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+    bright = mean > max(0.03, 0.25 * float(np.median(mean[mean > 0.01])) if (mean > 0.01).any() else 0.03)
+    textured = std > 0.01
+    # Text and graphics are strokes on pure black: most of their neighbourhood is exactly dark,
+    # unlike speckle, which has few near-zero pixels even in hypoechoic tissue.
+    dark_frac = ndimage.uniform_filter((g < 0.02).astype(np.float32), 2 * k + 1)
+    cand = bright & textured & (dark_frac < 0.4)
+    cand = ndimage.binary_opening(cand, structure=np.ones((2 * k + 1, 2 * k + 1), bool))
+    labels, n = ndimage.label(cand)
+    if n == 0:
+        return None
+    sizes = ndimage.sum_labels(cand, labels, index=np.arange(1, n + 1))
+    best = int(np.argmax(sizes)) + 1
+    if sizes[best - 1] < 0.02 * h * w:
+        return None
+    sl = ndimage.find_objects((labels == best).astype(np.int32))[0]
+    comp = labels[sl] == best
+    # Trim edge rows/columns the component only touches sparsely (a text line or a marker that
+    # survived the opening at the corner of the image).
+    r0, r1 = _trim(comp.mean(axis=1))
+    c0, c1 = _trim(comp[r0:r1].mean(axis=0))
+    return (sl[0].start + r0, sl[1].start + c0, sl[0].start + r1, sl[1].start + c1)
+
+
+def _trim(fill: np.ndarray, min_fill: float = 0.3) -> tuple[int, int]:
+    """First and one-past-last index whose fill fraction reaches ``min_fill``."""
+    ok = np.flatnonzero(fill >= min_fill * float(fill.max()))
+    return int(ok[0]), int(ok[-1]) + 1
+
+
+def tissue_regions(
+    ds: Dataset,
+    rows: int,
+    cols: int,
+    gray: np.ndarray | None = None,
+    *,
+    region_policy: RegionPolicy = "largest",
+) -> list[TissueRegion]:
+    """The tissue region(s) to crop, from the region sequence or, without one, from ``gray``.
+
+    Args:
+        ds: the US dataset (header is enough when it carries the region sequence).
+        rows: frame height.
+        cols: frame width.
+        gray: a decoded frame, used only by the content-based fallback.
+        region_policy: ``largest`` (one region) or ``all`` (each 2D tissue region, e.g. both
+            halves of a side-by-side view).
+
+    Raises:
+        NoTissueRegionError: the sequence has no usable 2D tissue region, or the fallback found
+            no image-like area.
+    """
+    sop = str(ds.get("SOPInstanceUID", "")) or None
+    if "SequenceOfUltrasoundRegions" in ds and len(ds.SequenceOfUltrasoundRegions):
+        regions = regions_from_sequence(ds, rows, cols)
+        if not regions:
+            kinds = sorted(
+                {(int(i.get("RegionSpatialFormat", -1) or -1), int(i.get("RegionDataType", -1) or -1))
+                 for i in ds.SequenceOfUltrasoundRegions}
+            )
+            raise NoTissueRegionError(
+                sop, f"Sequence of Ultrasound Regions has no 2D tissue region inside the "
+                f"{rows}x{cols} frame (spatial format, data type): {kinds}"
+            )
+        return regions if region_policy == "all" else regions[:1]
+    if gray is None:
+        raise NoTissueRegionError(sop, "no Sequence of Ultrasound Regions and no pixels to search")
+    box = content_region(gray)
+    if box is None:
+        raise NoTissueRegionError(
+            sop, "no Sequence of Ultrasound Regions and no image-like area found in the pixels"
+        )
+    return [TissueRegion(box=box, spacing_cm=pixel_spacing_cm(ds), source="content")]
+
+
+def pixel_spacing_cm(ds: Dataset) -> tuple[float, float] | None:
+    """(row, col) cm from PixelSpacing (mm) when a device sets it instead of US regions."""
+    ps = ds.get("PixelSpacing")
+    try:
+        if ps is not None and len(ps) == 2 and float(ps[0]) > 0 and float(ps[1]) > 0:
+            return (abs(float(ps[0])) / 10.0, abs(float(ps[1])) / 10.0)
+    except (TypeError, ValueError):
+        pass
+    return None
