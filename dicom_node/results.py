@@ -1,0 +1,508 @@
+"""Turn a :class:`StudyScore` into DICOM a PACS accepts: a TID 1500 SR and Grad-CAM heat maps.
+
+The SR is a highdicom ``ComprehensiveSR`` holding a TID 1500 Measurement Report. The observer is
+the algorithm as a device (IHE AI Results), each scored image gets a measurement group with the
+ensemble probability, its spread across folds and the muscle measurements, and one study-level
+group carries the coded "Sarcopenia present/absent" evaluation. Heat maps are Secondary Capture
+images (one per scored image, own series) with the overlay, a colour bar, the probability and a
+research-use warning burned in, because a viewer may show them without any other context.
+
+Codes: standard codes come from pydicom's code dictionary (DCM, SCT, LN, UCUM). Sarcopenia is
+ICD-10-CM M62.84, whose DICOM coding scheme designator is "I10C" (PS3.16 Table 8-1; "I10" is WHO
+ICD-10, which has no sarcopenia code). Concepts without a standard code use the private scheme
+``99DICOMNODE``; no code is ever invented in a standard scheme.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+from dicom_node.config import ResultsConfig
+from inference.types import ImageScore, ModelInfo, StudyScore
+
+if TYPE_CHECKING:
+    from dicom_node.config import Config
+
+log = logging.getLogger(__name__)
+
+PRIVATE_SCHEME = "99DICOMNODE"
+
+# Standard concepts (each checked against pydicom.sr.codedict).
+SARCOPENIA = Code("M62.84", "I10C", "Sarcopenia")  # ICD-10-CM; designator per PS3.16 Table 8-1
+PRESENT = codes.SCT.Present  # 52101004
+ABSENT = codes.SCT.Absent  # 272519000
+PROBABILITY = codes.DCM.Probability  # 122157
+AREA = codes.SCT.Area  # 42798000
+THICKNESS = codes.LN.Thickness  # 59089-3
+MEAN = codes.SCT.Mean  # 373098007
+STANDARD_DEVIATION = codes.SCT.StandardDeviation  # 386136009
+THIGH = codes.SCT.Thigh  # 68367000
+# Private concepts: no standard code exists for these.
+ECHO_INTENSITY = Code("EI", PRIVATE_SCHEME, "Echo intensity (0-255 grey level)")
+DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the model")
+ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
+
+UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")
+UNIT_CM2 = Code("cm2", "UCUM", "square centimeter")
+UNIT_CM = Code("cm", "UCUM", "centimeter")
+UNIT_ECHO = Code("{echo intensity}", "UCUM", "echo intensity")
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_PAIRED = {"R": "R", "L": "L"}
+
+
+@dataclass
+class ResultSet:
+    """What one scoring run writes: the SR and its heat maps (all in the source's study)."""
+
+    sr: Dataset
+    heatmaps: list[Dataset] = field(default_factory=list)
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        return [self.sr, *self.heatmaps]
+
+
+def _model_uid(model: ModelInfo) -> str:
+    """The model UID if valid, else a UID derived from it deterministically."""
+    uid = str(model.model_uid or "")
+    if _UID_RE.match(uid) and len(uid) <= 64:
+        return uid
+    return str(generate_uid(entropy_srcs=[uid, model.name, model.version]))
+
+
+def _algorithm(model: ModelInfo, cfg: ResultsConfig) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=cfg.algorithm_name[:64],
+        version=str(model.version)[:64] or "unknown",
+        manufacturer=cfg.manufacturer[:64] or None,
+        parameters=[f"backbone={model.backbone}", f"folds={model.n_folds}",
+                    f"threshold={model.threshold:.4f}"],
+    )
+
+
+def _contributing_equipment(model: ModelInfo, cfg: ResultsConfig) -> hd.ContributingEquipment:
+    """The model as processing equipment, so the PACS shows who made the object."""
+    return hd.ContributingEquipment(
+        manufacturer=cfg.manufacturer[:64],
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"{model.name}"[:64],
+        software_versions=[str(model.version)[:64], _model_uid(model)],
+        institution_name=cfg.institution_name or None,
+        contribution_description=(
+            f"{model.backbone} {model.n_folds}-fold ensemble, research use only"
+        )[:64],
+    )
+
+
+def _laterality(src: Dataset) -> str | None:
+    for kw in ("Laterality", "ImageLaterality"):
+        value = str(src.get(kw, "") or "").upper()
+        if value in _PAIRED:
+            return value
+    return None
+
+
+def _orientation(src: Dataset) -> tuple[str, str] | None:
+    """The source's PatientOrientation if it has two valid values (free-hand US usually not)."""
+    value = src.get("PatientOrientation")
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    try:
+        return tuple(hd.enum.PatientOrientationValuesBiped(v).value for v in value)  # type: ignore
+    except ValueError:
+        return None
+
+
+def _seg_frame_number(seg: Dataset | None, score: ImageScore) -> int | None:
+    """Find the SEG frame holding this image's segment, so the SR can point at it exactly."""
+    frame = score.frame
+    explicit = getattr(frame, "seg_frame_number", None)
+    if explicit:
+        return int(explicit)
+    if seg is None or "PerFrameFunctionalGroupsSequence" not in seg:
+        return None
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        try:
+            seg_no = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        except (AttributeError, IndexError):
+            continue
+        if seg_no != frame.segment_number:
+            continue
+        for der in item.get("DerivationImageSequence", []):
+            for src in der.get("SourceImageSequence", []):
+                if src.ReferencedSOPInstanceUID != frame.sop_instance_uid:
+                    continue
+                ref_frames = src.get("ReferencedFrameNumber")
+                if ref_frames is None:
+                    return i
+                ref = [int(x) for x in (ref_frames if isinstance(ref_frames, list)
+                                        or hasattr(ref_frames, "__iter__") else [ref_frames])]
+                if frame.frame_number in ref:
+                    return i
+    return None
+
+
+def _seg_stub(score: ImageScore, study_uid: str) -> Dataset:
+    """Evidence entry for the SEG (highdicom needs every referenced instance as evidence)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.SOPInstanceUID = score.frame.seg_sop_instance_uid
+    ds.SeriesInstanceUID = score.frame.seg_series_instance_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid
+    return ds
+
+
+def _measurement(name: Code, value: float, unit: Code, derivation: Code | None = None
+                 ) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation)
+
+
+def _image_measurements(score: ImageScore) -> list[hd.sr.Measurement]:
+    items = [
+        _measurement(PROBABILITY, score.probability, UNIT_PROBABILITY),
+        _measurement(PROBABILITY, score.fold_spread, UNIT_PROBABILITY, STANDARD_DEVIATION),
+    ]
+    m = score.measurements
+    if m is not None:
+        if m.csa_cm2 is not None:
+            items.append(_measurement(AREA, m.csa_cm2, UNIT_CM2))
+        if m.thickness_cm is not None:
+            items.append(_measurement(THICKNESS, m.thickness_cm, UNIT_CM))
+        items.append(_measurement(ECHO_INTENSITY, m.echo_intensity_mean, UNIT_ECHO, MEAN))
+        items.append(
+            _measurement(ECHO_INTENSITY, m.echo_intensity_sd, UNIT_ECHO, STANDARD_DEVIATION)
+        )
+    return items
+
+
+def _image_group(
+    index: int,
+    score: ImageScore,
+    src: Dataset,
+    seg: Dataset | None,
+    algorithm: hd.sr.AlgorithmIdentification,
+    finding_site: hd.sr.FindingSite,
+    evidence: list[Dataset],
+    study_uid: str,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Per-image group: ROI-based (pointing at the SEG segment) when the SEG frame is known."""
+    frame = score.frame
+    tracking = hd.sr.TrackingIdentifier(
+        uid=generate_uid(entropy_srcs=[study_uid, frame.sop_instance_uid, str(frame.frame_number)]),
+        identifier=f"RF image {index} frame {frame.frame_number}",
+    )
+    measurements = _image_measurements(score)
+    multi = int(src.get("NumberOfFrames", 1) or 1) > 1
+    frames = [frame.frame_number] if multi else None
+    if score.roi_source == "seg" and frame.seg_sop_instance_uid and frame.segment_number:
+        seg_frame = _seg_frame_number(seg, score) or 1  # only for highdicom; removed below
+        evidence.append(seg if seg is not None else _seg_stub(score, study_uid))
+        ref = hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=(seg.SOPClassUID if seg is not None else "1.2.840.10008.5.1.4.1.1.66.4"),
+            sop_instance_uid=frame.seg_sop_instance_uid,
+            frame_number=seg_frame,
+            segment_number=int(frame.segment_number),
+            source_image=hd.sr.SourceImageForSegmentation(
+                src.SOPClassUID, src.SOPInstanceUID, frames
+            ),
+        )
+        # highdicom writes both Referenced Frame Number and Referenced Segment Number into the
+        # SEG IMAGE item; PS3.3 C.10.4 forbids both (dciodvfy error, dsrdump warning). The
+        # segment number alone identifies the ROI, so drop the frame number.
+        for item in ref:
+            for sop_ref in item.get("ReferencedSOPSequence", []):
+                if sop_ref.ReferencedSOPInstanceUID == frame.seg_sop_instance_uid:
+                    if "ReferencedFrameNumber" in sop_ref:
+                        del sop_ref.ReferencedFrameNumber
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=ref,
+            finding_type=codes.SCT.SkeletalMuscle,
+            algorithm_id=algorithm,
+            finding_sites=[finding_site],
+            measurements=measurements,
+        )
+    method = ROI_SOURCE_WHOLE if score.roi_source != "seg" else None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=codes.SCT.SkeletalMuscle,
+        method=method,
+        algorithm_id=algorithm,
+        finding_sites=[finding_site],
+        measurements=measurements,
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(src.SOPClassUID, src.SOPInstanceUID, frames)
+        ],
+    )
+
+
+def build_sr(
+    score: StudyScore,
+    sources: dict[str, Dataset],
+    cfg: ResultsConfig,
+    predecessor: Dataset | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """Build the TID 1500 SR for a scored study (see the module docstring for the tree)."""
+    us_sources = _us_sources(score, sources)
+    if not us_sources:
+        raise ValueError(f"study {score.study_instance_uid}: no source dataset for any scored image")
+    first = us_sources[0]
+    algorithm = _algorithm(score.model, cfg)
+    model_uid = _model_uid(score.model)
+    observer = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=model_uid,
+                name=cfg.algorithm_name[:64],
+                manufacturer_name=cfg.manufacturer[:64] or None,
+                model_name=f"{score.model.name} {score.model.version}"[:64],
+            ),
+        )
+    )
+    evidence: list[Dataset] = list(us_sources)
+    groups: list = []
+    for i, img in enumerate(score.images, start=1):
+        src = sources.get(img.frame.sop_instance_uid)
+        if src is None:
+            log.warning("study %s: no header for scored image %s; left out of SR",
+                        score.study_instance_uid, img.frame.sop_instance_uid)
+            continue
+        seg = sources.get(img.frame.seg_sop_instance_uid or "")
+        site = hd.sr.FindingSite(
+            anatomic_location=THIGH,
+            laterality={"R": codes.SCT.Right, "L": codes.SCT.Left}.get(_laterality(src) or ""),
+        )
+        groups.append(_image_group(i, img, src, seg, algorithm, site, evidence,
+                                   score.study_instance_uid))
+    study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier=f"study ({score.rule} of {len(score.images)} images)"
+        ),
+        finding_type=SARCOPENIA,
+        algorithm_id=algorithm,
+        measurements=[
+            _measurement(PROBABILITY, score.probability, UNIT_PROBABILITY),
+            _measurement(DECISION_THRESHOLD, score.model.threshold, UNIT_PROBABILITY),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(SARCOPENIA, PRESENT if score.positive else ABSENT)
+        ],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observer,
+        procedure_reported=codes.SCT.Ultrasonography,
+        imaging_measurements=[*groups, study_group],
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    # dedupe evidence (same SEG may cover several images)
+    seen: set[str] = set()
+    unique = [e for e in evidence if not (e.SOPInstanceUID in seen or seen.add(e.SOPInstanceUID))]
+    sr = hd.sr.ComprehensiveSR(
+        evidence=unique,
+        content=report[0],
+        series_instance_uid=generate_uid(),
+        series_number=cfg.sr_series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=cfg.manufacturer[:64],
+        # COMPLETE only when every object of the study could be scored; never verified by a human.
+        is_complete=bool(score.images) and not score.skipped and len(groups) == len(score.images),
+        is_final=False,
+        is_verified=False,
+        institution_name=cfg.institution_name or None,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        contributing_equipment=[_contributing_equipment(score.model, cfg)],
+    )
+    sr.SeriesDescription = cfg.sr_series_description[:64]
+    if "StudyDescription" not in first:
+        sr.StudyDescription = ""
+    return sr
+
+
+def _us_sources(score: StudyScore, sources: dict[str, Dataset]) -> list[Dataset]:
+    """Source headers of the scored images in score order, first one defines patient/study."""
+    out: list[Dataset] = []
+    seen: set[str] = set()
+    for img in score.images:
+        uid = img.frame.sop_instance_uid
+        if uid in sources and uid not in seen:
+            seen.add(uid)
+            out.append(sources[uid])
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Heat maps
+# ------------------------------------------------------------------------------------------
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """Jet colour map (the usual Grad-CAM palette), values 0..1 -> uint8 RGB."""
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+
+
+def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.ndarray:
+    """RGB image: overlay on the cropped grayscale source, colour bar, probability and warning.
+
+    The crop is scaled up to at least 384 pixels wide so the burned-in text stays legible.
+    """
+    gray = np.clip(np.asarray(img.frame.image, dtype=np.float32), 0, 1)
+    heat = np.clip(np.asarray(img.heatmap, dtype=np.float32), 0, 1)
+    if heat.shape != gray.shape:
+        heat = np.asarray(
+            Image.fromarray(heat).resize((gray.shape[1], gray.shape[0]), Image.BILINEAR)
+        )
+    base = np.repeat((gray * 255).astype(np.uint8)[..., None], 3, axis=2).astype(np.float32)
+    blended = (0.55 * base + 0.45 * _jet(heat).astype(np.float32)).astype(np.uint8)
+    h, w = gray.shape
+    scale = max(1.0, 384.0 / w)
+    ow, oh = int(round(w * scale)), int(round(h * scale))
+    overlay = Image.fromarray(blended).resize((ow, oh), Image.BILINEAR)
+    bar_w, margin, text_h = 16, 8, 52
+    canvas = Image.new("RGB", (ow + bar_w + 5 * margin, oh + text_h), (0, 0, 0))
+    canvas.paste(overlay, (0, 0))
+    ramp = np.linspace(1.0, 0.0, oh, dtype=np.float32)[:, None].repeat(bar_w, axis=1)
+    canvas.paste(Image.fromarray(_jet(ramp)), (ow + margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((ow + margin + bar_w + 2, 0), "1", fill=(255, 255, 255), font=font)
+    draw.text((ow + margin + bar_w + 2, oh - 12), "0", fill=(255, 255, 255), font=font)
+    verdict = "positive" if img.probability >= threshold else "negative"
+    draw.text(
+        (4, oh + 4),
+        f"Sarcopenia p={img.probability:.2f} (+/-{img.fold_spread:.2f}, {verdict})",
+        fill=(255, 255, 255), font=font,
+    )
+    draw.text((4, oh + 20), "Grad-CAM, fold average", fill=(200, 200, 200), font=font)
+    draw.text((4, oh + 36), burn_in_text, fill=(255, 255, 0), font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def build_heatmaps(
+    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig
+) -> list[hd.sc.SCImage]:
+    """One Secondary Capture per scored image that has a heat map, all in one new series."""
+    series_uid = generate_uid()
+    out: list[hd.sc.SCImage] = []
+    for img in score.images:
+        if img.heatmap is None:
+            continue
+        src = sources.get(img.frame.sop_instance_uid)
+        if src is None:
+            continue
+        rgb = render_heatmap(img, cfg.burn_in_text, score.model.threshold)
+        kwargs: dict = {}
+        photometric = "RGB"
+        if cfg.heatmap_jpeg:
+            kwargs["transfer_syntax_uid"] = JPEGBaseline8Bit
+            photometric = "YBR_FULL_422"
+        else:
+            kwargs["transfer_syntax_uid"] = "1.2.840.10008.1.2.1"
+        laterality = _laterality(src)
+        orientation = _orientation(src)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=src,
+            pixel_array=rgb,
+            photometric_interpretation=photometric,
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series_uid,
+            series_number=cfg.sc_series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=len(out) + 1,
+            manufacturer=cfg.manufacturer[:64],
+            patient_orientation=orientation or ("A", "F"),
+            laterality=laterality,
+            contributing_equipment=[_contributing_equipment(score.model, cfg)],
+            **kwargs,
+        )
+        if orientation is None:  # unknown for a free-hand US probe: Type 2, left empty
+            sc.PatientOrientation = ""
+        # dciodvfy: THIGH is a paired body part, so Laterality (Type 2C) must be present.
+        sc.BodyPartExamined = "THIGH"
+        if laterality is None:
+            sc.Laterality = ""
+        sc.StudyDescription = str(src.get("StudyDescription", "") or "")
+        sc.SeriesDescription = cfg.sc_series_description[:64]
+        sc.ImageComments = f"{cfg.burn_in_text}; p={img.probability:.3f}"[:10240]
+        sc.BurnedInAnnotation = "YES"
+        sc.DerivationDescription = (
+            f"Grad-CAM of {score.model.name} {score.model.version} on "
+            f"{img.frame.sop_instance_uid} frame {img.frame.frame_number}"
+        )[:1024]
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = src.SOPClassUID
+        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        sc.SourceImageSequence = [ref]
+        out.append(sc)
+    return out
+
+
+def build_results(
+    score: StudyScore,
+    sources: dict[str, Dataset],
+    cfg: ResultsConfig,
+    predecessor: Dataset | None = None,
+) -> ResultSet:
+    """SR + heat maps for one scored study.
+
+    Args:
+        score: the ensemble's verdict.
+        sources: headers of the scored US images by SOP Instance UID (SEG datasets may be included
+            too; then the SR points at the exact SEG frame).
+        cfg: identity of the algorithm and series numbering.
+        predecessor: the SR of an earlier scoring of this study; the new SR lists it in
+            PredecessorDocumentsSequence so a PACS can tell the rescore supersedes it.
+    """
+    sr = build_sr(score, sources, cfg, predecessor)
+    heatmaps = build_heatmaps(score, sources, cfg)
+    log.info("study %s: built SR %s and %d heat map(s)",
+             score.study_instance_uid, sr.SOPInstanceUID, len(heatmaps))
+    return ResultSet(sr=sr, heatmaps=list(heatmaps))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_results(result_set: ResultSet, cfg: Config) -> list[Path]:
+    """Write SR and heat maps durably under ``results_dir/<StudyUID>/`` before they are queued.
+
+    Each file is written to a temporary name, fsynced and renamed, so a crash never leaves a
+    half-written object that the sender would then deliver.
+    """
+    study_uid = result_set.sr.StudyInstanceUID
+    folder = cfg.node.results_dir / study_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for ds in result_set.datasets:
+        final = folder / f"{ds.SOPInstanceUID}.dcm"
+        tmp = folder / f".{ds.SOPInstanceUID}.tmp"
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        paths.append(final)
+    _fsync_dir(folder)
+    log.info("study %s: wrote %d result file(s) to %s", study_uid, len(paths), folder)
+    return paths
