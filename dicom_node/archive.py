@@ -1,0 +1,363 @@
+"""Durable archive: files under ``archive/`` plus the SQLite index (sqlite-utils, WAL).
+
+A C-STORE is acknowledged only after both the file and its index row are durable: the bytes go to
+a temp file in the destination folder, are fsynced, renamed over the final name with
+``os.replace`` and the folder is fsynced; then the row is committed (``synchronous=FULL``).
+A crash at any point leaves either no trace of the instance or a complete one; temp files
+(``.*.tmp``) are never indexed and are swept at start-up.
+
+Schema (docs/contracts.md): ``patients``, ``studies``, ``series``, ``instances`` and ``jobs``
+(the job table's behaviour lives in :mod:`dicom_node.queue`). Every connection is per thread;
+writes in this process are serialised by one lock and use ``BEGIN IMMEDIATE`` so other
+processes (``dicom-node studies``, the sender) wait on the busy timeout instead of failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlite_utils
+
+from dicom_node.errors import ArchiveError, OutOfResourcesError
+from dicom_node.validate import InstanceInfo, is_valid_uid
+
+log = logging.getLogger(__name__)
+
+STUDY_STATES = ("receiving", "complete", "held", "rejected", "scoring", "scored", "failed")
+JOB_STATES = ("queued", "running", "done", "failed")
+
+SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
+    "patients": ({"patient_id": str, "first_seen": float, "last_seen": float}, "patient_id"),
+    "studies": (
+        {
+            "study_uid": str, "patient_id": str, "state": str, "first_received": float,
+            "last_received": float, "completed_at": float, "completion_reason": str,
+            "missing_seg": int, "reopen_count": int, "note": str,
+            # start of the current receiving episode (first instance, or the re-open); the
+            # max-wait ceiling counts from here so a re-opened study gets a fresh ceiling
+            "receiving_since": float,
+        },
+        "study_uid",
+    ),
+    "series": (
+        {"series_uid": str, "study_uid": str, "modality": str, "sop_class_uid": str,
+         "series_number": int},
+        "series_uid",
+    ),
+    "instances": (
+        {
+            "sop_uid": str, "study_uid": str, "series_uid": str, "sop_class_uid": str,
+            "modality": str, "path": str, "sha256": str, "size": int, "transfer_syntax": str,
+            "calling_aet": str, "received_at": float, "manufacturer": str, "model_name": str,
+            "rows": int, "columns": int, "frames": int, "photometric": str,
+            "referenced_sop_uids": str,
+        },
+        "sop_uid",
+    ),
+    "jobs": (
+        {
+            "id": int, "study_uid": str, "kind": str, "state": str, "attempts": int,
+            "max_attempts": int, "next_attempt_at": float, "last_error": str,
+            "created_at": float, "updated_at": float, "worker_pid": int, "payload": str,
+        },
+        "id",
+    ),
+}
+_INDEXES = (
+    ("instances", ["study_uid"]),
+    ("series", ["study_uid"]),
+    ("studies", ["state"]),
+    ("jobs", ["state", "next_attempt_at"]),
+    ("jobs", ["study_uid"]),
+)
+
+StoreKind = Literal["stored", "duplicate", "replaced"]
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What :meth:`Archive.store` did: a new file, an identical re-send, or newer content."""
+
+    kind: StoreKind
+    path: Path
+    sha256: str
+    reopened: bool = False
+
+
+def open_db(db_path: Path) -> sqlite_utils.Database:
+    """A connection in autocommit mode (transactions are explicit), WAL and a busy timeout."""
+    conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return sqlite_utils.Database(conn)
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create missing tables/indexes (idempotent; columns are added, never renamed)."""
+    for name, (columns, pk) in SCHEMA.items():
+        table = db[name]
+        if not table.exists():
+            table.create(columns, pk=pk, not_null={pk} if name != "jobs" else None,
+                         if_not_exists=True)
+        else:
+            missing = {c: t for c, t in columns.items() if c not in table.columns_dict}
+            for col, tp in missing.items():
+                table.add_column(col, tp)
+    for name, cols in _INDEXES:
+        db[name].create_index(cols, if_not_exists=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry we created (a rename is only durable then)."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        _fsync_dir(d.parent)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp + fsync + replace + dir fsync)."""
+    _makedirs_durable(path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class Archive:
+    """The node's archive folder and index database; safe to share between threads."""
+
+    def __init__(self, data_dir: Path, *, disk_reserve_mb: int = 0) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.archive_dir = self.data_dir / "archive"
+        self.quarantine_dir = self.data_dir / "quarantine"
+        self.db_path = self.data_dir / "index.sqlite"
+        self.disk_reserve_bytes = int(disk_reserve_mb) * 1024 * 1024
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        self._dbs: list[sqlite_utils.Database] = []
+
+    # ---------------------------------------------------------------- connections / schema
+    def init(self) -> Archive:
+        """Create folders and schema, and sweep temp files a crash left behind."""
+        for d in (self.data_dir, self.archive_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            ensure_schema(self.db())
+        removed = 0
+        for folder in (self.archive_dir, self.quarantine_dir):
+            for tmp in folder.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.warning("removed %d temp files left by an interrupted write", removed)
+        return self
+
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection (sqlite3 connections must not be shared between threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = open_db(self.db_path)
+            self._local.db = db
+            with self._lock:
+                self._dbs.append(db)
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._dbs:
+                try:
+                    db.conn.close()
+                except sqlite3.Error:
+                    pass
+            self._dbs.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the process-wide write lock."""
+        with self._lock:
+            conn = self.db().conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+        """Rows as dicts (read-only helper)."""
+        cur = self.db().conn.execute(sql, params)
+        names = [c[0] for c in cur.description or ()]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    # ---------------------------------------------------------------- storing
+    def check_disk(self, incoming: int = 0) -> None:
+        """Raise :class:`OutOfResourcesError` if storing ``incoming`` bytes would dip into the reserve."""
+        if self.disk_reserve_bytes <= 0:
+            return
+        free = shutil.disk_usage(self.data_dir).free
+        if free - incoming < self.disk_reserve_bytes:
+            raise OutOfResourcesError(
+                f"free space {free // 2**20} MiB is below node.disk_reserve_mb "
+                f"({self.disk_reserve_bytes // 2**20} MiB)"
+            )
+
+    def relative_path(self, info: InstanceInfo) -> Path:
+        """``archive/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (UIDs checked again here)."""
+        for uid in (info.study_uid, info.series_uid, info.sop_uid):
+            if not is_valid_uid(uid):
+                raise ArchiveError(f"refusing to build a path from invalid UID {uid[:80]!r}")
+        return Path("archive") / info.study_uid / info.series_uid / f"{info.sop_uid}.dcm"
+
+    def store(self, raw: bytes, info: InstanceInfo, *, calling_aet: str,
+              transfer_syntax: str) -> StoreOutcome:
+        """File ``raw`` (a complete Part 10 file) and index it; return only once both are durable.
+
+        A re-sent instance with the same hash is acknowledged without a new write or row; with
+        different content the newest is kept and the event logged. An instance arriving for a
+        study that is no longer ``receiving`` re-opens it (a new scoring job follows).
+        """
+        self.check_disk(len(raw))
+        digest = hashlib.sha256(raw).hexdigest()
+        rel = self.relative_path(info)
+        path = self.data_dir / rel
+        old = self.query("SELECT path, sha256 FROM instances WHERE sop_uid = ?", (info.sop_uid,))
+        if old and old[0]["sha256"] == digest and (self.data_dir / old[0]["path"]).is_file():
+            return StoreOutcome("duplicate", self.data_dir / old[0]["path"], digest)
+        write_durable(path, raw)
+        now = time.time()
+        kind: StoreKind = "replaced" if old else "stored"
+        with self.transaction() as conn:
+            reopened = self._index(conn, info, rel, digest, len(raw), calling_aet, transfer_syntax, now)
+        if old and old[0]["path"] != str(rel):
+            (self.data_dir / old[0]["path"]).unlink(missing_ok=True)
+        if kind == "replaced":
+            log.warning("study %s: instance %s re-sent with different content; newest kept",
+                        info.study_uid, info.sop_uid)
+        return StoreOutcome(kind, path, digest, reopened)
+
+    def _index(self, conn: sqlite3.Connection, info: InstanceInfo, rel: Path, digest: str,
+               size: int, calling_aet: str, transfer_syntax: str, now: float) -> bool:
+        conn.execute(
+            "INSERT INTO patients (patient_id, first_seen, last_seen) VALUES (?, ?, ?) "
+            "ON CONFLICT(patient_id) DO UPDATE SET last_seen = excluded.last_seen",
+            (info.patient_id, now, now),
+        )
+        row = conn.execute("SELECT state FROM studies WHERE study_uid = ?", (info.study_uid,)).fetchone()
+        reopened = False
+        if row is None:
+            conn.execute(
+                "INSERT INTO studies (study_uid, patient_id, state, first_received, last_received, "
+                "receiving_since, missing_seg, reopen_count, note) "
+                "VALUES (?, ?, 'receiving', ?, ?, ?, 0, 0, '')",
+                (info.study_uid, info.patient_id, now, now, now),
+            )
+        elif row[0] == "receiving":
+            conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?", (now, info.study_uid))
+        else:
+            reopened = True
+            conn.execute(
+                "UPDATE studies SET state = 'receiving', last_received = ?, receiving_since = ?, "
+                "completed_at = NULL, reopen_count = reopen_count + 1, "
+                "note = 're-opened by a new instance after state ' || state WHERE study_uid = ?",
+                (now, now, info.study_uid),
+            )
+            # a job not yet started would score an incomplete view; the next completion queues a new one
+            conn.execute(
+                "UPDATE jobs SET state = 'done', last_error = 'superseded: study re-opened before "
+                "the job ran', updated_at = ? WHERE study_uid = ? AND state = 'queued'",
+                (now, info.study_uid),
+            )
+            log.info("study %s: re-opened (was %s) by instance %s", info.study_uid, row[0], info.sop_uid)
+        conn.execute(
+            "INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, series_number) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
+            "study_uid = excluded.study_uid, modality = excluded.modality, "
+            "sop_class_uid = excluded.sop_class_uid, series_number = excluded.series_number",
+            (info.series_uid, info.study_uid, info.modality, info.sop_class_uid, info.series_number),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, "
+            "modality, path, sha256, size, transfer_syntax, calling_aet, received_at, manufacturer, "
+            "model_name, rows, columns, frames, photometric, referenced_sop_uids) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                info.sop_uid, info.study_uid, info.series_uid, info.sop_class_uid, info.modality,
+                str(rel), digest, size, str(transfer_syntax), calling_aet, now, info.manufacturer,
+                info.model_name, info.rows, info.columns, info.frames, info.photometric,
+                json.dumps(list(info.referenced_sop_uids)),
+            ),
+        )
+        return reopened
+
+    def quarantine(self, raw: bytes | None, *, reason: str, status: int, calling_aet: str,
+                   sop_class_uid: str = "", sop_uid: str = "", transfer_syntax: str = "") -> Path:
+        """Keep a refused dataset in ``quarantine/`` with a ``.json`` reason beside it.
+
+        The file name is generated here; nothing the sender supplied becomes part of a path.
+        """
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        dcm = self.quarantine_dir / f"{name}.dcm"
+        if raw is not None:
+            write_durable(dcm, raw)
+        meta = {
+            "reason": reason, "status": f"0x{status:04X}", "calling_aet": calling_aet,
+            "sop_class_uid": sop_class_uid[:128], "sop_instance_uid": sop_uid[:128],
+            "transfer_syntax": transfer_syntax, "received_at": time.time(),
+            "file": dcm.name if raw is not None else None,
+        }
+        write_durable(self.quarantine_dir / f"{name}.json", json.dumps(meta, indent=2).encode())
+        return dcm
+
+    # ---------------------------------------------------------------- reading
+    def study_paths(self, study_uid: str) -> list[Path]:
+        """Absolute paths of a study's instances, in arrival order."""
+        rows = self.query(
+            "SELECT path FROM instances WHERE study_uid = ? ORDER BY received_at, sop_uid", (study_uid,)
+        )
+        return [self.data_dir / r["path"] for r in rows]
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM studies WHERE study_uid = ?", (study_uid,))
+        return rows[0] if rows else None
+
+    def instance_count(self) -> int:
+        return int(self.query("SELECT count(*) AS n FROM instances")[0]["n"])
