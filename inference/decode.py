@@ -170,6 +170,7 @@ def decode_frames(
     frame_policy: FramePolicy = "middle",
     max_frames: int = 16,
     contrast_box: Box | None = None,
+    frame_numbers: Sequence[int] | None = None,
 ) -> list[tuple[int, np.ndarray]]:
     """Decode the frames chosen by ``frame_policy`` to float32 grayscale (H, W) in 0..1.
 
@@ -180,6 +181,8 @@ def decode_frames(
             ``contrast_box``; frames are streamed so a long cine is never held in memory).
         max_frames: cap for ``all``.
         contrast_box: (row0, col0, row1, col1) tissue region scored by ``max-contrast``.
+        frame_numbers: decode exactly these 1-based frames instead (e.g. the frames a DICOM-SEG
+            annotates); overrides ``frame_policy``.
 
     Returns:
         (1-based frame number, image) pairs in frame order.
@@ -189,7 +192,15 @@ def decode_frames(
         ReaderError: no pixel data, or the decoder failed.
     """
     check_decodable(ds)
-    n = number_of_frames(ds)
+    try:
+        n = number_of_frames(ds)
+    except (TypeError, ValueError) as exc:
+        raise ReaderError(sop_uid_of(ds), f"invalid Number of Frames: {exc}") from exc
+    if frame_numbers:
+        bad = [f for f in frame_numbers if not 1 <= f <= n]
+        if bad:
+            raise ReaderError(sop_uid_of(ds), f"frame(s) {bad} out of range 1..{n}")
+        return [(i + 1, gray) for i, gray in _iter_gray(ds, sorted({f - 1 for f in frame_numbers}))]
     indices = frame_indices(n, frame_policy, max_frames)
     if frame_policy == "max-contrast" and len(indices) > 1:
         best: tuple[float, int, np.ndarray] | None = None
