@@ -1,0 +1,289 @@
+"""Results: SR/SC built from synthetic US sources pass dciodvfy/dsrdump and read back right."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from inference.types import ImageScore, ModelInfo, MuscleMeasurements, StudyScore, USFrame
+
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+def make_us(i: int, study_uid: str | None = None, patient_id: str = "SYN0001") -> Dataset:
+    """A small valid single-frame US image (MONOCHROME2) of one synthetic study."""
+    study_uid = study_uid or make_us.study_uid
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
+    ds.SOPClassUID = US_IMAGE_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = make_us.series_uid
+    ds.PatientName = "Synthetic^Participant"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19500101"
+    ds.PatientSex = "F"
+    ds.StudyDate = "20250101"
+    ds.StudyTime = "120000"
+    ds.AccessionNumber = "ACC1"
+    ds.StudyID = "1"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "RF ultrasound"
+    ds.Modality = "US"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = i + 1
+    ds.Manufacturer = "SynthVendor"
+    ds.ManufacturerModelName = "Synth1"
+    ds.Laterality = "R"
+    ds.BodyPartExamined = "THIGH"
+    ds.PatientOrientation = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = 96, 128
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    rng = np.random.default_rng(i)
+    ds.PixelData = rng.integers(0, 255, (96, 128), dtype=np.uint8).tobytes()
+    return ds
+
+
+make_us.study_uid = generate_uid()
+make_us.series_uid = generate_uid()
+
+
+def make_score(sources: list[Dataset], *, probs=(0.8, 0.6), heatmap=True, seg=True) -> StudyScore:
+    images = []
+    for ds, p in zip(sources, probs):
+        rng = np.random.default_rng(int(p * 100))
+        frame = USFrame(
+            sop_instance_uid=ds.SOPInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            study_instance_uid=ds.StudyInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            frame_number=1,
+            image=rng.random((64, 80), dtype=np.float32),
+            crop_box=(10, 20, 74, 100),
+            spacing_cm=(0.01, 0.01),
+            mask=np.ones((64, 80), bool),
+            seg_sop_instance_uid=generate_uid() if seg else None,
+            seg_series_instance_uid=generate_uid() if seg else None,
+            segment_number=1 if seg else None,
+            patient_id=ds.PatientID,
+            source_rows=96,
+            source_cols=128,
+        )
+        if seg:
+            frame.seg_frame_number = 1
+        images.append(ImageScore(
+            frame=frame,
+            probability=p,
+            fold_probabilities=[p - 0.05, p, p + 0.05],
+            fold_spread=0.0408,
+            heatmap=rng.random((64, 80), dtype=np.float32) if heatmap else None,
+            measurements=MuscleMeasurements(csa_cm2=3.21, thickness_cm=1.23,
+                                            echo_intensity_mean=87.5, echo_intensity_sd=21.25),
+            roi_source="seg" if seg else "whole-region",
+        ))
+    prob = float(np.mean(probs[: len(images)]))
+    return StudyScore(
+        study_instance_uid=sources[0].StudyInstanceUID,
+        patient_id=sources[0].PatientID,
+        probability=prob,
+        positive=prob >= 0.5,
+        rule="mean",
+        images=images,
+        model=ModelInfo(name="sarco-test", version="0.1", model_uid=str(generate_uid()),
+                        backbone="convnext_atto", threshold=0.5, n_folds=3),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------
+
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import highdicom as hd  # noqa: E402
+import pydicom  # noqa: E402
+import pytest  # noqa: E402
+from pydicom.sr.codedict import codes  # noqa: E402
+
+from dicom_node import results as R  # noqa: E402
+from dicom_node.config import ResultsConfig  # noqa: E402
+from tests.conftest import make_config  # noqa: E402
+
+VALIDATE = Path(__file__).resolve().parents[2] / ".." / "shared" / "tools" / "validate_dicom.sh"
+
+
+def validate(paths: list[Path]) -> str:
+    """Run validate_dicom.sh (dcmdump + dciodvfy + dsrdump); fail the test on any error."""
+    proc = subprocess.run(["bash", str(VALIDATE), "-v", *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dciodvfy: not installed" not in proc.stdout, "dciodvfy missing: IOD rules unchecked"
+    return proc.stdout
+
+
+def groups_by_source(sr: Dataset) -> tuple[dict[str, object], object]:
+    """Per-image measurement groups keyed by source SOP UID, and the study-level group."""
+    content = sr.content
+    per_image: dict[str, object] = {}
+    study = None
+    for g in content.get_planar_roi_measurement_groups():
+        for item in g[0].ContentSequence:
+            if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121233":
+                per_image[item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = g
+    for g in content.get_image_measurement_groups():
+        if g.source_images:
+            per_image[g.source_images[0].referenced_sop_instance_uid] = g
+        elif g.finding_type == R.SARCOPENIA:
+            study = g
+    return per_image, study
+
+
+def measurement(group, name, derivation=None) -> float:
+    found = [m for m in group.get_measurements(name=name)
+             if (m.derivation is None if derivation is None
+                 else m.derivation is not None and m.derivation == derivation)]
+    assert len(found) == 1, (name, derivation, found)
+    return found[0].value
+
+
+@pytest.fixture
+def study(tmp_path):
+    make_us.study_uid = generate_uid()
+    make_us.series_uid = generate_uid()
+    sources = [make_us(i) for i in range(2)]
+    return sources, {s.SOPInstanceUID: s for s in sources}
+
+
+def test_sr_and_heatmaps_pass_dciodvfy_and_dsrdump(study, tmp_path):
+    sources, by_uid = study
+    score = make_score(sources)
+    cfg = make_config(tmp_path / "node")
+    rs = R.build_results(score, by_uid, cfg.results)
+    paths = R.write_results(rs, cfg)
+    assert len(paths) == 3 and all(p.parent == cfg.node.results_dir / score.study_instance_uid
+                                   for p in paths)
+    report = validate(paths)
+    assert report.count("PASS") == 3, report
+    dump = subprocess.run(["dsrdump", str(paths[0])], capture_output=True, text=True, check=True)
+    assert '(M62.84,I10C,"Sarcopenia")' in dump.stdout
+    assert '(52101004,SCT,"Present")' in dump.stdout
+    assert "Device Observer UID" in dump.stdout
+
+
+def test_sr_reads_back_with_highdicom_and_matches_scores(study, tmp_path):
+    sources, by_uid = study
+    score = make_score(sources, probs=(0.3, 0.2))  # negative study
+    cfg = make_config(tmp_path / "node")
+    paths = R.write_results(R.build_results(score, by_uid, cfg.results), cfg)
+    sr = hd.sr.srread(paths[0])
+    src = sources[0]
+    # same patient and study, its own series; honest flags
+    assert (sr.PatientID, sr.StudyInstanceUID) == (src.PatientID, src.StudyInstanceUID)
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sr.SeriesNumber == cfg.results.sr_series_number
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert "PredecessorDocumentsSequence" not in sr
+    # the algorithm as a device observer
+    (obs,) = sr.content.get_observer_contexts()
+    assert obs.observer_type == codes.DCM.Device
+    assert obs.observer_identifying_attributes.uid == score.model.model_uid
+    # model as contributing equipment
+    assert any(e.ManufacturerModelName == score.model.name for e in sr.ContributingEquipmentSequence)
+    per_image, study_group = groups_by_source(sr)
+    assert set(per_image) == {s.SOPInstanceUID for s in sources}
+    for img in score.images:
+        g = per_image[img.frame.sop_instance_uid]
+        assert measurement(g, R.PROBABILITY) == pytest.approx(img.probability)
+        assert measurement(g, R.PROBABILITY, R.STANDARD_DEVIATION) == pytest.approx(img.fold_spread)
+        assert measurement(g, R.AREA) == pytest.approx(img.measurements.csa_cm2)
+        assert measurement(g, R.THICKNESS) == pytest.approx(img.measurements.thickness_cm)
+        assert measurement(g, R.ECHO_INTENSITY, R.MEAN) == pytest.approx(87.5)
+        assert measurement(g, R.ECHO_INTENSITY, R.STANDARD_DEVIATION) == pytest.approx(21.25)
+        area = g.get_measurements(name=R.AREA)[0]
+        assert area.unit.value == "cm2"
+    assert measurement(study_group, R.PROBABILITY) == pytest.approx(score.probability)
+    (evaluation,) = study_group.get_qualitative_evaluations(name=R.SARCOPENIA)
+    assert evaluation.value == codes.SCT.Absent
+    # heat maps: one SC per image, own series, same study
+    scs = [pydicom.dcmread(p) for p in paths[1:]]
+    assert {s.StudyInstanceUID for s in scs} == {src.StudyInstanceUID}
+    assert len({s.SeriesInstanceUID for s in scs}) == 1
+    assert scs[0].SeriesInstanceUID not in (sr.SeriesInstanceUID, src.SeriesInstanceUID)
+    assert scs[0].BodyPartExamined == "THIGH" and scs[0].Laterality == "R"
+    assert scs[0].pixel_array.ndim == 3 and scs[0].pixel_array.shape[2] == 3
+
+
+def test_rescore_references_predecessor(study, tmp_path):
+    sources, by_uid = study
+    cfg = make_config(tmp_path / "node")
+    first = R.build_results(make_score(sources), by_uid, cfg.results).sr
+    second = R.build_results(make_score(sources, probs=(0.1, 0.2)), by_uid, cfg.results,
+                             predecessor=first).sr
+    paths = R.write_results(R.ResultSet(sr=second), cfg)
+    validate(paths)
+    back = hd.sr.srread(paths[0])
+    refs = [
+        inst.ReferencedSOPInstanceUID
+        for st in back.PredecessorDocumentsSequence
+        for se in st.ReferencedSeriesSequence
+        for inst in se.ReferencedSOPSequence
+    ]
+    assert refs == [first.SOPInstanceUID]
+    assert back.StudyInstanceUID == first.StudyInstanceUID
+
+
+def test_whole_region_no_heatmap_partial_and_jpeg(study, tmp_path):
+    """No SEG -> group references the source image; no heat map -> no SC; skipped -> PARTIAL."""
+    sources, by_uid = study
+    score = make_score(sources, seg=False)
+    score.images[1].heatmap = None
+    score.skipped.append((generate_uid(), "no tissue region"))
+    cfg = make_config(tmp_path / "node", results={"heatmap_jpeg": True})
+    rs = R.build_results(score, by_uid, cfg.results)
+    assert len(rs.heatmaps) == 1
+    assert rs.heatmaps[0].file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    paths = R.write_results(rs, cfg)
+    validate(paths)
+    sr = hd.sr.srread(paths[0])
+    assert sr.CompletionFlag == "PARTIAL"
+    per_image, study_group = groups_by_source(sr)
+    assert set(per_image) == {s.SOPInstanceUID for s in sources}
+    assert not sr.content.get_planar_roi_measurement_groups()
+    assert pydicom.dcmread(paths[1]).pixel_array.shape[2] == 3
+
+
+def test_seg_frame_found_from_seg_header(study):
+    """When the SEG header is among the sources, its frame for this image is found."""
+    sources, _ = study
+    score = make_score(sources)
+    img = score.images[1]
+    del img.frame.seg_frame_number
+    seg = Dataset()
+    frames = []
+    for seg_no, src in ((1, sources[0]), (1, sources[1])):
+        item = Dataset()
+        sid = Dataset()
+        sid.ReferencedSegmentNumber = seg_no
+        item.SegmentIdentificationSequence = [sid]
+        srcref = Dataset()
+        srcref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        der = Dataset()
+        der.SourceImageSequence = [srcref]
+        item.DerivationImageSequence = [der]
+        frames.append(item)
+    seg.PerFrameFunctionalGroupsSequence = frames
+    assert R._seg_frame_number(seg, img) == 2
+    assert R._seg_frame_number(None, img) is None
