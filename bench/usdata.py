@@ -41,6 +41,13 @@ def _instance(pixels: bytes, study_uid: str, series_uid: str, patient: str, numb
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    region = Dataset()  # one calibrated 2D tissue region, as every vendor writes it
+    region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = 1, 1, 0
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = 100, 60
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = cols - 101, rows - 61
+    region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+    region.PhysicalDeltaX = region.PhysicalDeltaY = 0.008
+    ds.SequenceOfUltrasoundRegions = [region]
     ds.PixelData = pixels
     return ds
 
@@ -48,7 +55,7 @@ def _instance(pixels: bytes, study_uid: str, series_uid: str, patient: str, numb
 def us_instances(n: int = 500, rows: int = 600, cols: int = 800, per_study: int = 5,
                  cache: Path = DEFAULT_CACHE) -> Path:
     """Return a folder holding ``n`` US instances (created on first use, reused afterwards)."""
-    folder = cache / f"us_{n}_{rows}x{cols}"
+    folder = cache / f"us2_{n}_{rows}x{cols}"
     done = folder / ".complete"
     if done.exists():
         return folder
