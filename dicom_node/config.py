@@ -30,6 +30,7 @@ OnMissingSeg = Literal["score-whole-region", "hold", "reject"]
 FramePolicy = Literal["all", "middle", "max-contrast"]
 StudyRule = Literal["mean", "max", "median"]
 Backend = Literal["eager", "compile", "onnx"]
+CamMethod = Literal["torchcam", "gap"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 Modality = Literal["image", "clinical", "lab"]
 Target = Literal["binary", "regression"]
@@ -139,6 +140,7 @@ class ScoringConfig:
     torch_threads: int = 2
     device: DeviceName = "auto"
     backend: Backend = "eager"
+    cam_method: CamMethod = "torchcam"
 
 
 @dataclass(frozen=True)
