@@ -1,0 +1,151 @@
+"""Study completion: decide when a ``receiving`` study is complete, held or rejected.
+
+DICOM has no "study finished" message, so (like mercure) the node waits for a quiet period
+(``completion.idle_seconds``) and forces a decision at a ceiling (``completion.max_wait_seconds``,
+counted from the start of the current receiving episode). With ``require_seg`` a study whose US
+images are not all referenced by a DICOM-SEG keeps waiting until the ceiling, then follows
+``on_missing_seg``: ``score-whole-region`` completes it with ``missing_seg`` set, ``hold`` parks
+it (a late SEG re-opens it), ``reject`` refuses it. A complete study gets exactly one ``score``
+job in the same transaction that changes its state.
+
+Job payload (what the worker/scoring step receives)::
+
+    {"completion_reason": "idle" | "max-wait" | "max-wait-missing-seg",
+     "missing_seg": bool,            # some US image has no SEG referencing it
+     "allow_missing_seg": bool,      # score those images on the whole tissue region
+     "missing_seg_sop_uids": [...],  # the US images without a SEG (at most 100 listed)
+     "instance_count": int, "us_count": int, "seg_count": int, "reopen_count": int}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dicom_node.archive import Archive
+from dicom_node.config import CompletionConfig
+from dicom_node.queue import enqueue
+from dicom_node.validate import SEG_SOP_CLASSES, US_SOP_CLASSES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The new state of one study and why."""
+
+    state: str  # complete | held | rejected
+    reason: str
+    missing_seg: bool
+    payload: dict[str, Any]
+    note: str = ""
+
+
+def seg_coverage(instances: list[dict[str, Any]]) -> tuple[list[str], int, int]:
+    """US images without a SEG referencing them, and the US/SEG counts."""
+    us = [r["sop_uid"] for r in instances if r["sop_class_uid"] in US_SOP_CLASSES]
+    referenced: set[str] = set()
+    seg_count = 0
+    for r in instances:
+        if r["sop_class_uid"] in SEG_SOP_CLASSES:
+            seg_count += 1
+            referenced.update(json.loads(r["referenced_sop_uids"] or "[]"))
+    return [u for u in us if u not in referenced], len(us), seg_count
+
+
+def decide(study: dict[str, Any], instances: list[dict[str, Any]], cfg: CompletionConfig,
+           now: float) -> Decision | None:
+    """What should happen to a ``receiving`` study now; None means keep waiting."""
+    idle = now - study["last_received"] >= cfg.idle_seconds
+    ceiling = now - (study["receiving_since"] or study["first_received"]) >= cfg.max_wait_seconds
+    if not (idle or ceiling):
+        return None
+    missing, us_count, seg_count = seg_coverage(instances)
+    payload: dict[str, Any] = {
+        "missing_seg": bool(missing),
+        "missing_seg_sop_uids": missing[:100],
+        "instance_count": len(instances),
+        "us_count": us_count,
+        "seg_count": seg_count,
+        "reopen_count": int(study["reopen_count"] or 0),
+    }
+    if cfg.require_seg and missing:
+        if not ceiling:
+            return None  # the SEG may still come
+        reason = "max-wait-missing-seg"
+        payload.update(completion_reason=reason, allow_missing_seg=True)
+        note = f"{len(missing)} of {us_count} US images have no SEG after max wait"
+        if cfg.on_missing_seg == "hold":
+            return Decision("held", reason, True, payload, note + "; held (a SEG re-opens it)")
+        if cfg.on_missing_seg == "reject":
+            return Decision("rejected", reason, True, payload, note + "; rejected")
+        return Decision("complete", reason, True, payload, note + "; scoring the whole region")
+    reason = "idle" if idle else "max-wait"
+    payload.update(completion_reason=reason, allow_missing_seg=bool(missing) or not cfg.require_seg)
+    return Decision("complete", reason, bool(missing), payload)
+
+
+def check_studies(archive: Archive, cfg: CompletionConfig, *, max_attempts: int,
+                  now: float | None = None) -> list[tuple[str, Decision]]:
+    """One pass over ``receiving`` studies; applies and returns the decisions taken."""
+    now = time.time() if now is None else now
+    taken: list[tuple[str, Decision]] = []
+    for study in archive.query("SELECT * FROM studies WHERE state = 'receiving'"):
+        uid = study["study_uid"]
+        instances = archive.query(
+            "SELECT sop_uid, sop_class_uid, referenced_sop_uids FROM instances WHERE study_uid = ?",
+            (uid,),
+        )
+        decision = decide(study, instances, cfg, now)
+        if decision is None:
+            continue
+        with archive.transaction() as conn:
+            # guard: an instance that arrived since we read the row means "not quiet yet"
+            cur = conn.execute(
+                "UPDATE studies SET state = ?, completed_at = ?, completion_reason = ?, "
+                "missing_seg = ?, note = ? WHERE study_uid = ? AND state = 'receiving' "
+                "AND last_received = ?",
+                (decision.state, now, decision.reason, int(decision.missing_seg), decision.note,
+                 uid, study["last_received"]),
+            )
+            if cur.rowcount != 1:
+                continue
+            job_id = None
+            if decision.state == "complete":
+                job_id = enqueue(conn, uid, "score", decision.payload, max_attempts=max_attempts, now=now)
+        log.info("study %s: %s (%s, missing_seg=%s, %d instances)%s", uid, decision.state,
+                 decision.reason, decision.missing_seg, len(instances),
+                 f", job {job_id} queued" if job_id else "")
+        taken.append((uid, decision))
+    return taken
+
+
+class CompletionMonitor:
+    """Background thread running :func:`check_studies` every ``cfg.poll_seconds``."""
+
+    def __init__(self, archive: Archive, cfg: CompletionConfig, *, max_attempts: int) -> None:
+        self.archive = archive
+        self.cfg = cfg
+        self.max_attempts = max_attempts
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
+
+    def start(self) -> CompletionMonitor:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                check_studies(self.archive, self.cfg, max_attempts=self.max_attempts)
+            except Exception:  # a bad pass must not end completion for good
+                log.exception("completion check failed; retrying in %.1f s", self.cfg.poll_seconds)
+            self._stop.wait(self.cfg.poll_seconds)

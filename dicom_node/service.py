@@ -1,0 +1,150 @@
+"""``dicom-node serve`` (listener + completion + worker + sender) and ``dicom-node studies``.
+
+``serve`` wires the parts together and owns their life cycle: start-up sweeps temp files and
+re-queues jobs of dead processes, SIGTERM/SIGINT stop the listener first (no new instances),
+then completion, the worker (after its current job) and the sender.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from dicom_node.archive import Archive
+from dicom_node.completion import CompletionMonitor
+from dicom_node.config import Config
+from dicom_node.queue import requeue_orphans
+from dicom_node.scp import start_scp
+from dicom_node.worker import Processor, Worker, archive_only_processor
+
+log = logging.getLogger(__name__)
+
+
+def _processor(cfg: Config) -> Processor:
+    if not cfg.scoring.enabled:
+        log.info("scoring disabled: studies are archived only (archive-only jobs)")
+        return archive_only_processor
+    from dicom_node.processing import build_processor  # heavy (torch): only when scoring
+
+    return build_processor(cfg)
+
+
+def serve_command(args: argparse.Namespace, cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
+    archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
+    n = requeue_orphans(archive)
+    if n:
+        log.warning("re-queued %d jobs left running by a previous process", n)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    worker: Worker | None = None
+    delivery = None
+    if cfg.worker.enabled:
+        worker = Worker(archive, _processor(cfg), cfg.worker)
+    if cfg.scoring.enabled and cfg.destinations:
+        from dicom_node.sender import DeliveryLoop  # another module's loop; import only if used
+
+        delivery = DeliveryLoop(cfg)
+    monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
+    server = start_scp(cfg.node, archive)
+    monitor.start()
+    if worker is not None:
+        worker.start()
+    if delivery is not None:
+        delivery.start()
+    log.info("node %s ready (data dir %s)", cfg.node.ae_title, archive.data_dir)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()  # stop accepting and end open associations first
+        monitor.stop()
+        if worker is not None:
+            worker.stop()
+        if delivery is not None:
+            delivery.stop()
+        archive.close()
+        log.info("node stopped")
+    return 0
+
+
+def study_table(archive: Archive) -> list[dict[str, Any]]:
+    """One dict per study: state, counts, latest job and (if a sender exists) delivery counts."""
+    studies = archive.query(
+        "SELECT s.*, "
+        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid) AS instances, "
+        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'US') AS us, "
+        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'SEG') AS seg "
+        "FROM studies s ORDER BY s.first_received"
+    )
+    jobs = archive.query(
+        "SELECT study_uid, id, state, attempts, last_error FROM jobs WHERE id IN "
+        "(SELECT max(id) FROM jobs GROUP BY study_uid)"
+    )
+    by_study = {j["study_uid"]: j for j in jobs}
+    has_outbox = archive.db()["outbox"].exists()
+    outbox: dict[str, dict[str, int]] = {}
+    if has_outbox and "study_uid" in archive.db()["outbox"].columns_dict:
+        for r in archive.query("SELECT study_uid, state, count(*) AS n FROM outbox GROUP BY study_uid, state"):
+            outbox.setdefault(r["study_uid"], {})[str(r["state"])] = int(r["n"])
+    out = []
+    for s in studies:
+        j = by_study.get(s["study_uid"])
+        row = {
+            "study_uid": s["study_uid"], "patient_id": s["patient_id"], "state": s["state"],
+            "instances": s["instances"], "us": s["us"], "seg": s["seg"],
+            "first_received": s["first_received"], "last_received": s["last_received"],
+            "completion_reason": s["completion_reason"], "missing_seg": bool(s["missing_seg"]),
+            "reopen_count": s["reopen_count"], "note": s["note"] or "",
+            "job": None if j is None else {"id": j["id"], "state": j["state"],
+                                           "attempts": j["attempts"], "last_error": j["last_error"]},
+        }
+        if has_outbox:
+            row["delivery"] = outbox.get(s["study_uid"], {})
+        out.append(row)
+    return out
+
+
+def studies_command(args: argparse.Namespace, cfg: Config) -> int:
+    """``dicom-node studies [--json]``: print the studies table."""
+    db_path = cfg.node.db_path
+    if not db_path.exists():
+        print(f"no index at {db_path} (has the node received anything?)")
+        return 1
+    archive = Archive(cfg.node.data_dir)
+    try:
+        rows = study_table(archive)
+    finally:
+        archive.close()
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"studies in {cfg.node.data_dir}")
+    for col in ("study", "patient", "state", "inst", "US", "SEG", "last received", "job", "delivery", "note"):
+        table.add_column(col)
+    for r in rows:
+        job = r["job"]
+        job_s = "-" if job is None else f"{job['id']} {job['state']} ({job['attempts']})"
+        delivery = ", ".join(f"{k} {v}" for k, v in sorted(r.get("delivery", {}).items())) or "-"
+        table.add_row(
+            r["study_uid"], r["patient_id"], r["state"], str(r["instances"]), str(r["us"]),
+            str(r["seg"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received"])),
+            job_s, delivery, (r["note"] or "")[:60],
+        )
+    Console().print(table)
+    return 0

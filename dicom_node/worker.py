@@ -1,0 +1,120 @@
+"""The job worker: claims queued jobs and runs a pluggable processor on each study.
+
+The processor is any ``Callable[[JobContext], None]``; the scoring pipeline provides one
+(``dicom_node.processing.build_processor``), and :func:`archive_only_processor` is used when
+``scoring.enabled = false``. A processor signals failure by raising: the job is retried with
+exponential backoff up to ``worker.max_attempts``, then marked failed with its reason, and the
+loop goes on with the next job (one bad study never stops the node).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_node.archive import Archive
+from dicom_node.config import WorkerConfig
+from dicom_node.queue import Job, claim, mark_done, mark_failed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """Everything a processor needs about one job.
+
+    Attributes:
+        job_id: the ``jobs.id`` row.
+        study_uid: the study to process.
+        attempt: 1 for the first try, 2 for the first retry, ...
+        payload: the job's JSON payload (see :mod:`dicom_node.completion` for the keys, e.g.
+            ``missing_seg`` / ``allow_missing_seg`` / ``completion_reason``).
+        paths: absolute paths of every archived instance of the study, in arrival order.
+        data_dir: the node's data folder (``results/`` and ``failed/`` live under it).
+        note: a processor may set a short human-readable outcome; it is stored in
+            ``studies.note`` when the job succeeds.
+    """
+
+    job_id: int
+    study_uid: str
+    attempt: int
+    payload: dict[str, Any]
+    paths: tuple[Path, ...]
+    data_dir: Path
+    note: str = field(default="")
+
+
+Processor = Callable[[JobContext], None]
+
+
+def archive_only_processor(ctx: JobContext) -> None:
+    """Used when scoring is disabled: the study stays archived, nothing is scored."""
+    ctx.note = "archive-only: scoring disabled (scoring.enabled = false); not scored"
+    log.info("study %s: job %s archive-only (%d instances), not scored", ctx.study_uid,
+             ctx.job_id, len(ctx.paths))
+
+
+def run_one(archive: Archive, processor: Processor, cfg: WorkerConfig) -> bool:
+    """Claim and run at most one job; return True if a job was processed (ok or not)."""
+    job = claim(archive)
+    if job is None:
+        return False
+    _run(archive, processor, cfg, job)
+    return True
+
+
+def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) -> None:
+    ctx = JobContext(
+        job_id=job.id, study_uid=job.study_uid, attempt=job.attempts, payload=job.payload,
+        paths=tuple(archive.study_paths(job.study_uid)), data_dir=archive.data_dir,
+    )
+    log.info("job %s (study %s): attempt %d/%d, %d instances", job.id, job.study_uid,
+             job.attempts, job.max_attempts, len(ctx.paths))
+    try:
+        processor(ctx)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        retried = mark_failed(archive, job, error, retry_base_seconds=cfg.retry_base_seconds)
+        log.error("job %s (study %s): attempt %d failed: %s; %s", job.id, job.study_uid,
+                  job.attempts, error, "will retry" if retried else "giving up")
+        log.debug("job %s traceback:\n%s", job.id, traceback.format_exc())
+        return
+    mark_done(archive, job, note=ctx.note)
+    log.info("job %s (study %s): done%s", job.id, job.study_uid, f" ({ctx.note})" if ctx.note else "")
+
+
+class Worker:
+    """Background thread polling the queue every ``cfg.poll_seconds``."""
+
+    def __init__(self, archive: Archive, processor: Processor, cfg: WorkerConfig) -> None:
+        self.archive = archive
+        self.processor = processor
+        self.cfg = cfg
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+
+    def start(self) -> Worker:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the current job (if any) and stop."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        log.info("worker started (pid %d)", os.getpid())
+        while not self._stop.is_set():
+            try:
+                busy = run_one(self.archive, self.processor, self.cfg)
+            except Exception:  # e.g. the database briefly unavailable
+                log.exception("worker loop error; continuing")
+                busy = False
+            if not busy:
+                self._stop.wait(self.cfg.poll_seconds)
