@@ -1,0 +1,190 @@
+"""Delivery: outbox rows reach a real Orthanc, survive PACS outages and restarts, expire visibly."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from dicom_node import results as R
+from dicom_node import sender as S
+from dicom_node.config import DeliveryConfig
+from tests.conftest import free_port, make_config
+from tests.dicom_node.test_results import make_score, make_us
+from tests.fixtures.orthanc import start_orthanc, stop_orthanc
+
+pytestmark = pytest.mark.network
+
+
+def _results(cfg, probs=(0.8, 0.6)):
+    """Write a scored synthetic study's SR + heat maps into cfg's results dir."""
+    make_us.study_uid = generate_uid()
+    make_us.series_uid = generate_uid()
+    sources = [make_us(i) for i in range(2)]
+    score = make_score(sources, probs=probs)
+    rs = R.build_results(score, {s.SOPInstanceUID: s for s in sources}, cfg.results)
+    return score, rs, R.write_results(rs, cfg)
+
+
+def _config(tmp_path: Path, port: int, aet: str = "ORTHANC", **delivery):
+    return make_config(
+        tmp_path / "node",
+        destinations=[{"name": "pacs", "ae_title": aet, "host": "127.0.0.1", "port": port}],
+        delivery={"retry_initial_seconds": 0.2, "retry_max_seconds": 1.0, "poll_seconds": 0.1,
+                  "timeout_seconds": 10, **delivery},
+    )
+
+
+def _wait(cond, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_retry_delay_grows_to_ceiling_within_jitter_bounds():
+    cfg = DeliveryConfig(retry_initial_seconds=30, retry_max_seconds=900, jitter_fraction=0.2)
+    rng = random.Random(1)
+    bases = [min(30 * 2 ** (a - 1), 900) for a in range(1, 12)]
+    assert bases == sorted(bases) and bases[0] == 30 and bases[-1] == 900
+    for attempt, base in enumerate(bases, start=1):
+        delays = [S.retry_delay(attempt, cfg, rng) for _ in range(200)]
+        assert all(0.8 * base <= d <= 1.2 * base for d in delays)
+        assert max(delays) - min(delays) > 0.2 * base  # jitter really spreads the retries
+    no_jitter = DeliveryConfig(retry_initial_seconds=30, retry_max_seconds=900, jitter_fraction=0)
+    seq = [S.retry_delay(a, no_jitter) for a in range(1, 12)]
+    assert seq == bases
+
+
+def test_delivered_to_orthanc_in_source_study(orthanc, tmp_path):
+    cfg = _config(tmp_path, orthanc.dicom_port, orthanc.aet)
+    score, rs, paths = _results(cfg)
+    ids = S.enqueue(cfg.node.db_path, score.study_instance_uid, paths)  # all destinations
+    assert len(ids) == 3
+    counts = S.DeliveryLoop(cfg).run_once()
+    assert counts == {"sent": 3, "failed": 0, "expired": 0}
+    held = orthanc.instance_uids_in_study(score.study_instance_uid)
+    assert {ds.SOPInstanceUID for ds in rs.datasets} <= held
+    # the SR Orthanc stored reads back with highdicom and carries the study probability
+    sr = hd.sr.srread(DicomBytesIO(orthanc.instance_file(rs.sr.SOPInstanceUID)))
+    (study_group,) = [g for g in sr.content.get_image_measurement_groups()
+                      if g.finding_type == R.SARCOPENIA]
+    (prob,) = [m for m in study_group.get_measurements(name=R.PROBABILITY)]
+    assert prob.value == pytest.approx(score.probability)
+    rows = S.outbox_rows(cfg.node.db_path, ("sent",))
+    assert len(rows) == 3 and all(r["destination"] == "pacs" and r["sent_at"] for r in rows)
+    assert S.outbox_rows(cfg.node.db_path) == []
+
+
+def test_one_association_per_study(tmp_path):
+    """A real pynetdicom SCP counts associations: the SR and both heat maps share one."""
+    opened: list[str] = []
+    stored: list[str] = []
+    ae = AE(ae_title="COUNTER")
+    ae.supported_contexts = AllStoragePresentationContexts
+
+    def on_store(event):
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store),
+                      (evt.EVT_ACCEPTED, lambda e: opened.append(e.assoc.requestor.ae_title))],
+    )
+    try:
+        cfg = _config(tmp_path, port, "COUNTER")
+        score, rs, paths = _results(cfg)
+        S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+        assert S.DeliveryLoop(cfg).run_once()["sent"] == 3
+    finally:
+        server.shutdown()
+    assert opened == ["DICOMNODE"]
+    assert sorted(stored) == sorted(ds.SOPInstanceUID for ds in rs.datasets)
+
+
+def test_pacs_down_then_delivered_after_restart(tmp_path, tmp_path_factory):
+    """PACS down: rows stay pending with the error; a NEW loop on the same DB delivers later."""
+    from tests.fixtures.orthanc import orthanc_binary
+
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc binary not installed (apt-get install orthanc)")
+    dicom_port, http_port = free_port(), free_port()
+    cfg = _config(tmp_path, dicom_port)
+    score, rs, paths = _results(cfg)
+    S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+    loop = S.DeliveryLoop(cfg)
+    loop.start()
+    _wait(lambda: all(r["attempts"] >= 2 for r in S.outbox_rows(cfg.node.db_path)))
+    loop.stop()
+    rows = S.outbox_rows(cfg.node.db_path)
+    assert len(rows) == 3 and {r["state"] for r in rows} == {"pending"}
+    assert all("association" in r["last_error"] for r in rows), rows[0]["last_error"]
+    assert all(r["next_attempt_at"] > r["created_at"] for r in rows)
+
+    pacs_dir = tmp_path_factory.mktemp("orthanc-late")
+    pacs = start_orthanc(pacs_dir, http_port, dicom_port)
+    try:
+        loop2 = S.DeliveryLoop(cfg)  # node restarted: nothing but the DB carries over
+        loop2.start()
+        try:
+            _wait(lambda: not S.outbox_rows(cfg.node.db_path))
+        finally:
+            loop2.stop()
+        held = pacs.instance_uids_in_study(score.study_instance_uid)
+        assert {ds.SOPInstanceUID for ds in rs.datasets} <= held
+    finally:
+        stop_orthanc(pacs_dir)
+
+
+def test_expired_after_horizon_is_listed_and_resend_delivers(orthanc, tmp_path, capsys):
+    dead = free_port()
+    cfg = _config(tmp_path, dead, retry_horizon_hours=0.0003)  # ~1 s
+    score, rs, paths = _results(cfg)
+    S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+    loop = S.DeliveryLoop(cfg)
+    assert loop.run_once()["failed"] == 3
+    time.sleep(1.2)
+    assert loop.run_once(now=time.time() + 3600)["expired"] == 3
+    rows = S.outbox_rows(cfg.node.db_path)
+    assert {r["state"] for r in rows} == {"expired"} and len(rows) == 3
+    # still listed, with its last error, by `dicom-node outbox`
+    assert S.outbox_command(None, cfg) == 0
+    out = capsys.readouterr().out
+    assert "expired" in out and "last error" in out and score.study_instance_uid in out
+    # an expired item is never picked up again by the loop on its own
+    assert loop.run_once(now=time.time() + 10**6) == {"sent": 0, "failed": 0, "expired": 0}
+    # the PACS moved/came back: resend --id for one item, then all
+    fixed = _config(tmp_path, orthanc.dicom_port, orthanc.aet)
+    one = rows[0]["id"]
+    args = type("Args", (), {"id": one})()
+    assert S.resend_command(args, fixed) == 0
+    left = S.outbox_rows(fixed.node.db_path)
+    assert len(left) == 2 and one not in {r["id"] for r in left}
+    assert S.resend_command(type("Args", (), {"id": None})(), fixed) == 0
+    assert S.outbox_rows(fixed.node.db_path) == []
+    held = orthanc.instance_uids_in_study(score.study_instance_uid)
+    assert {ds.SOPInstanceUID for ds in rs.datasets} <= held
+
+
+def test_enqueue_survives_reopen_and_does_not_duplicate(tmp_path):
+    cfg = _config(tmp_path, free_port())
+    score, rs, paths = _results(cfg)
+    first = S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+    again = S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+    assert first == again
+    rows = S.outbox_rows(cfg.node.db_path)
+    assert {r["path"] for r in rows} == {str(p.relative_to(cfg.node.data_dir.resolve()))
+                                         for p in (q.resolve() for q in paths)}
+    assert {r["sop_uid"] for r in rows} == {ds.SOPInstanceUID for ds in rs.datasets}
