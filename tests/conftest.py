@@ -10,7 +10,7 @@ import pytest
 from dicom_node.config import Config, config_from_dict
 
 # Cross-package session fixtures live in tests/fixtures/; each module registers itself here.
-pytest_plugins: list[str] = ["tests.fixtures.orthanc"]
+pytest_plugins: list[str] = ["tests.fixtures.orthanc", "tests.fixtures.cohort"]
 
 
 def free_port() -> int:

@@ -1,0 +1,344 @@
+"""``dicom-node synth``: a synthetic multi-vendor rectus femoris ultrasound cohort.
+
+Writes what three kinds of scanner would send for each participant (US images, cine loops and a
+DICOM-SEG per image), the generator's truth per image (mask, tissue box, spacing) so the reader
+can be checked to the pixel, ``labels.csv`` and ``manifest.json`` (layout: docs/contracts.md).
+Participants are independent random streams, so they are generated in parallel worker processes
+and the output is byte-identical for a seed whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from training.synth_cohort import LABEL_COLUMNS, Participant, draw_participant
+from training.synth_dicom import (
+    FOLLOWUP_DATE,
+    PROFILES,
+    STUDY_DATE,
+    build_seg,
+    build_us,
+    compose_frame,
+    make_layout,
+    mmode_strip,
+    _ui_template,
+)
+from training.synth_image import anatomy_for, render
+
+log = logging.getLogger(__name__)
+
+CINE_FRAMES = 9  # odd: the middle frame is unambiguous
+QUIRK_OF = {"supersonic": "side-by-side", "mindray": "m-mode", "samsung": "palette"}
+
+
+@dataclass
+class CohortSummary:
+    """What :func:`generate_cohort` wrote.
+
+    Attributes:
+        out_dir: the cohort folder.
+        labels_csv: ``out_dir/labels.csv``.
+        manifest: ``out_dir/manifest.json``.
+        dicom_dir: ``out_dir/dicom``.
+        truth_dir: ``out_dir/truth``.
+        participants: number of participants.
+        studies: number of studies (baseline + follow-up).
+        us_objects: number of US objects (single- and multi-frame).
+        seg_objects: number of DICOM-SEG objects.
+        positives: participants with sarcopenia.
+        oracle_auc: AUC of the latent muscle score the images were rendered from (the best an
+            image-only model could reach); None when only one class was drawn.
+        vendors: studies per vendor profile.
+        seconds: wall time of the generation.
+    """
+
+    out_dir: Path
+    labels_csv: Path
+    manifest: Path
+    dicom_dir: Path
+    truth_dir: Path
+    participants: int
+    studies: int
+    us_objects: int
+    seg_objects: int
+    positives: int
+    oracle_auc: float | None
+    vendors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _uid(seed: int, *parts: Any) -> str:
+    """Deterministic UID from the seed and a path of names (no clock, no host entropy)."""
+    return generate_uid(entropy_srcs=["dicom-node-synth", str(seed), *map(str, parts)])
+
+
+def _patient_header(p: Participant, patient_id: str, years_later: int) -> dict[str, Any]:
+    v = p.values
+    age = (v["age"] or 70) + years_later
+    header: dict[str, Any] = {
+        "PatientName": f"SYNTH^{p.participant_id}",
+        "PatientID": patient_id,
+        "PatientBirthDate": "",
+        "PatientSex": v["sex"],
+        "PatientAge": f"{age:03d}Y",
+        "PatientSize": f"{v['height_cm'] / 100:.2f}",
+        "PatientWeight": f"{v['weight_kg']:.1f}",
+    }
+    return header
+
+
+@dataclass(frozen=True)
+class _Job:
+    seed: int
+    index: int
+    vendors: tuple[str, ...]
+    follow_up: bool
+    image_scale: float
+    out_dir: str
+
+
+def _study_plan(job: _Job, rng: np.random.Generator) -> dict[str, Any]:
+    """Per-participant choices: vendor, laterality, SEG delivery; guarantees coverage.
+
+    Participants are dealt to vendors round-robin; the first of each vendor always has a cine
+    loop and the vendor's quirk, the second sends its SEGs late and the third sends no SEG, so
+    even a 12-participant cohort exercises every path of the reader and the node.
+    """
+    vendor = job.vendors[job.index % len(job.vendors)]
+    rank = job.index // len(job.vendors)
+    seg_mode = "normal"
+    if rank == 1 or (rank > 2 and rng.random() < 0.10):
+        seg_mode = "late"
+    elif rank == 2 or (rank > 2 and rng.random() < 0.08):
+        seg_mode = "none"
+    return {"vendor": vendor, "rank": rank, "seg_mode": seg_mode,
+            "laterality": "R" if rng.random() < 0.8 else "L"}
+
+
+def _make_object(rng: np.random.Generator, p: Participant, latent: float, profile_name: str,
+                 model: tuple[str, str], quirk: str, n_frames: int,
+                 scale: float) -> tuple[list[np.ndarray], np.ndarray, Any]:
+    """Render one object's frames (full screen, RGB) and its per-frame RF mask."""
+    profile = PROFILES[profile_name]
+    layout = make_layout(profile, scale, quirk)
+    r0, c0, r1, c1 = layout.tissue_box
+    h, w = r1 - r0, c1 - c0
+    anatomy = anatomy_for(latent, p.values["sex"], p.values.get("bmi"), rng)
+    margin = 6 if n_frames > 1 else 0
+    big, big_mask = render(anatomy, h + 2 * margin, w + 2 * margin, layout.spacing_cm[0], rng)
+    ui = _ui_template(profile_name, model[0], model[1], layout.rows, layout.cols, quirk)
+    mmode = None
+    if quirk == "m-mode":
+        reg = layout.regions[1]
+        mmode = mmode_strip(big, reg["RegionLocationMaxY1"] - reg["RegionLocationMinY0"] + 1,
+                            reg["RegionLocationMaxX1"] - reg["RegionLocationMinX0"] + 1, rng)
+    frames, masks = [], np.zeros((n_frames, layout.rows, layout.cols), bool)
+    phase = rng.uniform(0, 2 * np.pi)
+    for f in range(n_frames):
+        # probe/breathing motion between cine frames: a few pixels, different per frame
+        dy = int(round(margin + (margin - 1) * np.sin(phase + f * 0.8))) if margin else 0
+        dx = int(round(margin + (margin - 2) * np.cos(phase + f * 0.6))) if margin else 0
+        tissue = big[dy:dy + h, dx:dx + w]
+        masks[f, r0:r1, c0:c1] = big_mask[dy:dy + h, dx:dx + w]
+        frames.append(compose_frame(tissue, layout, ui, mmode))
+    return frames, masks, layout
+
+
+def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Generate and write every object of one participant; returns (label rows, studies)."""
+    p = draw_participant(job.seed, job.index)
+    rng = np.random.default_rng([job.seed, job.index, 2])
+    plan = _study_plan(job, rng)
+    vendor, lat_side = plan["vendor"], plan["laterality"]
+    profile = PROFILES[vendor]
+    model = profile.models[int(rng.integers(len(profile.models)))]
+    out = Path(job.out_dir)
+    patient_id = f"SYN{job.seed}-{job.index + 1:04d}"
+    rows, studies = [], []
+    for study_n in range(2 if job.follow_up else 1):
+        followup = study_n == 1
+        latent = p.latent + (rng.normal(0.15, 0.1) if followup else 0.0)
+        study_uid = _uid(job.seed, p.participant_id, study_n, "study")
+        rel_dir = Path("dicom") / p.participant_id / f"study-{study_n + 1}"
+        (out / rel_dir).mkdir(parents=True, exist_ok=True)
+        us_series = _uid(job.seed, p.participant_id, study_n, "us-series")
+        date = FOLLOWUP_DATE if followup else STUDY_DATE
+        header = _patient_header(p, patient_id, 1 if followup else 0)
+        n_images = int(rng.integers(3, 6))
+        files: list[dict[str, Any]] = []
+        for k in range(n_images):
+            quirk = ""
+            n_frames = 1
+            if plan["rank"] == 0 and not followup:
+                if k == 0 and profile.cine_prob > 0:
+                    n_frames = CINE_FRAMES
+                if k == 1:
+                    quirk = QUIRK_OF[vendor]
+            else:
+                if rng.random() < profile.quirk_prob:
+                    quirk = QUIRK_OF[vendor]
+                if rng.random() < profile.cine_prob:
+                    n_frames = CINE_FRAMES
+            if quirk == "palette" and n_frames > 1:
+                quirk = ""
+            frames, masks, layout = _make_object(rng, p, latent, vendor, model, quirk,
+                                                 n_frames, job.image_scale)
+            sop = _uid(job.seed, p.participant_id, study_n, "us", k)
+            ds = build_us(frames, profile=profile, layout=layout, model=model, patient=header,
+                          uids={"study": study_uid, "series": us_series, "sop": sop,
+                                "accession": f"A{job.seed % 1000:03d}{job.index:05d}{study_n}"},
+                          instance_number=k + 1, series_number=1, laterality=lat_side,
+                          study_date=date)
+            path = rel_dir / f"US_{k + 1:03d}.dcm"
+            ds.save_as(out / path, enforce_file_format=True)
+            seg_frames = [n_frames // 2 + 1]  # the annotator outlines the middle frame
+            seg_frames = [f for f in seg_frames if 1 <= f <= n_frames]
+            has_seg = plan["seg_mode"] != "none"
+            np.savez_compressed(
+                out / "truth" / f"{sop}.npz", mask=masks,
+                tissue_box=np.asarray(layout.tissue_box, np.int32),
+                spacing_cm=np.asarray(layout.spacing_cm, np.float64),
+                seg_frames=np.asarray(seg_frames if has_seg else [], np.int32))
+            files.append({
+                "path": path.as_posix(), "sop_instance_uid": sop, "kind": "us",
+                "series_instance_uid": us_series, "frames": n_frames, "references": [],
+                "send_late": False, "quirk": quirk, "transfer_syntax": str(
+                    ds.file_meta.TransferSyntaxUID), "photometric": ds.PhotometricInterpretation,
+                "model": model[0],
+            })
+            if has_seg:
+                seg_sop = _uid(job.seed, p.participant_id, study_n, "seg", k)
+                seg_series = _uid(job.seed, p.participant_id, study_n, "seg-series", k)
+                seg = build_seg(ds, masks, seg_frames,
+                                uids={"series": seg_series, "sop": seg_sop},
+                                laterality=lat_side, series_number=100 + k + 1, content_date=date)
+                seg_path = rel_dir / f"SEG_{k + 1:03d}.dcm"
+                seg.save_as(out / seg_path, enforce_file_format=True)
+                files.append({
+                    "path": seg_path.as_posix(), "sop_instance_uid": seg_sop, "kind": "seg",
+                    "series_instance_uid": seg_series, "frames": len(seg_frames),
+                    "references": [sop], "referenced_frames": seg_frames,
+                    "send_late": plan["seg_mode"] == "late",
+                })
+        studies.append({
+            "study_uid": study_uid, "patient_id": patient_id,
+            "participant_id": p.participant_id, "vendor": vendor, "model": model[0],
+            "followup": int(followup), "label": p.label, "latent": round(latent, 4),
+            "laterality": lat_side, "seg": plan["seg_mode"], "files": files,
+        })
+        row = {"participant_id": p.participant_id, "patient_id": patient_id,
+               "study_instance_uid": study_uid, "label": p.label, **p.values,
+               "vendor": vendor, "followup": int(followup)}
+        if followup and row.get("age") is not None:
+            row["age"] = row["age"] + 1
+        rows.append(row)
+    return rows, studies
+
+
+def _oracle_auc(participants: Sequence[Participant]) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    y = [p.label for p in participants]
+    if len(set(y)) < 2:
+        return None
+    return float(roc_auc_score(y, [p.latent for p in participants]))
+
+
+def generate_cohort(out_dir: Path, participants: int, seed: int,
+                    vendors: Sequence[str] | None = None, follow_up: bool = False, *,
+                    image_scale: float = 1.0, workers: int | None = None) -> CohortSummary:
+    """Generate a cohort folder (docs/contracts.md "Synthetic cohort folder").
+
+    Args:
+        out_dir: destination; created if needed (existing files with the same names are
+            overwritten).
+        participants: number of participants.
+        seed: random seed; the same seed gives byte-identical files.
+        vendors: profile names (``supersonic``, ``mindray``, ``samsung``); default all three.
+        follow_up: add a follow-up study (6 months later) per participant.
+        image_scale: scale of every frame size (0.5 for fast tests); physical depth is kept, so
+            the pixel spacing grows accordingly.
+        workers: worker processes (default: number of CPUs); 1 runs in this process.
+
+    Returns:
+        A :class:`CohortSummary`.
+    """
+    t0 = time.perf_counter()
+    vendors = tuple(vendors or PROFILES)
+    unknown = [v for v in vendors if v not in PROFILES]
+    if unknown:
+        raise ValueError(f"unknown vendor profile(s) {unknown}; choose from {list(PROFILES)}")
+    if participants < 1:
+        raise ValueError("participants must be >= 1")
+    out_dir = Path(out_dir)
+    (out_dir / "truth").mkdir(parents=True, exist_ok=True)
+    (out_dir / "dicom").mkdir(parents=True, exist_ok=True)
+    jobs = [_Job(seed, i, vendors, follow_up, image_scale, str(out_dir))
+            for i in range(participants)]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and participants > 2:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        with ctx.Pool(min(workers, participants)) as pool:
+            results = pool.map(_participant, jobs, chunksize=max(1, participants // (8 * workers)))
+    else:
+        results = [_participant(j) for j in jobs]
+    rows = [r for rs, _ in results for r in rs]
+    studies = [s for _, ss in results for s in ss]
+    people = [draw_participant(seed, i) for i in range(participants)]
+    oracle = _oracle_auc(people)
+
+    labels_csv = out_dir / "labels.csv"
+    with labels_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(LABEL_COLUMNS), extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LABEL_COLUMNS})
+    n_us = sum(1 for s in studies for f in s["files"] if f["kind"] == "us")
+    n_seg = sum(1 for s in studies for f in s["files"] if f["kind"] == "seg")
+    manifest = {
+        "generator": "dicom-node synth", "seed": seed, "participants": participants,
+        "vendors": list(vendors), "follow_up": follow_up, "image_scale": image_scale,
+        "counts": {"studies": len(studies), "us": n_us, "seg": n_seg,
+                   "positives": sum(p.label for p in people)},
+        "oracle_auc": oracle, "studies": studies,
+    }
+    manifest_path = out_dir / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    summary = CohortSummary(
+        out_dir=out_dir, labels_csv=labels_csv, manifest=manifest_path,
+        dicom_dir=out_dir / "dicom", truth_dir=out_dir / "truth", participants=participants,
+        studies=len(studies), us_objects=n_us, seg_objects=n_seg,
+        positives=sum(p.label for p in people), oracle_auc=oracle,
+        vendors=dict(Counter(s["vendor"] for s in studies)),
+        seconds=time.perf_counter() - t0,
+    )
+    log.info("synthetic cohort: %d participants, %d studies, %d US, %d SEG in %.1f s (seed %d)",
+             participants, len(studies), n_us, n_seg, summary.seconds, seed)
+    return summary
+
+
+def synth_command(args: argparse.Namespace, cfg: Any) -> int:
+    """``dicom-node synth``: write a cohort and print its summary."""
+    summary = generate_cohort(args.out, args.participants, args.seed, args.vendors,
+                              args.follow_up)
+    print(f"{summary.participants} participants, {summary.studies} studies, "
+          f"{summary.us_objects} US objects, {summary.seg_objects} SEG -> {summary.out_dir} "
+          f"({summary.seconds:.1f} s)")
+    if getattr(args, "oracle", False):
+        auc = "n/a" if summary.oracle_auc is None else f"{summary.oracle_auc:.3f}"
+        print(f"oracle image-only AUC (latent muscle score): {auc}")
+    return 0
