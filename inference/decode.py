@@ -18,7 +18,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.pixels.utils import get_nr_frames
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+)
 
 from dicom_node.errors import ReaderError, UnsupportedTransferSyntaxError
 
@@ -30,6 +36,7 @@ Box = tuple[int, int, int, int]
 # BT.601 luma weights, the same that define Y in YBR_FULL.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _YBR = ("YBR_FULL", "YBR_FULL_422")
+_JPEG_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
 
 
 def sop_uid_of(ds: Dataset) -> str | None:
@@ -134,13 +141,19 @@ def _scale(gray: np.ndarray, bits: int, *, signed: bool) -> np.ndarray:
 def _iter_gray(ds: Dataset, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (0-based index, gray frame) decoding only ``indices``."""
     sop = sop_uid_of(ds)
-    decoder = get_decoder(transfer_syntax_of(ds))
+    ts = transfer_syntax_of(ds)
+    decoder = get_decoder(ts)
+    opts: dict = {}
+    if ts in _JPEG_SYNTAXES and int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+        # JPEG (ISO 10918) frames are always decoded colour-by-pixel; a PlanarConfiguration of 1
+        # in such a header is a device quirk that would scramble the samples if honoured.
+        opts["planar_configuration"] = 0
     try:
         if len(indices) == 1:
-            arr, meta = decoder.as_array(ds, index=indices[0], raw=True)
+            arr, meta = decoder.as_array(ds, index=indices[0], raw=True, **opts)
             yield indices[0], _gray_from(arr, ds, meta)
             return
-        for i, (arr, meta) in zip(indices, decoder.iter_array(ds, indices=indices, raw=True)):
+        for i, (arr, meta) in zip(indices, decoder.iter_array(ds, indices=indices, raw=True, **opts)):
             yield i, _gray_from(arr, ds, meta)
     except ReaderError:
         raise

@@ -1,0 +1,222 @@
+"""Tiny ultrasound DICOM objects of every photometric interpretation / transfer syntax we read.
+
+Each builder returns a pydicom Dataset plus the grey image (0..1) a perfect reader must return,
+so tests compare decoded pixels with a known truth rather than with another decoder.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import convert_color_space
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
+LUMA = np.array([0.299, 0.587, 0.114])
+
+ROWS, COLS = 96, 128
+TISSUE = (20, 16, 84, 112)  # row0, col0, row1, col1 (end exclusive)
+
+
+def phantom(rows: int = ROWS, cols: int = COLS, box: tuple[int, int, int, int] = TISSUE,
+            seed: int = 0, shift: int = 0) -> np.ndarray:
+    """uint8 RGB frame: black UI with text-like strokes and a grey bar, speckled tissue in ``box``."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((rows, cols, 3), np.uint8)
+    r0, c0, r1, c1 = box
+    speckle = rng.rayleigh(0.45, (r1 - r0, c1 - c0)) * 110 + 25
+    speckle += np.linspace(30, -20, r1 - r0)[:, None]  # depth attenuation
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    blob = ((yy - (r0 + r1) / 2 - shift) ** 2 / 120 + (xx - (c0 + c1) / 2) ** 2 / 500) < 1
+    speckle[blob[:, :]] *= 0.6  # a darker "muscle" cross-section
+    img[r0:r1, c0:c1] = np.clip(speckle, 0, 255).astype(np.uint8)[..., None]
+    # Burned-in UI: "text" strokes on black above the image, a colour bar on the right.
+    for k in range(5):
+        img[4:12, 6 + 10 * k: 8 + 10 * k] = 255
+        img[7:9, 6 + 10 * k: 13 + 10 * k] = 255
+    img[24:80, cols - 8: cols - 4] = np.array([200, 180, 40], np.uint8)
+    img[r0 + 5: r0 + 8, c0 + 10: c0 + 12] = (255, 220, 0)  # a coloured marker inside the image
+    return img
+
+
+def gray_of(rgb: np.ndarray) -> np.ndarray:
+    return (rgb.astype(np.float64) @ LUMA / 255.0).astype(np.float32)
+
+
+def region_item(box: tuple[int, int, int, int], delta: tuple[float, float] = (0.01, 0.012),
+                spatial: int = 1, data_type: int = 1, units: int = 3) -> Dataset:
+    """One Sequence of Ultrasound Regions item (Max X1/Y1 inclusive, as on real devices)."""
+    r0, c0, r1, c1 = box
+    it = Dataset()
+    it.RegionSpatialFormat = spatial
+    it.RegionDataType = data_type
+    it.RegionFlags = 0
+    it.RegionLocationMinX0 = c0
+    it.RegionLocationMinY0 = r0
+    it.RegionLocationMaxX1 = c1 - 1
+    it.RegionLocationMaxY1 = r1 - 1
+    it.PhysicalUnitsXDirection = units
+    it.PhysicalUnitsYDirection = units
+    it.PhysicalDeltaX = delta[1]
+    it.PhysicalDeltaY = delta[0]
+    return it
+
+
+def base_us(rows: int = ROWS, cols: int = COLS, frames: int = 1, regions: list[Dataset] | None = None,
+            study_uid: str | None = None, series_uid: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = US_IMAGE if frames == 1 else US_MULTIFRAME
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = "US"
+    ds.PatientID = "RF0001"
+    ds.PatientName = "Test^Patient"
+    ds.PatientBirthDate = "19500101"
+    ds.PatientSex = "F"
+    ds.StudyDate = "20250101"
+    ds.StudyTime = "120000"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "TestVendor"
+    ds.ManufacturerModelName = "T1"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        ds.FrameTime = 33.3
+        ds.FrameIncrementPointer = 0x00181063
+    if regions is not None:
+        ds.SequenceOfUltrasoundRegions = regions
+    return ds
+
+
+def set_native(ds: Dataset, frames_rgb: np.ndarray, photometric: str, planar: int = 0) -> np.ndarray:
+    """Store (F, H, W, 3) uint8 as ``photometric``; returns the expected grey (F, H, W)."""
+    gray = np.stack([gray_of(f) for f in frames_rgb])
+    if photometric in ("MONOCHROME2", "MONOCHROME1"):
+        g8 = np.round(gray * 255).astype(np.uint8)
+        stored = 255 - g8 if photometric == "MONOCHROME1" else g8
+        ds.SamplesPerPixel = 1
+        ds.PixelData = stored.tobytes()
+        expected = g8.astype(np.float32) / 255
+    elif photometric == "PALETTE COLOR":
+        g8 = np.round(gray * 255).astype(np.uint8)
+        ds.SamplesPerPixel = 1
+        ramp = np.arange(256, dtype=np.uint16)
+        # A warm palette: index i -> (i, 0.8 i, 0.5 i); 16-bit LUT entries.
+        lut = [ramp * 257, np.round(ramp * 0.8) .astype(np.uint16) * 257,
+               np.round(ramp * 0.5).astype(np.uint16) * 257]
+        for name, tab in zip(("Red", "Green", "Blue"), lut):
+            setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [256, 0, 16])
+            setattr(ds, f"{name}PaletteColorLookupTableData", tab.astype("<u2").tobytes())
+        ds.PixelData = g8.tobytes()
+        rgb = np.stack([t[g8] for t in lut], axis=-1).astype(np.float64) / 65535
+        expected = (rgb @ LUMA).astype(np.float32)
+    else:
+        ds.SamplesPerPixel = 3
+        ds.PlanarConfiguration = planar
+        data = frames_rgb
+        if photometric == "YBR_FULL":
+            data = np.stack([convert_color_space(f, "RGB", "YBR_FULL") for f in frames_rgb])
+        expected = gray
+        if planar:
+            data = data.transpose(0, 3, 1, 2)
+        ds.PixelData = np.ascontiguousarray(data).tobytes()
+    ds.PhotometricInterpretation = photometric
+    return expected
+
+
+def jpeg_frame(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """JPEG baseline YCbCr 4:2:2 (DICOM YBR_FULL_422) with Pillow."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality, subsampling=1)
+    return buf.getvalue()
+
+
+def set_jpeg(ds: Dataset, frames_rgb: np.ndarray, fragments_per_frame: int = 1,
+             has_bot: bool = True, planar: int = 0) -> np.ndarray:
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PlanarConfiguration = planar
+    ds.LossyImageCompression = "01"
+    ds.PixelData = encapsulate([jpeg_frame(f) for f in frames_rgb],
+                               fragments_per_frame=fragments_per_frame, has_bot=has_bot)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return np.stack([gray_of(f) for f in frames_rgb])
+
+
+COMPRESSED = {"rle": RLELossless, "jpegls": JPEGLSLossless, "j2k": JPEG2000Lossless}
+
+
+def build(photometric: str = "MONOCHROME2", syntax: str = "native", frames: int = 1,
+          regions: list[Dataset] | None = None, planar: int = 0, seed: int = 0,
+          rows: int = ROWS, cols: int = COLS) -> tuple[Dataset, np.ndarray]:
+    """A US dataset and its expected grey frames (F, H, W)."""
+    ds = base_us(rows, cols, frames, regions if regions is not None else [region_item(TISSUE)])
+    rgb = np.stack([phantom(rows, cols, seed=seed + i, shift=3 * i) for i in range(frames)])
+    if syntax == "jpeg":
+        return ds, set_jpeg(ds, rgb, planar=planar)
+    expected = set_native(ds, rgb if frames > 1 else rgb, photometric, planar=planar)
+    if syntax in COMPRESSED:
+        ds.compress(COMPRESSED[syntax])
+    elif syntax == "deflate":
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return ds, expected
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_seg(sources: list[Dataset], mask: np.ndarray, label: str = "Rectus femoris",
+             extra_segment: bool = False) -> hd.seg.Segmentation:
+    """A binary highdicom SEG over single-frame ``sources`` (mask (N, H, W))."""
+    descs = []
+    pixel = mask
+    if extra_segment:
+        descs.append(hd.seg.SegmentDescription(
+            segment_number=1, segment_label="Subcutaneous fat",
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.AdiposeTissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL))
+        other = np.zeros_like(mask)
+        other[:, :5, :] = True
+        pixel = np.stack([other, mask], axis=-1)
+    descs.append(hd.seg.SegmentDescription(
+        segment_number=len(descs) + 1, segment_label=label,
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.SkeletalMuscle,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        anatomic_regions=[codes.SCT.Thigh]))
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixel,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descs, series_instance_uid=generate_uid(), series_number=200,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1")
