@@ -105,9 +105,10 @@ def _split(manifest: dict, labels: list[dict[str, str]], held_out: int
     buckets: dict[tuple[str, str], list[dict]] = {}
     for st in studies:
         row = by_study.get(st["study_uid"]) or by_patient.get(st.get("patient_id", ""), {})
-        if row.get("followup", "0") not in ("", "0"):
+        if str(st.get("followup", row.get("followup", "0"))) not in ("", "0"):
             continue
-        buckets.setdefault((st.get("vendor", "?"), row.get("label", "")), []).append(st)
+        label = str(st.get("label", row.get("label", "")))
+        buckets.setdefault((st.get("vendor", "?"), label), []).append(st)
     vendors = sorted({v for v, _ in buckets})
     chosen: list[dict] = []
     picks = [(v, lab) for i in range(held_out) for v in vendors for lab in ("1", "0")]
@@ -116,8 +117,8 @@ def _split(manifest: dict, labels: list[dict[str, str]], held_out: int
             break
         if buckets.get(key):
             chosen.append(buckets[key].pop(0))
-    held_patients = {st.get("patient_id", "") for st in chosen}
-    held = {_participant_of(by_patient[p]) if p in by_patient else p for p in held_patients}
+    held = {st.get("participant_id") or _participant_of(by_patient.get(st.get("patient_id", ""),
+                                                                      {})) for st in chosen}
     return held, chosen
 
 
