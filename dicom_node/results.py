@@ -126,41 +126,12 @@ def _orientation(src: Dataset) -> tuple[str, str] | None:
         return None
 
 
-def _seg_frame_number(seg: Dataset | None, score: ImageScore) -> int | None:
-    """Find the SEG frame holding this image's segment, so the SR can point at it exactly."""
-    frame = score.frame
-    explicit = getattr(frame, "seg_frame_number", None)
-    if explicit:
-        return int(explicit)
-    if seg is None or "PerFrameFunctionalGroupsSequence" not in seg:
-        return None
-    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
-        try:
-            seg_no = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        except (AttributeError, IndexError):
-            continue
-        if seg_no != frame.segment_number:
-            continue
-        for der in item.get("DerivationImageSequence", []):
-            for src in der.get("SourceImageSequence", []):
-                if src.ReferencedSOPInstanceUID != frame.sop_instance_uid:
-                    continue
-                ref_frames = src.get("ReferencedFrameNumber")
-                if ref_frames is None:
-                    return i
-                ref = [int(x) for x in (ref_frames if isinstance(ref_frames, list)
-                                        or hasattr(ref_frames, "__iter__") else [ref_frames])]
-                if frame.frame_number in ref:
-                    return i
-    return None
-
-
 def _seg_stub(score: ImageScore, study_uid: str) -> Dataset:
     """Evidence entry for the SEG (highdicom needs every referenced instance as evidence)."""
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
     ds.SOPInstanceUID = score.frame.seg_sop_instance_uid
-    ds.SeriesInstanceUID = score.frame.seg_series_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = score.frame.seg_series_instance_uid
     ds.StudyInstanceUID = study_uid
     return ds
 
@@ -198,7 +169,8 @@ def _image_group(
     evidence: list[Dataset],
     study_uid: str,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
-    """Per-image group: ROI-based (pointing at the SEG segment) when the SEG frame is known."""
+    """Per-image group: ROI-based (pointing at the SEG segment) when a SEG gave the ROI, else
+    referencing the source image only."""
     frame = score.frame
     tracking = hd.sr.TrackingIdentifier(
         uid=generate_uid(entropy_srcs=[study_uid, frame.sop_instance_uid, str(frame.frame_number)]),
@@ -207,13 +179,15 @@ def _image_group(
     measurements = _image_measurements(score)
     multi = int(src.get("NumberOfFrames", 1) or 1) > 1
     frames = [frame.frame_number] if multi else None
-    if score.roi_source == "seg" and frame.seg_sop_instance_uid and frame.segment_number:
-        seg_frame = _seg_frame_number(seg, score) or 1  # only for highdicom; removed below
+    seg_known = seg is not None or bool(frame.seg_series_instance_uid)
+    if (score.roi_source == "seg" and frame.seg_sop_instance_uid and frame.segment_number
+            and seg_known):
+        # highdicom requires a SEG frame number here; it is removed again below.
         evidence.append(seg if seg is not None else _seg_stub(score, study_uid))
         ref = hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=(seg.SOPClassUID if seg is not None else "1.2.840.10008.5.1.4.1.1.66.4"),
             sop_instance_uid=frame.seg_sop_instance_uid,
-            frame_number=seg_frame,
+            frame_number=1,
             segment_number=int(frame.segment_number),
             source_image=hd.sr.SourceImageForSegmentation(
                 src.SOPClassUID, src.SOPInstanceUID, frames

@@ -81,8 +81,6 @@ def make_score(sources: list[Dataset], *, probs=(0.8, 0.6), heatmap=True, seg=Tr
             source_rows=96,
             source_cols=128,
         )
-        if seg:
-            frame.seg_frame_number = 1
         images.append(ImageScore(
             frame=frame,
             probability=p,
@@ -263,27 +261,3 @@ def test_whole_region_no_heatmap_partial_and_jpeg(study, tmp_path):
     assert set(per_image) == {s.SOPInstanceUID for s in sources}
     assert not sr.content.get_planar_roi_measurement_groups()
     assert pydicom.dcmread(paths[1]).pixel_array.shape[2] == 3
-
-
-def test_seg_frame_found_from_seg_header(study):
-    """When the SEG header is among the sources, its frame for this image is found."""
-    sources, _ = study
-    score = make_score(sources)
-    img = score.images[1]
-    del img.frame.seg_frame_number
-    seg = Dataset()
-    frames = []
-    for seg_no, src in ((1, sources[0]), (1, sources[1])):
-        item = Dataset()
-        sid = Dataset()
-        sid.ReferencedSegmentNumber = seg_no
-        item.SegmentIdentificationSequence = [sid]
-        srcref = Dataset()
-        srcref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        der = Dataset()
-        der.SourceImageSequence = [srcref]
-        item.DerivationImageSequence = [der]
-        frames.append(item)
-    seg.PerFrameFunctionalGroupsSequence = frames
-    assert R._seg_frame_number(seg, img) == 2
-    assert R._seg_frame_number(None, img) is None
