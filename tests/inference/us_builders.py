@@ -177,8 +177,12 @@ def build(photometric: str = "MONOCHROME2", syntax: str = "native", frames: int 
           regions: list[Dataset] | None = None, planar: int = 0, seed: int = 0,
           rows: int = ROWS, cols: int = COLS) -> tuple[Dataset, np.ndarray]:
     """A US dataset and its expected grey frames (F, H, W)."""
-    ds = base_us(rows, cols, frames, regions if regions is not None else [region_item(TISSUE)])
-    rgb = np.stack([phantom(rows, cols, seed=seed + i, shift=3 * i) for i in range(frames)])
+    box = TISSUE if (rows, cols) == (ROWS, COLS) else (
+        rows * TISSUE[0] // ROWS, cols * TISSUE[1] // COLS,
+        rows * TISSUE[2] // ROWS, cols * TISSUE[3] // COLS)
+    ds = base_us(rows, cols, frames, regions if regions is not None else [region_item(box)])
+    rgb = np.stack([phantom(rows, cols, box=box, seed=seed + i, shift=3 * i)
+                    for i in range(frames)])
     if syntax == "jpeg":
         return ds, set_jpeg(ds, rgb, planar=planar)
     expected = set_native(ds, rgb if frames > 1 else rgb, photometric, planar=planar)
@@ -220,3 +224,39 @@ def make_seg(sources: list[Dataset], mask: np.ndarray, label: str = "Rectus femo
         segment_descriptions=descs, series_instance_uid=generate_uid(), series_number=200,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
         manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+
+
+def make_cine_seg(source: Dataset, mask: np.ndarray, frame_number: int) -> Dataset:
+    """A SEG outlining one frame of a multi-frame US object.
+
+    highdicom 0.28 builds SEGs of multi-frame sources only with a Frame of Reference (which US
+    objects lack), so the SEG is built against a one-frame view of the header and its source
+    references are then pointed at ``frame_number``, as an annotation station would write it.
+    """
+    view = Dataset()
+    for elem in source:
+        if elem.keyword not in ("PixelData", "NumberOfFrames", "FrameTime",
+                                "FrameIncrementPointer"):
+            view.add(elem)
+    view.file_meta = source.file_meta
+    view.SOPClassUID = US_IMAGE
+    seg = make_seg([view], mask[None])
+    for fg in seg.PerFrameFunctionalGroupsSequence:
+        for der in fg.DerivationImageSequence:
+            for item in der.SourceImageSequence:
+                item.ReferencedSOPClassUID = source.SOPClassUID
+                item.ReferencedFrameNumber = frame_number
+    for item in seg.get("SourceImageSequence", []):
+        item.ReferencedSOPClassUID = source.SOPClassUID
+        item.ReferencedFrameNumber = frame_number
+    for series in seg.ReferencedSeriesSequence:
+        for item in series.ReferencedInstanceSequence:
+            item.ReferencedSOPClassUID = source.SOPClassUID
+    return seg
+
+
+def rf_mask(rows: int = ROWS, cols: int = COLS, center: tuple[int, int] = (52, 64),
+            radii: tuple[int, int] = (14, 30)) -> np.ndarray:
+    """An elliptic "rectus femoris" mask in full-frame coordinates."""
+    yy, xx = np.mgrid[:rows, :cols]
+    return ((yy - center[0]) / radii[0]) ** 2 + ((xx - center[1]) / radii[1]) ** 2 <= 1
