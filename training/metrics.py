@@ -384,7 +384,8 @@ def evaluate_oof(table: OOFTable, level: Level = "participant", rule: Rule = "me
     return out
 
 
-def _pct(v: float) -> str:
+def fmt_pct(v: float) -> str:
+    """A proportion as a percentage with one decimal ("n/a" for NaN)."""
     return "n/a" if v != v else f"{100 * v:.1f}"
 
 
@@ -404,7 +405,7 @@ def metrics_table(summaries: Mapping[str, MetricsSummary]) -> list[list[str]]:
         for s in summaries.values():
             v = getattr(s.at_threshold, attr)
             ci = s.boot_ci.get(attr)
-            cells.append(f"{_pct(v)} ({_pct(ci[0])}-{_pct(ci[1])})" if ci else _pct(v))
+            cells.append(f"{fmt_pct(v)} ({fmt_pct(ci[0])}-{fmt_pct(ci[1])})" if ci else fmt_pct(v))
         rows.append([label, *cells])
     rows.append(["Threshold", *(f"{s.at_threshold.threshold:.3f}" for s in summaries.values())])
     rows.append(["n (pos/neg)", *(f"{s.n} ({s.auc.n_pos}/{s.auc.n_neg})"
