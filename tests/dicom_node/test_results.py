@@ -261,3 +261,42 @@ def test_whole_region_no_heatmap_partial_and_jpeg(study, tmp_path):
     assert set(per_image) == {s.SOPInstanceUID for s in sources}
     assert not sr.content.get_planar_roi_measurement_groups()
     assert pydicom.dcmread(paths[1]).pixel_array.shape[2] == 3
+
+
+def test_results_from_synthetic_cohort_headers_validate(synth_cohort, tmp_path):
+    """Real reader output (every vendor, cine, palette, late/missing SEG) -> valid SR and SC."""
+    import json
+
+    from inference.reader import read_study
+
+    manifest = json.loads(synth_cohort.manifest.read_text())
+    cfg = make_config(tmp_path / "node")
+    seen_vendors: set[str] = set()
+    written: list[Path] = []
+    n_seg_groups = 0
+    for st in manifest["studies"]:
+        if st["vendor"] in seen_vendors:
+            continue
+        seen_vendors.add(st["vendor"])
+        read = read_study([synth_cohort.out_dir / f["path"] for f in st["files"]])
+        assert read.frames, st["study_uid"]
+        images = [
+            ImageScore(
+                frame=f, probability=0.4, fold_probabilities=[0.35, 0.45], fold_spread=0.05,
+                heatmap=np.linspace(0, 1, f.image.size, dtype=np.float32).reshape(f.image.shape),
+                measurements=(MuscleMeasurements(2.5, 1.1, 90.0, 18.0) if f.mask is not None
+                              else None),
+                roi_source="seg" if f.mask is not None else "whole-region",
+            )
+            for f in read.frames
+        ]
+        n_seg_groups += sum(f.mask is not None for f in read.frames)
+        score = StudyScore(st["study_uid"], st["patient_id"], 0.4, False, "mean", images,
+                           ModelInfo("sarco-test", "0.1", str(generate_uid()), "convnext_atto",
+                                     0.5, 2))
+        rs = R.build_results(score, read.datasets, cfg.results)
+        assert rs.sr.StudyInstanceUID == st["study_uid"] and len(rs.heatmaps) == len(images)
+        written += R.write_results(rs, cfg)
+    assert len(seen_vendors) == 3 and n_seg_groups > 0
+    report = validate(written)
+    assert report.count("PASS") == len(written), report
