@@ -98,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
 
     p = add("compare", "DeLong test between two runs' out-of-fold predictions.")
-    p.add_argument("run_a", type=Path)
-    p.add_argument("run_b", type=Path)
+    p.add_argument("run_a", type=Path, help="model dir with oof.csv (or the csv)")
+    p.add_argument("run_b", type=Path, help="model dir with oof.csv (or the csv)")
+    p.add_argument("--a-combination", default=None, help="modality combination of run A, "
+                   "e.g. image or image+clinical+lab (default: every combination in both)")
+    p.add_argument("--b-combination", default=None, help="modality combination of run B")
+    p.add_argument("--level", choices=("participant", "study", "image"), default="participant")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("score", "Score DICOM files/folders offline; writes SR, heat maps and a summary.")
     p.add_argument("paths", nargs="+", type=Path)

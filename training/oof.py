@@ -33,7 +33,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -114,7 +114,9 @@ class OOFTable:
                     frame_number=int(r.get("frame_number") or 1),
                     vendor=str(r.get("vendor") or ""),
                     modalities=mods,
-                    extra={k: str(v) for k, v in r.items() if k not in OOF_COLUMNS},
+                    extra={**{k: str(v) for k, v in r.items()
+                              if k not in OOF_COLUMNS and k != "extra"},
+                           **dict(r.get("extra") or {})},
                 )
             )
         return cls(out)
@@ -180,8 +182,3 @@ def read_oof(path: Path) -> OOFTable:
         return OOFTable.from_records(rows)
     except (TrainingError, ValueError) as exc:
         raise TrainingError(f"{path}: {exc}") from None
-
-
-def records_for(table: OOFTable, keys: Sequence[str]) -> list[tuple[Any, ...]]:
-    """Tuple keys per row (e.g. ("participant_id",)) for matching two runs' rows."""
-    return [tuple(getattr(r, k) for k in keys) for r in table.records]
