@@ -265,7 +265,9 @@ class DeliveryLoop:
                 timeout=self.cfg.delivery.timeout_seconds,
             )
             error = None
-        except (DeliveryError, OSError, ssl.SSLError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of this send is recorded and retried
+            if not isinstance(exc, (DeliveryError, OSError)):
+                log.exception("study %s: unexpected error sending to %s", study_uid, dest_name)
             results = list(getattr(exc, "partial", []))
             error = str(exc) or type(exc).__name__
         statuses = dict(results)
