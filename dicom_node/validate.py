@@ -48,8 +48,8 @@ SEG_SOP_CLASSES = frozenset({SegmentationStorage})
 
 # PS3.5 9.1: components of digits without leading zeros, separated by single dots, <= 64 chars.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_ITEM = 0xE000FFFE
-_SEQ_DELIM = 0xE0DDFFFE
+_ITEM = 0xFFFEE000
+_SEQ_DELIM = 0xFFFEE0DD
 
 
 def is_valid_uid(value: Any) -> bool:

@@ -106,3 +106,33 @@ def write_study(folder: Path, n: int, *, study_uid: str | None = None, patient_i
                       instance_number=i + 1), folder)
         for i in range(n)
     ]
+
+
+def set_raw(ds: Dataset, keyword: str, value: str) -> Dataset:
+    """Set an element to an invalid value even when pydicom runs with strict validation."""
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        tag = tag_for_keyword(keyword)
+        ds.add_new(tag, dictionary_VR(tag), value)
+    finally:
+        config.settings.writing_validation_mode = old
+    return ds
+
+
+def make_tls_files(folder: Path) -> tuple[Path, Path]:
+    """A self-signed EC certificate for 127.0.0.1 made with the openssl CLI: (cert, key)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key

@@ -1,0 +1,296 @@
+"""The listener against real peers on 127.0.0.1: DCMTK storescu/echoscu and pynetdicom."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, UltrasoundImageStorage
+
+from dicom_node.errors import DeliveryError
+from dicom_node.scu import echo, store_files
+from tests.conftest import make_config
+from tests.dicom_node.node_data import (
+    make_seg,
+    make_tls_files,
+    make_us,
+    set_raw,
+    write,
+    write_study,
+)
+from tests.dicom_node.node_harness import running_node
+
+pytestmark = pytest.mark.network
+
+DCMTK_STORESCU = "/usr/bin/storescu"
+DCMTK_ECHOSCU = "/usr/bin/echoscu"
+
+
+def _send(cfg, items, aet="PYNETDICOM", **kw):
+    return store_files("127.0.0.1", cfg.node.port, items, calling_aet=aet, called_aet="DICOMNODE", **kw)
+
+
+def _assert_archived(archive, sop_uids):
+    """Every SOP UID has a row, its file exists and hashes to the indexed sha256."""
+    for uid in sop_uids:
+        rows = archive.query("SELECT path, sha256 FROM instances WHERE sop_uid = ?", (uid,))
+        assert rows, f"{uid} not indexed"
+        path = archive.data_dir / rows[0]["path"]
+        assert path.is_file()
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == rows[0]["sha256"]
+        assert dcmread(path).SOPInstanceUID == uid
+
+
+@pytest.fixture
+def node(tmp_path):
+    cfg = make_config(tmp_path / "node", completion={"idle_seconds": 60, "max_wait_seconds": 120})
+    with running_node(cfg, completion=False) as archive:
+        yield cfg, archive
+
+
+def test_dcmtk_echoscu_and_storescu(node, tmp_path):
+    cfg, archive = node
+    port = str(cfg.node.port)
+    r = subprocess.run([DCMTK_ECHOSCU, "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1", port],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    files = write_study(tmp_path / "in", 6)
+    # -xd: propose deflated explicit VR little endian, as some modalities do
+    r = subprocess.run([DCMTK_STORESCU, "-xd", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1",
+                        port, *map(str, files)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    uids = [dcmread(f).SOPInstanceUID for f in files]
+    _assert_archived(archive, uids)
+    rows = archive.query("SELECT DISTINCT calling_aet, transfer_syntax FROM instances")
+    assert rows == [{"calling_aet": "STORESCU", "transfer_syntax": "1.2.840.10008.1.2.1.99"}]
+    study = archive.query("SELECT * FROM studies")
+    assert len(study) == 1 and study[0]["state"] == "receiving" and study[0]["patient_id"] == "P001"
+    assert archive.query("SELECT count(*) AS n FROM series")[0]["n"] == 1
+
+
+def test_pynetdicom_push_us_and_seg_indexed(node, tmp_path):
+    cfg, archive = node
+    us = make_us()
+    seg = make_seg(us)
+    results = _send(cfg, [us, seg])
+    assert [s for _, s in results] == [0, 0]
+    _assert_archived(archive, [us.SOPInstanceUID, seg.SOPInstanceUID])
+    row = archive.query("SELECT * FROM instances WHERE sop_uid = ?", (seg.SOPInstanceUID,))[0]
+    assert row["modality"] == "SEG"
+    assert json.loads(row["referenced_sop_uids"]) == [us.SOPInstanceUID]
+    row = archive.query("SELECT * FROM instances WHERE sop_uid = ?", (us.SOPInstanceUID,))[0]
+    assert (row["rows"], row["columns"], row["frames"], row["photometric"]) == (64, 64, 1, "MONOCHROME2")
+    assert row["path"] == f"archive/{us.StudyInstanceUID}/{us.SeriesInstanceUID}/{us.SOPInstanceUID}.dcm"
+    # re-send: idempotent (same hash -> no new row, still success)
+    assert _send(cfg, [us]) == [(us.SOPInstanceUID, 0)]
+    assert archive.instance_count() == 2
+
+
+def _jpeg_baseline(ds):
+    buf = io.BytesIO()
+    Image.fromarray(ds.pixel_array).save(buf, format="JPEG", quality=90)
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.LossyImageCompression = "01"
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGBaseline8Bit])
+def test_compressed_transfer_syntaxes_are_accepted_and_decodable(node, tmp_path, syntax):
+    cfg, archive = node
+    ds = make_us(seed=3)
+    original = ds.pixel_array.copy()
+    if syntax == JPEGBaseline8Bit:
+        _jpeg_baseline(ds)
+    else:
+        ds.compress(syntax)
+    path = write(ds, tmp_path / "in")
+    assert _send(cfg, [path]) == [(ds.SOPInstanceUID, 0)]
+    row = archive.query("SELECT path, transfer_syntax FROM instances")[0]
+    assert row["transfer_syntax"] == syntax
+    arr = dcmread(archive.data_dir / row["path"]).pixel_array
+    assert arr.shape == original.shape
+    if syntax != JPEGBaseline8Bit:
+        np.testing.assert_array_equal(arr, original)
+
+
+def _bad_store(cfg, ds):
+    return _send(cfg, [ds])[0][1]
+
+
+def _quarantine_reasons(archive):
+    return [json.loads(p.read_text()) for p in sorted(archive.quarantine_dir.glob("*.json"))]
+
+
+def test_bad_inputs_get_specific_status_and_quarantine(node, tmp_path):
+    cfg, archive = node
+    cases = []
+    ds = make_us()
+    del ds.PatientID
+    cases.append(("no patient id", ds, 0xA900))
+    ds = make_us()
+    del ds.SeriesInstanceUID
+    cases.append(("no series uid", ds, 0xA900))
+    ds = make_us()
+    del ds.Rows
+    cases.append(("US image without Rows", ds, 0xA900))
+    cases.append(("traversal study", set_raw(make_us(), "StudyInstanceUID", "1.2/../.."), 0xC210))
+    cases.append(("traversal series", set_raw(make_us(), "SeriesInstanceUID", "../../../../tmp"), 0xC210))
+    cases.append(("not a uid", set_raw(make_us(), "StudyInstanceUID", "1.02.abc"), 0xC210))
+    ds = make_us()
+    ds.PixelData = ds.PixelData[:1000]
+    cases.append(("truncated native pixels", ds, 0xC210))
+    ds = make_us()
+    ds.compress(RLELossless)
+    ds.PixelData = ds.PixelData[:-20]
+    cases.append(("truncated encapsulated pixels", ds, 0xC210))
+    for name, ds, status in cases:
+        assert _bad_store(cfg, ds) == status, name
+    assert archive.instance_count() == 0
+    reasons = _quarantine_reasons(archive)
+    assert len(reasons) == len(cases)
+    assert sorted(r["status"] for r in reasons) == sorted(f"0x{c[2]:04X}" for c in cases)
+    assert all(r["reason"] and r["calling_aet"] == "PYNETDICOM" for r in reasons)
+    assert len(list(archive.quarantine_dir.glob("*.dcm"))) == len(cases)
+    # nothing escaped the data dir, and the archive holds no files
+    assert not any(p.is_file() for p in archive.archive_dir.rglob("*"))
+    assert not (tmp_path / "tmp").exists()
+    # a traversal SOP Instance UID (also in the request) never becomes a path either
+    ds = make_us()
+    set_raw(ds, "SOPInstanceUID", "1.2/../../x")
+    set_raw(ds.file_meta, "MediaStorageSOPInstanceUID", "1.2/../../x")
+    assert _bad_store(cfg, ds) == 0xC210
+    assert not any(p.is_file() for p in archive.archive_dir.rglob("*"))
+    # the server keeps serving
+    good = make_us()
+    assert _send(cfg, [good]) == [(good.SOPInstanceUID, 0)]
+
+
+def test_dataset_not_matching_its_sop_class_is_0xA900(node, tmp_path):
+    """A modality announcing US Image Storage for what is a Secondary Capture dataset."""
+    cfg, archive = node
+    ds = make_us()
+    ds.SOPClassUID = SecondaryCaptureImageStorage  # the data says SC, the file meta says US
+    ds.preamble = b"\x00" * 128
+    path = tmp_path / "mislabelled.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    assert dcmread(path).file_meta.MediaStorageSOPClassUID == UltrasoundImageStorage
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(UltrasoundImageStorage)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file as is: request class from file meta
+    try:
+        assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    assert status.Status == 0xA900
+    assert _quarantine_reasons(archive)[0]["status"] == "0xA900"
+    assert archive.instance_count() == 0
+
+
+def test_unknown_calling_and_wrong_called_ae_are_rejected(node, tmp_path):
+    cfg, archive = node
+    with pytest.raises(DeliveryError, match="rejected"):
+        _send(cfg, [make_us()], aet="INTRUDER")
+    with pytest.raises(DeliveryError, match="rejected"):
+        store_files("127.0.0.1", cfg.node.port, [make_us()], calling_aet="PYNETDICOM",
+                    called_aet="SOMEONEELSE")
+    r = subprocess.run([DCMTK_ECHOSCU, "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1",
+                        str(cfg.node.port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert archive.instance_count() == 0
+    assert echo("127.0.0.1", cfg.node.port, calling_aet="ECHOSCU", called_aet="DICOMNODE") == 0
+
+
+def test_disk_reserve_exceeded_is_0xA700(tmp_path):
+    cfg = make_config(tmp_path / "node", node={"disk_reserve_mb": 2**40})
+    with running_node(cfg, completion=False) as archive:
+        ds = make_us()
+        assert _send(cfg, [ds]) == [(ds.SOPInstanceUID, 0xA700)]
+        assert archive.instance_count() == 0
+        assert echo("127.0.0.1", cfg.node.port, calling_aet="ECHOSCU", called_aet="DICOMNODE") == 0
+
+
+def test_tls_required_plain_connection_fails(tmp_path):
+    cert, key = make_tls_files(tmp_path / "tls")
+    cfg = make_config(tmp_path / "node", node={
+        "tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key)},
+        "acse_timeout_seconds": 5, "network_timeout_seconds": 5,
+    })
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    with running_node(cfg, completion=False) as archive:
+        with pytest.raises(DeliveryError):
+            echo("127.0.0.1", cfg.node.port, calling_aet="ECHOSCU", called_aet="DICOMNODE", timeout=5)
+        with pytest.raises(DeliveryError):
+            _send(cfg, [make_us()], timeout=5)
+        assert archive.instance_count() == 0
+        ds = make_us()
+        assert _send(cfg, [ds], tls_context=client) == [(ds.SOPInstanceUID, 0)]
+        assert echo("127.0.0.1", cfg.node.port, calling_aet="ECHOSCU", called_aet="DICOMNODE",
+                    tls_context=client) == 0
+        _assert_archived(archive, [ds.SOPInstanceUID])
+
+
+def test_concurrent_senders_lose_nothing(node, tmp_path):
+    """4 senders x 50 instances at once (2 DCMTK storescu + 2 pynetdicom) -> 200 indexed."""
+    cfg, archive = node
+    folders = [write_study(tmp_path / f"s{i}", 50, patient_id=f"P{i}", seed=100 * i) for i in range(4)]
+    errors: list[BaseException] = []
+    results: list[list[tuple[str, int]]] = []
+
+    def py_sender(files):
+        try:
+            results.append(_send(cfg, files))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    procs = [
+        subprocess.Popen([DCMTK_STORESCU, "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1",
+                          str(cfg.node.port), *map(str, files)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for files in folders[:2]
+    ]
+    threads = [threading.Thread(target=py_sender, args=(f,)) for f in folders[2:]]
+    for t in threads:
+        t.start()
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    for t in threads:
+        t.join(180)
+    assert not errors
+    assert all(s == 0 for r in results for _, s in r) and sum(map(len, results)) == 100
+    assert archive.instance_count() == 200
+    uids = [dcmread(f, stop_before_pixels=True).SOPInstanceUID for fs in folders for f in fs]
+    _assert_archived(archive, uids)
+    assert archive.query("SELECT count(*) AS n FROM studies")[0]["n"] == 4
+    assert not list(archive.archive_dir.rglob("*.tmp"))
+
+
+def test_resend_with_different_content_keeps_newest(node):
+    cfg, archive = node
+    ds = make_us(seed=1)
+    assert _send(cfg, [ds]) == [(ds.SOPInstanceUID, 0)]
+    first = archive.query("SELECT sha256 FROM instances")[0]["sha256"]
+    ds.PixelData = make_us(seed=2).PixelData
+    assert _send(cfg, [ds]) == [(ds.SOPInstanceUID, 0)]
+    rows = archive.query("SELECT sha256, path FROM instances")
+    assert len(rows) == 1 and rows[0]["sha256"] != first
+    assert dcmread(archive.data_dir / rows[0]["path"]).PixelData == ds.PixelData
