@@ -28,6 +28,7 @@ _AE_TITLE_RE = re.compile(r"^[\x20-\x5B\x5D-\x7E]{1,16}$")
 
 OnMissingSeg = Literal["score-whole-region", "hold", "reject"]
 FramePolicy = Literal["all", "middle", "max-contrast"]
+RegionPolicy = Literal["largest", "all"]
 StudyRule = Literal["mean", "max", "median"]
 Backend = Literal["eager", "compile", "onnx"]
 CamMethod = Literal["torchcam", "gap"]
@@ -125,6 +126,7 @@ class ReaderConfig:
 
     frame_policy: FramePolicy = "middle"
     max_frames: int = 16
+    region_policy: RegionPolicy = "largest"
 
 
 @dataclass(frozen=True)
