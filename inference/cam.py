@@ -16,7 +16,8 @@ Both return (model output, min-max normalised CAM) from one forward; the tests c
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,70 +125,99 @@ def gradcam_forward(model: nn.Module, x: Tensor, layer: str) -> tuple[Tensor, Te
 # ------------------------------------------------------------------------------------------
 
 
-def _head_parts(model: nn.Module) -> tuple[str, nn.Module | None, nn.Linear] | None:
-    """(kind, norm, fc) when the model's head is GAP [-> LayerNorm] -> Linear, else None."""
+@dataclass
+class GapHead:
+    """A model seen as features -> GAP [-> LayerNorm] -> Linear, for closed-form Grad-CAM.
+
+    Attributes:
+        features: x -> final feature map (B, C, h, w) (the output of ``layer``).
+        head: feature map -> model output (pooling, norm and classifier).
+        norm: the LayerNorm applied to the pooled features, or None.
+        fc: the final Linear layer.
+        layer: module name whose output ``features`` returns (the Grad-CAM target).
+    """
+
+    features: Callable[[Tensor], Tensor]
+    head: Callable[[Tensor], Tensor]
+    norm: nn.LayerNorm | None
+    fc: nn.Linear
+    layer: str
+
+
+def _timm_pool_norm(net: nn.Module) -> tuple[bool, nn.LayerNorm | None, nn.Module | None]:
+    """(is GAP [-> LayerNorm] head, norm, the timm classifier) for a timm model, else (False,..)."""
     from timm.layers import LayerNorm2d
     from timm.layers.classifier import ClassifierHead, NormMlpClassifierHead
 
-    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-        return None
-    head = getattr(model, "head", None)
+    if not (hasattr(net, "forward_features") and hasattr(net, "forward_head")):
+        return False, None, None
+    if not isinstance(getattr(net, "norm_pre", nn.Identity()), nn.Identity):
+        return False, None, None
+    head = getattr(net, "head", None)
     if isinstance(head, NormMlpClassifierHead):
-        pool = getattr(head.global_pool, "pool_type", None)
-        if (
-            pool == "avg" and isinstance(head.norm, LayerNorm2d) and isinstance(head.fc, nn.Linear)
-            and isinstance(head.pre_logits, nn.Identity)
-            and isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity)
-        ):
-            return "norm", head.norm, head.fc
-        return None
+        ok = (getattr(head.global_pool, "pool_type", None) == "avg"
+              and isinstance(head.norm, LayerNorm2d) and isinstance(head.pre_logits, nn.Identity))
+        return ok, head.norm if ok else None, head.fc
     if isinstance(head, ClassifierHead):
-        if getattr(head.global_pool, "pool_type", None) == "avg" and isinstance(head.fc, nn.Linear):
-            return "linear", None, head.fc
-        return None
-    pool = getattr(model, "global_pool", None)
-    get_classifier = getattr(model, "get_classifier", None)
+        return getattr(head.global_pool, "pool_type", None) == "avg", None, head.fc
+    pool = getattr(net, "global_pool", None)
+    get_classifier = getattr(net, "get_classifier", None)
     if head is None and getattr(pool, "pool_type", None) == "avg" and callable(get_classifier):
-        fc = get_classifier()
-        if isinstance(fc, nn.Linear):  # e.g. ResNet, EfficientNet: pool -> fc
-            return "linear", None, fc
-    return None
+        return True, None, get_classifier()  # e.g. ResNet, EfficientNet: pool -> fc
+    return False, None, None
+
+
+def gap_head(model: nn.Module) -> GapHead | None:
+    """Recognise a plain timm classifier or an ``inference.model.ImageClassifier`` (timm backbone
+    with ``num_classes=0`` + ``head`` Linear); None for anything else."""
+    backbone = getattr(model, "backbone", None)
+    outer_head = getattr(model, "head", None)
+    if backbone is not None and isinstance(outer_head, nn.Linear) and not any(
+        getattr(model, b, None) is not None for b in ("clinical", "lab")
+    ):
+        ok, norm, inner_fc = _timm_pool_norm(backbone)
+        if not ok or not isinstance(inner_fc, nn.Identity):
+            return None
+        return GapHead(
+            features=backbone.forward_features,
+            head=lambda a: outer_head(backbone.forward_head(a)),
+            norm=norm, fc=outer_head, layer=resolve_target_layer(model, "auto"),
+        )
+    ok, norm, fc = _timm_pool_norm(model)
+    if not ok or not isinstance(fc, nn.Linear):
+        return None
+    return GapHead(features=model.forward_features, head=model.forward_head, norm=norm, fc=fc,
+                   layer=resolve_target_layer(model, "auto"))
 
 
 def supports_gap_cam(model: nn.Module) -> bool:
     """Whether :func:`gap_cam_forward` is exact for this model.
 
     The head's structure is recognised first, then the closed-form gradient is checked against
-    autograd through ``forward_head`` on a random feature map, so a head that does more than it
-    looks (e.g. a conv after pooling) is never treated as GAP -> Linear.
+    autograd through the head on a random feature map, so a head that does more than it looks
+    (e.g. a conv after pooling) is never treated as GAP -> Linear.
     """
-    parts = _head_parts(model)
-    if parts is None:
+    gh = gap_head(model)
+    if gh is None:
         return False
-    fc = parts[2]
     p = next(model.parameters())
+    channels = gh.norm.normalized_shape[0] if gh.norm is not None else gh.fc.in_features
     gen = torch.Generator().manual_seed(0)
-    feats = torch.rand(2, fc.in_features, 3, 3, generator=gen).to(p.device, p.dtype)
+    feats = torch.rand(2, channels, 3, 3, generator=gen).to(p.device, p.dtype)
     feats.requires_grad_(True)
     try:
         with torch.enable_grad():
-            logit = decision_logit(model.forward_head(feats)).sum()
+            logit = decision_logit(gh.head(feats)).sum()
             (auto,) = torch.autograd.grad(logit, feats)
         with torch.no_grad():
-            closed = head_gradient(model, feats.detach().mean(dim=(2, 3))) / 9.0
+            closed = head_gradient(gh, feats.detach().mean(dim=(2, 3)))
     except (RuntimeError, ValueError) as exc:
         log.debug("closed-form Grad-CAM not applicable: %s", exc)
         return False
-    expected = auto.sum(dim=(2, 3)) / 9.0  # Grad-CAM weight: spatial mean of the gradient
-    ok = torch.allclose(closed, expected, rtol=1e-3, atol=1e-6)
+    ok = torch.allclose(closed, auto.sum(dim=(2, 3)), rtol=1e-3, atol=1e-6)
     if not ok:
         log.info("closed-form Grad-CAM disagrees with autograd for this head; using torchcam")
     return bool(ok)
-
-
-def gap_feature_layer(model: nn.Module) -> str:
-    """The module whose output :func:`gap_cam_forward` uses (the last stage for ConvNeXt)."""
-    return resolve_target_layer(model, "auto")
 
 
 def _decision_vector(fc: nn.Linear) -> Tensor:
@@ -200,38 +230,39 @@ def _decision_vector(fc: nn.Linear) -> Tensor:
     raise ValueError(f"head with {k} outputs is not a binary classifier")
 
 
-def head_gradient(model: nn.Module, pooled: Tensor) -> Tensor:
+def head_gradient(gh: GapHead, pooled: Tensor) -> Tensor:
     """d(decision logit)/d(pooled features), (B, C), in closed form (plain tensor ops)."""
-    parts = _head_parts(model)
-    if parts is None:
-        raise ValueError("model head is not GAP [-> LayerNorm] -> Linear")
-    kind, norm, fc = parts
-    g = fc.weight.t() @ _decision_vector(fc)  # (C,)
-    if kind == "linear":
+    g = gh.fc.weight.t() @ _decision_vector(gh.fc)  # (C,)
+    if gh.norm is None:
         return g.expand_as(pooled)
-    assert isinstance(norm, nn.LayerNorm)
-    if norm.weight is not None:
-        g = g * norm.weight
-    mu = pooled.mean(dim=1, keepdim=True)
-    centred = pooled - mu
-    sigma = torch.sqrt(centred.pow(2).mean(dim=1, keepdim=True) + norm.eps)
+    if gh.norm.weight is not None:
+        g = g * gh.norm.weight
+    centred = pooled - pooled.mean(dim=1, keepdim=True)
+    sigma = torch.sqrt(centred.pow(2).mean(dim=1, keepdim=True) + gh.norm.eps)
     xhat = centred / sigma
     # LayerNorm backward: (g - mean(g) - xhat * mean(g * xhat)) / sigma
     return (g - g.mean() - xhat * (g * xhat).mean(dim=1, keepdim=True)) / sigma
 
 
-def gap_cam_from_features(model: nn.Module, features: Tensor) -> tuple[Tensor, Tensor]:
-    """(model output, normalised Grad-CAM) from the final feature map, without autograd."""
-    output = model.forward_head(features)
+def gap_cam_from_features(gh: GapHead, features: Tensor) -> tuple[Tensor, Tensor]:
+    """(model output, normalised Grad-CAM) from the final feature map, without autograd.
+
+    Grad-CAM's channel weight is the spatial mean of d logit / d A_c(i, j); behind global average
+    pooling that is (d logit / d pooled_c) / (h * w).
+    """
+    output = gh.head(features)
     h, w = features.shape[-2:]
-    weights = head_gradient(model, features.mean(dim=(2, 3))) / (h * w)
+    weights = head_gradient(gh, features.mean(dim=(2, 3))) / (h * w)
     cams = F.relu(torch.einsum("bc,bchw->bhw", weights, features))
     return output, normalize_cams(cams)
 
 
 def gap_cam_forward(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """One forward giving the model output and exact last-stage Grad-CAM (closed form)."""
-    return gap_cam_from_features(model, model.forward_features(x))
+    gh = gap_head(model)
+    if gh is None:
+        raise ValueError("model head is not GAP [-> LayerNorm] -> Linear")
+    return gap_cam_from_features(gh, gh.features(x))
 
 
 def cams_to_frame(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from inference.cam import (
     decision_logit,
     gap_cam_from_features,
-    gap_feature_layer,
+    gap_head,
     gradcam_forward,
     normalize_cams,
     resolve_target_layer,
@@ -98,12 +99,14 @@ class _FoldGraph(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logits, cams = [], []
         for model in self.folds:
-            features = model.forward_features(x)
+            gh = gap_head(model)
+            assert gh is not None
+            features = gh.features(x)
             if self.with_cam:
-                out, cam = gap_cam_from_features(model, features)
+                out, cam = gap_cam_from_features(gh, features)
                 cams.append(cam)
             else:
-                out = model.forward_head(features)
+                out = gh.head(features)
             logits.append(decision_logit(out))
         stacked_cams = torch.stack(cams) if cams else torch.zeros(len(logits), x.shape[0], 1, 1)
         return torch.stack(logits), stacked_cams
@@ -147,8 +150,9 @@ class FoldEnsemble:
             m.requires_grad_(False)  # parameter gradients never computed (PERF_NOTES: 3.2x)
             self.models.append(m.to(self.device, memory_format=torch.channels_last))
         self.cam_layers = [resolve_target_layer(m, cam_layer, self.input_shape) for m in self.models]
+        self._gap_heads = [gap_head(m) for m in self.models]
         gap_ok = all(supports_gap_cam(m) for m in self.models) and all(
-            layer == gap_feature_layer(m) for layer, m in zip(self.cam_layers, self.models)
+            gh is not None and gh.layer == layer for gh, layer in zip(self._gap_heads, self.cam_layers)
         )
         if cam_method == "gap" and not gap_ok:
             log.warning("cam_method 'gap' needs a GAP->Linear head and the last stage; using torchcam")
@@ -207,13 +211,13 @@ class FoldEnsemble:
     def _eager(self, x: Tensor, cam: bool) -> tuple[np.ndarray, np.ndarray | None]:
         x = self._prepare(x)
         logits, fold_cams = [], []
-        for model, layer in zip(self.models, self.cam_layers):
+        for model, layer, gh in zip(self.models, self.cam_layers, self._gap_heads):
             if not cam:
                 with torch.inference_mode():
                     out = model(x)
-            elif self.cam_method == "gap":
+            elif self.cam_method == "gap" and gh is not None:
                 with torch.inference_mode():
-                    out, c = gap_cam_from_features(model, model.forward_features(x))
+                    out, c = gap_cam_from_features(gh, gh.features(x))
                 fold_cams.append(c)
             else:
                 out, c = gradcam_forward(model, x, layer)
@@ -273,7 +277,8 @@ class FoldEnsemble:
         path = Path(self._tmpdir.name) / "ensemble.onnx"
         graph = _FoldGraph([m.cpu() for m in self.models], with_cam=True).eval()
         example = torch.rand((2, *self.input_shape))
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks (constants here)
             torch.onnx.export(
                 graph, (example,), str(path), dynamo=False, input_names=["images"],
                 output_names=["logits", "cams"], opset_version=17,
