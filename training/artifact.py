@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -139,8 +139,15 @@ def write_artifact(
     fold_states: Sequence[Mapping[str, torch.Tensor]],
     model_json: dict[str, Any],
     extra_files: Mapping[str, bytes | str] | None = None,
+    populate: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write fold weights, ``model.json`` and extra files (oof.csv, reports) atomically."""
+    """Write fold weights, ``model.json`` and extras atomically.
+
+    Args:
+        extra_files: relative path -> content, written beside model.json.
+        populate: called with the staging dir after model.json is written (oof.csv, the report),
+            so everything appears in ``out_dir`` at once.
+    """
     files = [f["file"] for f in model_json["folds"]]
     if len(files) != len(fold_states):
         raise ValueError("one fold file name per fold state is required")
@@ -156,4 +163,6 @@ def write_artifact(
                 p.write_text(content, encoding="utf-8")
         (tmp / "model.json").write_text(json.dumps(model_json, indent=2, default=str),
                                         encoding="utf-8")
+        if populate is not None:
+            populate(tmp)
     return Path(out_dir)
