@@ -1,0 +1,146 @@
+"""Persistent job queue and worker: atomic claims, backoff, failure, orphan re-queue."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dicom_node.archive import Archive
+from dicom_node.config import WorkerConfig
+from dicom_node.queue import claim, enqueue, jobs_for, mark_failed, requeue_orphans
+from dicom_node.worker import JobContext, Worker, run_one
+
+
+@pytest.fixture
+def archive(tmp_path):
+    a = Archive(tmp_path / "node").init()
+    yield a
+    a.close()
+
+
+def _study(archive: Archive, uid: str, state: str = "complete") -> None:
+    with archive.transaction() as conn:
+        conn.execute(
+            "INSERT INTO studies (study_uid, patient_id, state, first_received, last_received, "
+            "receiving_since, missing_seg, reopen_count, note) VALUES (?, 'P', ?, 0, 0, 0, 0, 0, '')",
+            (uid, state),
+        )
+
+
+def _job(archive: Archive, uid: str, max_attempts: int = 3, payload: dict | None = None) -> int:
+    _study(archive, uid)
+    with archive.transaction() as conn:
+        return enqueue(conn, uid, "score", payload or {"k": uid}, max_attempts=max_attempts)
+
+
+def test_concurrent_claims_take_each_job_once(archive):
+    for i in range(40):
+        _job(archive, f"1.{i}")
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def grab():
+        while (job := claim(archive)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=grab) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(claimed) == list(range(1, 41))
+    assert {j["state"] for j in archive.query("SELECT state FROM jobs")} == {"running"}
+    assert {s["state"] for s in archive.query("SELECT state FROM studies")} == {"scoring"}
+
+
+def test_claims_from_two_processes_never_overlap(archive, tmp_path):
+    for i in range(30):
+        _job(archive, f"2.{i}")
+    code = (
+        "import sys; from dicom_node.archive import Archive; from dicom_node.queue import claim\n"
+        "a = Archive(sys.argv[1]).init(); ids = []\n"
+        "while (j := claim(a)) is not None: ids.append(j.id)\n"
+        "print(' '.join(map(str, ids)))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(archive.data_dir)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    ids = [int(x) for out in outs for x in out.split()]
+    assert sorted(ids) == list(range(1, 31))
+
+
+def test_retry_with_backoff_then_failed(archive):
+    uid = "3.1"
+    _job(archive, uid, max_attempts=2)
+    job = claim(archive)
+    t0 = time.time()
+    assert mark_failed(archive, job, "boom 1", retry_base_seconds=100) is True
+    row = jobs_for(archive, uid)[0]
+    assert row["state"] == "queued" and row["last_error"] == "boom 1"
+    assert row["next_attempt_at"] >= t0 + 100  # not due yet
+    assert archive.study(uid)["state"] == "complete"
+    assert claim(archive) is None
+    job = claim(archive, now=t0 + 101)
+    assert job is not None and job.attempts == 2
+    assert mark_failed(archive, job, "boom 2", retry_base_seconds=100) is False
+    row = jobs_for(archive, uid)[0]
+    assert row["state"] == "failed" and row["last_error"] == "boom 2" and row["attempts"] == 2
+    study = archive.study(uid)
+    assert study["state"] == "failed" and "boom 2" in study["note"]
+
+
+def test_requeue_jobs_of_dead_process(archive):
+    _job(archive, "4.1")
+    _job(archive, "4.2")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim(archive, pid=dead.pid)  # left running by a process that is gone
+    alive = claim(archive, pid=1)  # pid 1 exists: its job must stay running
+    assert alive is not None
+    assert requeue_orphans(archive) == 1
+    states = {j["study_uid"]: j["state"] for j in archive.query("SELECT * FROM jobs")}
+    assert states == {"4.1": "queued", "4.2": "running"}
+    assert archive.study("4.1")["state"] == "complete"
+    job = claim(archive)
+    assert job is not None and job.study_uid == "4.1" and job.attempts == 2
+
+
+def test_worker_survives_failing_processor_and_passes_context(archive, tmp_path):
+    _job(archive, "5.bad", max_attempts=2, payload={"missing_seg": True})
+    _job(archive, "5.good", payload={"missing_seg": False})
+    seen: list[JobContext] = []
+
+    def processor(ctx: JobContext) -> None:
+        seen.append(ctx)
+        if ctx.study_uid == "5.bad":
+            raise RuntimeError("model exploded")
+        ctx.note = "scored ok"
+
+    worker = Worker(archive, processor, WorkerConfig(max_attempts=2, retry_base_seconds=0.05,
+                                                     poll_seconds=0.05)).start()
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            states = {j["study_uid"]: j["state"] for j in archive.query("SELECT * FROM jobs")}
+            if states == {"5.bad": "failed", "5.good": "done"}:
+                break
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert states == {"5.bad": "failed", "5.good": "done"}
+    assert archive.study("5.good")["state"] == "scored" and archive.study("5.good")["note"] == "scored ok"
+    bad = archive.study("5.bad")
+    assert bad["state"] == "failed" and "model exploded" in bad["note"]
+    assert [c.attempt for c in seen if c.study_uid == "5.bad"] == [1, 2]
+    good = next(c for c in seen if c.study_uid == "5.good")
+    assert good.payload == {"missing_seg": False} and good.data_dir == archive.data_dir
+    assert good.paths == ()  # no instances archived for this synthetic study
+
+
+def test_run_one_returns_false_on_empty_queue(archive):
+    assert run_one(archive, lambda ctx: None, WorkerConfig()) is False
