@@ -16,6 +16,7 @@ ICD-10, which has no sarcopenia code). Concepts without a standard code use the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ UNIT_CM2 = Code("cm2", "UCUM", "square centimeter")
 UNIT_CM = Code("cm", "UCUM", "centimeter")
 UNIT_ECHO = Code("{echo intensity}", "UCUM", "echo intensity")
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_PAIRED = {"R": "R", "L": "L"}
+_PAIRED = {"R", "L"}
 
 
 @dataclass
@@ -137,7 +138,10 @@ def _seg_stub(score: ImageScore, study_uid: str) -> Dataset:
 
 
 def _measurement(name: Code, value: float, unit: Code, derivation: Code | None = None
-                 ) -> hd.sr.Measurement:
+                 ) -> hd.sr.Measurement | None:
+    """A NUM item, or None for a non-finite value (DS cannot encode NaN/inf)."""
+    if value is None or not math.isfinite(float(value)):
+        return None
     return hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation)
 
 
@@ -156,7 +160,7 @@ def _image_measurements(score: ImageScore) -> list[hd.sr.Measurement]:
         items.append(
             _measurement(ECHO_INTENSITY, m.echo_intensity_sd, UNIT_ECHO, STANDARD_DEVIATION)
         )
-    return items
+    return [i for i in items if i is not None]
 
 
 def _image_group(
@@ -268,10 +272,10 @@ def build_sr(
         ),
         finding_type=SARCOPENIA,
         algorithm_id=algorithm,
-        measurements=[
+        measurements=[m for m in (
             _measurement(PROBABILITY, score.probability, UNIT_PROBABILITY),
             _measurement(DECISION_THRESHOLD, score.model.threshold, UNIT_PROBABILITY),
-        ],
+        ) if m is not None],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(SARCOPENIA, PRESENT if score.positive else ABSENT)
         ],
