@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None)
     p.add_argument("--modalities", nargs="+", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    p.add_argument("--also", nargs="+", default=None, metavar="MODS",
+                   help="extra modality combinations for the report, e.g. clinical lab "
+                        "image+clinical+lab (same folds; the served model is train.modalities)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the per-epoch checkpoints (OUT.work/) after a successful run")
 
     p = add("evaluate", "Validate a trained model on another archive (external validation).")
     p.add_argument("--model", type=Path, required=True)

@@ -10,7 +10,8 @@ import pytest
 from dicom_node.config import Config, config_from_dict
 
 # Cross-package session fixtures live in tests/fixtures/; each module registers itself here.
-pytest_plugins: list[str] = ["tests.fixtures.orthanc", "tests.fixtures.cohort"]
+pytest_plugins: list[str] = ["tests.fixtures.orthanc", "tests.fixtures.cohort",
+                             "tests.fixtures.model"]
 
 
 def free_port() -> int:
