@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -150,9 +148,12 @@ def _training_set(cohort: Path, manifest: dict, labels: list[dict[str, str]], he
 
 
 def _train(dicom: Path, labels: Path, model_dir: Path, *, backbone: str, image_size: int,
-           epochs: int, folds: int) -> None:
-    """Run the real trainer (``dicom-node train``) in this process with a demo TrainConfig."""
-    from training.run import train_command
+           epochs: int, folds: int, console: Any) -> None:
+    """Run the real trainer (what ``dicom-node train`` runs) with a demo-sized TrainConfig."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from training.run import run_training
 
     cfg = config_from_dict({
         "node": {"allow_any_calling_aet": True},
@@ -161,14 +162,14 @@ def _train(dicom: Path, labels: Path, model_dir: Path, *, backbone: str, image_s
                   "epochs": epochs, "warmup_epochs": min(2, max(epochs - 1, 0)),
                   "batch_size": 32, "lr": 1e-3, "output_dir": str(model_dir),
                   "torch_threads": max(1, min(os.cpu_count() or 1, 4)), "device": "cpu"},
-    }, base_dir=model_dir.parent)
-    args = argparse.Namespace(archive=dicom, labels=labels, out=model_dir, epochs=epochs,
-                              backbone=backbone, modalities=None, resume=False,
-                              config=Path("config.toml"), log_level=None, command="train")
-    rc = train_command(args, cfg)
-    if rc != 0:
-        raise DemoError(f"training failed (exit {rc}); see the messages above")
-    if not (model_dir / "model.json").exists():
+    }, base_dir=model_dir.parent).train
+    torch.set_num_threads(cfg.torch_threads)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} epochs"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"training {folds} folds", total=folds * epochs)
+        path = run_training(dicom, labels, model_dir, cfg,
+                            on_epoch_end=lambda fold, epoch: bar.advance(task))
+    if path is None or not (model_dir / "model.json").exists():
         raise DemoError(f"the trainer wrote no model.json in {model_dir}")
 
 
@@ -365,7 +366,7 @@ def run_demo(workdir: Path, *, participants: int, held_out: int, epochs: int, im
             "with the real trainer")
     model_dir = workdir / "model"
     _train(dicom, train_labels, model_dir, backbone=backbone, image_size=image_size,
-           epochs=epochs, folds=folds)
+           epochs=epochs, folds=folds, console=console)
     console.print(f"model written to {model_dir}")
 
     step(3, "Starting the embedded PACS and dicom-node serve")
@@ -499,6 +500,9 @@ def demo_command(args: argparse.Namespace, cfg: Config) -> int:
     from rich.console import Console
 
     console = Console()
+    if not getattr(args, "log_level", None):
+        # the progress bars tell the story; library INFO lines (highdicom, reader) would drown it
+        logging.getLogger().setLevel(logging.WARNING)
     opts = {k: getattr(args, k, None) for k in DEFAULTS}
     opts = {k: (v if v is not None else DEFAULTS[k]) for k, v in opts.items()}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dicom-node-demo-"))
@@ -513,8 +517,9 @@ def demo_command(args: argparse.Namespace, cfg: Config) -> int:
                            timeout=float(opts["timeout"]),
                            prefer_orthanc=not getattr(args, "no_orthanc", False),
                            console=console)
-    except DemoError as exc:
+    except (DemoError, RuntimeError) as exc:  # our own checks and peers that did not start
         console.print(f"[bold red]demo failed:[/] {exc}")
+        console.print(f"(outputs so far are in {workdir})")
         return 1
     except Exception as exc:  # noqa: BLE001 - any failure must end in a message + exit code
         log.exception("demo failed")
