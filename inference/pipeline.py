@@ -113,18 +113,26 @@ class ScoringPipeline:
         t0 = time.perf_counter()
         read = read_study(
             [Path(p) for p in paths], frame_policy=self.reader.frame_policy,
-            max_frames=self.reader.max_frames,
+            max_frames=self.reader.max_frames, region_policy=self.reader.region_policy,
         )
         timings["decode"] = _ms(t0)
         study_uid = _study_uid(read, paths)
-        skipped: list[tuple[str, str]] = [(str(u), str(r)) for u, r in read.problems]
         usable: list[_Usable] = []
+        unscored: list[USFrame] = []
         for frame in read.frames:
             if frame.mask is not None and bool(np.any(frame.mask)):
                 usable.append(_Usable(frame, ROI_SEG))
             elif allow_missing_seg:
                 usable.append(_Usable(frame, ROI_WHOLE))
             else:
+                unscored.append(frame)
+        # The reader's problems, minus notes about images that were scored after all (e.g. "no
+        # DICOM-SEG references this image" when scoring the whole region), plus frames left out.
+        scored = {u.frame.sop_instance_uid for u in usable}
+        skipped = [(str(u), str(r)) for u, r in read.problems if str(u) not in scored]
+        explained = {u for u, _ in skipped}
+        for frame in unscored:
+            if frame.sop_instance_uid not in explained:
                 skipped.append((frame.sop_instance_uid,
                                 f"frame {frame.frame_number}: no ROI segmentation (DICOM-SEG)"))
         if not usable:

@@ -1,0 +1,150 @@
+"""The scoring job: complete study -> score -> SR + heat maps (archived) -> outbox -> study note.
+
+``dicom-node serve`` installs :func:`build_processor`'s result as the worker's processor when
+scoring is enabled. The model artifact is checked when the processor is built (so ``serve``
+refuses to start with a broken one) and its weights are loaded once, on the first job, then kept
+for the life of the process (a fresh process needs ~17 s before it can score, PERF_NOTES).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.config import Config
+from dicom_node.errors import ModelArtifactError
+from dicom_node.worker import JobContext, Processor
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from inference.pipeline import ScoringPipeline
+    from inference.types import StudyScore
+
+log = logging.getLogger(__name__)
+
+_NOTE_LIMIT = 2000
+
+
+def find_predecessor(results_dir: Path, study_uid: str) -> Dataset | None:
+    """The latest SR this node wrote for ``study_uid`` earlier (a rescore references it).
+
+    Looks in ``results_dir/<StudyUID>/`` (where :func:`dicom_node.results.write_results` puts
+    every result); the latest by ContentDate/ContentTime wins. Headers only.
+    """
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    folder = Path(results_dir) / study_uid
+    if not folder.is_dir():
+        return None
+    best: tuple[tuple[str, str, float], Dataset] | None = None
+    for path in folder.glob("*.dcm"):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError) as exc:
+            log.warning("study %s: unreadable earlier result %s (%s)", study_uid, path.name, exc)
+            continue
+        if ds.get("Modality") != "SR":
+            continue
+        key = (str(ds.get("ContentDate", "")), str(ds.get("ContentTime", "")), path.stat().st_mtime)
+        if best is None or key > best[0]:
+            best = (key, ds)
+    return best[1] if best else None
+
+
+def study_note(score: StudyScore) -> str:
+    """One line for ``studies.note``: the verdict and every object that could not be used."""
+    whole = sum(im.roi_source != "seg" for im in score.images)
+    note = (
+        f"p={score.probability:.3f} {'positive' if score.positive else 'negative'} "
+        f"(threshold {score.model.threshold:.3f}, {score.rule} of {len(score.images)} image(s)"
+        f"{f', {whole} without SEG scored on the whole region' if whole else ''})"
+    )
+    if score.skipped:
+        note += "; not used: " + "; ".join(f"{uid}: {reason}" for uid, reason in score.skipped)
+    return note[:_NOTE_LIMIT]
+
+
+class ScoringProcessor:
+    """Callable ``JobContext -> None`` holding the loaded pipeline (thread-safe lazy load)."""
+
+    def __init__(self, cfg: Config) -> None:
+        if cfg.scoring.model_dir is None:
+            raise ModelArtifactError("scoring.model_dir is not set")
+        from inference.model import read_model_json
+
+        # Fail at start-up, not at the first study: model.json and every fold file must exist
+        # (load_artifact checks the weights themselves when the first job loads them).
+        raw = read_model_json(Path(cfg.scoring.model_dir))
+        files = [f.get("file") if isinstance(f, dict) else None for f in raw.get("folds") or []]
+        if not files or not all(isinstance(f, str) for f in files):
+            raise ModelArtifactError(f"{cfg.scoring.model_dir}/model.json: 'folds' lists no files")
+        absent = [f for f in files if not (Path(cfg.scoring.model_dir) / f).is_file()]
+        if absent:
+            raise ModelArtifactError(f"{cfg.scoring.model_dir}: fold file(s) missing: {', '.join(absent)}")
+        self.cfg = cfg
+        self._pipeline: ScoringPipeline | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pipeline(self) -> ScoringPipeline:
+        """The scoring pipeline, loaded on first use and kept."""
+        with self._lock:
+            if self._pipeline is None:
+                from inference.pipeline import ScoringPipeline
+
+                assert self.cfg.scoring.model_dir is not None
+                self._pipeline = ScoringPipeline(
+                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader
+                )
+            return self._pipeline
+
+    def __call__(self, ctx: JobContext) -> None:
+        from dicom_node.results import build_results, write_results
+        from dicom_node.sender import enqueue
+
+        cfg = self.cfg
+        ids = f"study {ctx.study_uid} job {ctx.job_id}"
+        allow = bool(ctx.payload.get(
+            "allow_missing_seg", cfg.completion.on_missing_seg == "score-whole-region"
+        ))
+        log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, reason %s)",
+                 ids, len(ctx.paths), ctx.attempt, allow, ctx.payload.get("completion_reason", "?"))
+        score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+        log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
+                 "positive" if score.positive else "negative", len(score.images), len(score.skipped))
+        for uid, reason in score.skipped:
+            log.info("%s: not used %s: %s", ids, uid, reason)
+
+        predecessor = find_predecessor(cfg.node.results_dir, ctx.study_uid)
+        if predecessor is not None:
+            log.info("%s: rescore; predecessor SR %s", ids, predecessor.SOPInstanceUID)
+        results = build_results(score, _sources(read), cfg.results, predecessor)
+        paths = write_results(results, cfg)
+        log.info("%s: results archived (SR %s + %d heat map(s))", ids, results.sr.SOPInstanceUID,
+                 len(results.heatmaps))
+        if cfg.destinations:
+            names = [d.name for d in cfg.destinations]
+            enqueue(cfg.node.db_path, ctx.study_uid, paths, names)
+            log.info("%s: %d file(s) queued for %s", ids, len(paths), ", ".join(names))
+        else:
+            log.warning("%s: no [[destinations]] configured; results stay in %s", ids,
+                        cfg.node.results_dir / ctx.study_uid)
+        ctx.note = study_note(score)
+
+
+def _sources(read: Any) -> dict[str, Any]:
+    """Source headers for the SR: the US images (the reader keeps their headers)."""
+    return dict(read.datasets)
+
+
+def build_processor(cfg: Config) -> Processor:
+    """The worker's processor when scoring is enabled.
+
+    Raises:
+        ModelArtifactError: ``scoring.model_dir`` is missing or not a complete artifact.
+    """
+    return ScoringProcessor(cfg)
