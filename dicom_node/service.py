@@ -135,8 +135,13 @@ def studies_command(args: argparse.Namespace, cfg: Config) -> int:
     from rich.table import Table
 
     table = Table(title=f"studies in {cfg.node.data_dir}")
-    for col in ("study", "patient", "state", "inst", "US", "SEG", "last received", "job", "delivery", "note"):
-        table.add_column(col)
+    table.add_column("study", overflow="fold")
+    table.add_column("patient", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    for col in ("inst", "US", "SEG"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for col in ("last received", "job", "delivery", "note"):
+        table.add_column(col, overflow="fold")
     for r in rows:
         job = r["job"]
         job_s = "-" if job is None else f"{job['id']} {job['state']} ({job['attempts']})"
