@@ -93,7 +93,8 @@ def read_frames(
         first = decode_frames(ds, frame_policy="middle", frame_numbers=frame_numbers[:1]
                               if frame_numbers else None)
         regions = tissue_regions(ds, rows, cols, first[0][1], region_policy=region_policy)
-        if frame_numbers is None and frame_policy == "middle":
+        if (frame_policy == "middle" and frame_numbers is None) or (
+                frame_numbers is not None and len(set(frame_numbers)) == 1):
             decoded = first
         else:
             decoded = decode_frames(ds, contrast_box=regions[0].box, **kw)

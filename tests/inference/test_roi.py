@@ -154,3 +154,44 @@ def test_side_by_side_views_each_get_their_mask_crop(tmp_path: Path) -> None:
     assert set(by_box) == {left, right}
     assert by_box[left].mask.sum() == 0
     np.testing.assert_array_equal(by_box[right].mask, truth[20:84, 66:126])
+
+
+@pytest.mark.parametrize("kind", ["FRACTIONAL", "LABELMAP"])
+def test_fractional_and_labelmap_segs(tmp_path: Path, kind: str) -> None:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    ds, _ = build()
+    truth = rf_mask()
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Rectus femoris",
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.SkeletalMuscle,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    pixels = truth[None].astype(np.float32) * 0.8 if kind == "FRACTIONAL" else truth[None].astype(
+        np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=[ds], pixel_array=pixels, segmentation_type=kind,
+        segment_descriptions=[desc], series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=5, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        manufacturer="t", manufacturer_model_name="t", software_versions="1",
+        device_serial_number="1", **({"fractional_type": "PROBABILITY"}
+                                     if kind == "FRACTIONAL" else {}))
+    study = read_study([save(ds, tmp_path / "a.dcm"), save(seg, tmp_path / "s.dcm")])
+    assert study.problems == []
+    r0, c0, r1, c1 = TISSUE
+    np.testing.assert_array_equal(study.frames[0].mask, truth[r0:r1, c0:c1])
+
+
+def test_cine_without_regions_uses_content_crop_for_mask(tmp_path: Path) -> None:
+    ds = base_us(frames=3, regions=None)
+    set_jpeg(ds, np.stack([phantom(seed=i) for i in range(3)]))
+    truth = rf_mask()
+    seg = make_cine_seg(ds, truth, frame_number=3)
+    study = read_study([save(ds, tmp_path / "c.dcm"), save(seg, tmp_path / "s.dcm")])
+    assert study.problems == []
+    (frame,) = study.frames
+    assert frame.frame_number == 3 and frame.spacing_cm is None
+    assert np.abs(np.subtract(frame.crop_box, TISSUE)).max() <= 3
+    r0, c0, r1, c1 = frame.crop_box
+    np.testing.assert_array_equal(frame.mask, truth[r0:r1, c0:c1])
