@@ -16,6 +16,12 @@ from training.oof import OOFTable, write_oof
 from tests.training.test_report import synthetic_oof
 
 
+@pytest.fixture(autouse=True)
+def _no_config_file(tmp_path, monkeypatch):
+    """Run the CLI where no config.toml exists: compare must work without one (defaults)."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_paired_compare_cli(tmp_path, capsys):
     a = synthetic_oof(seed=1, combos=("image",))
     b = synthetic_oof(seed=2, combos=("image",))
