@@ -23,7 +23,13 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import ReaderError, SegmentationError
 from inference.decode import FramePolicy, decode_frames, frame_indices, number_of_frames, sop_uid_of
-from inference.roi import FrameMask, crop_mask, is_segmentation, load_segmentation, masks_for_sources
+from inference.roi import (
+    FrameMask,
+    crop_mask,
+    is_segmentation,
+    load_segmentation,
+    masks_for_sources,
+)
 from inference.types import USFrame
 from inference.us_regions import RegionPolicy, tissue_regions
 

@@ -77,7 +77,8 @@ def regions_from_sequence(ds: Dataset, rows: int, cols: int) -> list[TissueRegio
     """
     out: list[TissueRegion] = []
     for item in ds.get("SequenceOfUltrasoundRegions", []) or []:
-        if item.get("RegionSpatialFormat") != SPATIAL_2D or item.get("RegionDataType") != DATA_TISSUE:
+        spatial, data = item.get("RegionSpatialFormat"), item.get("RegionDataType")
+        if spatial != SPATIAL_2D or data != DATA_TISSUE:
             continue
         try:
             x0 = int(item.RegionLocationMinX0)
@@ -113,7 +114,9 @@ def content_region(gray: np.ndarray) -> Box | None:
     mean = ndimage.uniform_filter(g, k)
     sq = ndimage.uniform_filter(g * g, k)
     std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-    bright = mean > max(0.03, 0.25 * float(np.median(mean[mean > 0.01])) if (mean > 0.01).any() else 0.03)
+    lit = mean[mean > 0.01]
+    # "Non-dark" relative to the image's own brightness, never below ~8 grey levels.
+    bright = mean > max(0.03, 0.25 * float(np.median(lit)) if lit.size else 0.03)
     textured = std > 0.01
     # Text and graphics are strokes on pure black: most of their neighbourhood is exactly dark,
     # unlike speckle, which has few near-zero pixels even in hypoechoic tissue.
@@ -168,10 +171,10 @@ def tissue_regions(
     if "SequenceOfUltrasoundRegions" in ds and len(ds.SequenceOfUltrasoundRegions):
         regions = regions_from_sequence(ds, rows, cols)
         if not regions:
-            kinds = sorted(
-                {(int(i.get("RegionSpatialFormat", -1) or -1), int(i.get("RegionDataType", -1) or -1))
-                 for i in ds.SequenceOfUltrasoundRegions}
-            )
+            kinds = sorted({
+                (int(i.get("RegionSpatialFormat", -1) or -1), int(i.get("RegionDataType", -1) or -1))
+                for i in ds.SequenceOfUltrasoundRegions
+            })
             raise NoTissueRegionError(
                 sop, f"Sequence of Ultrasound Regions has no 2D tissue region inside the "
                 f"{rows}x{cols} frame (spatial format, data type): {kinds}"

@@ -36,7 +36,7 @@ TISSUE = (20, 16, 84, 112)  # row0, col0, row1, col1 (end exclusive)
 
 def phantom(rows: int = ROWS, cols: int = COLS, box: tuple[int, int, int, int] = TISSUE,
             seed: int = 0, shift: int = 0) -> np.ndarray:
-    """uint8 RGB frame: black UI with text-like strokes and a grey bar, speckled tissue in ``box``."""
+    """uint8 RGB frame: black UI with text-like strokes and a colour bar, speckle in ``box``."""
     rng = np.random.default_rng(seed)
     img = np.zeros((rows, cols, 3), np.uint8)
     r0, c0, r1, c1 = box
@@ -78,7 +78,8 @@ def region_item(box: tuple[int, int, int, int], delta: tuple[float, float] = (0.
     return it
 
 
-def base_us(rows: int = ROWS, cols: int = COLS, frames: int = 1, regions: list[Dataset] | None = None,
+def base_us(rows: int = ROWS, cols: int = COLS, frames: int = 1,
+            regions: list[Dataset] | None = None,
             study_uid: str | None = None, series_uid: str | None = None) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -114,7 +115,8 @@ def base_us(rows: int = ROWS, cols: int = COLS, frames: int = 1, regions: list[D
     return ds
 
 
-def set_native(ds: Dataset, frames_rgb: np.ndarray, photometric: str, planar: int = 0) -> np.ndarray:
+def set_native(ds: Dataset, frames_rgb: np.ndarray, photometric: str,
+               planar: int = 0) -> np.ndarray:
     """Store (F, H, W, 3) uint8 as ``photometric``; returns the expected grey (F, H, W)."""
     gray = np.stack([gray_of(f) for f in frames_rgb])
     if photometric in ("MONOCHROME2", "MONOCHROME1"):
@@ -185,7 +187,7 @@ def build(photometric: str = "MONOCHROME2", syntax: str = "native", frames: int 
                     for i in range(frames)])
     if syntax == "jpeg":
         return ds, set_jpeg(ds, rgb, planar=planar)
-    expected = set_native(ds, rgb if frames > 1 else rgb, photometric, planar=planar)
+    expected = set_native(ds, rgb, photometric, planar=planar)
     if syntax in COMPRESSED:
         ds.compress(COMPRESSED[syntax])
     elif syntax == "deflate":
