@@ -35,6 +35,10 @@ from inference.us_regions import RegionPolicy, tissue_regions
 
 logger = logging.getLogger(__name__)
 
+# The reason recorded for a usable image that no DICOM-SEG references (informational: the image
+# is still in ``StudyRead.frames`` with ``mask=None``).
+NO_SEG_REASON = "no DICOM-SEG references this image"
+
 
 @dataclass
 class StudyRead:
@@ -221,7 +225,7 @@ def read_study(
         if unmatched:
             unmatched = sorted(set(unmatched))
             if len(unmatched) == len({f.frame_number for f in frames}):
-                reason = "no DICOM-SEG references this image"
+                reason = NO_SEG_REASON
             else:
                 reason = f"no DICOM-SEG mask for frame(s) {unmatched}"
             result.problems.append((sop, reason))
