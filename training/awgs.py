@@ -16,7 +16,7 @@ raises :class:`~dicom_node.errors.TrainingError` naming the row and what is miss
 API::
 
     derive_awgs(row: Mapping[str, Any], row_id: str = "") -> AWGSResult
-    label_for_row(row, row_id="") -> tuple[int, str]   # given label wins, else AWGS; (label, source)
+    label_for_row(row, row_id="") -> (label, source)   # the label column wins, else AWGS
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ API::
     delong_test_unpaired(y_a, score_a, y_b, score_b) -> DeLongTest # independent samples
     youden_threshold(y_true, y_score) -> float                     # max sens + spec - 1
     binary_metrics(y_true, y_score, threshold) -> BinaryMetrics    # sens, spec, acc, F1, counts
-    bootstrap_ci(y_true, y_score, threshold, groups=None, n_boot=1000, seed=0) -> dict[name, (lo, hi)]
+    bootstrap_ci(y_true, y_score, threshold, groups=None, n_boot=1000, seed=0)
+        -> dict[metric, (lo, hi)]
     aggregate(table: OOFTable, level="image"|"study"|"participant", rule="mean") -> Aggregated
     evaluate(y_true, y_score, threshold=None, groups=None, ...) -> MetricsSummary
-    evaluate_oof(table, level="participant", threshold=None, ...) -> dict[combination, MetricsSummary]
+    evaluate_oof(table, level="participant", threshold=None, ...)
+        -> dict[combination, MetricsSummary]
     metrics_table(summaries) -> list[list[str]]; metrics_table_markdown(summaries) -> str
     mape(y_true, y_pred) -> float (percent); lins_ccc(y_true, y_pred) -> float
 
@@ -77,7 +79,7 @@ class DeLongTest:
 
 
 def _midrank(x: np.ndarray) -> np.ndarray:
-    """Mid-ranks (1-based; ties get the average rank), i.e. scipy's ``rankdata(method="average")``."""
+    """Mid-ranks (1-based; ties share their average rank): scipy's ``rankdata``."""
     return stats.rankdata(x, method="average").astype(np.float64)
 
 
@@ -249,7 +251,8 @@ def bootstrap_ci(y_true: Sequence[float], y_score: Sequence[float], threshold: f
         tn = int(((pb == 0) & (yb == 0)).sum())
         fp = int(((pb == 1) & (yb == 0)).sum())
         vals["accuracy"].append((tp + tn) / len(yb))
-        vals["f1"].append(2 * tp / (2 * tp + fp + (npos - tp)) if (2 * tp + fp + npos - tp) else 0.0)
+        denom = 2 * tp + fp + (npos - tp)
+        vals["f1"].append(2 * tp / denom if denom else 0.0)
         if 0 < npos < len(yb):
             vals["auc"].append(_rank_auc(yb, sb))
             vals["sensitivity"].append(tp / npos)
@@ -455,6 +458,7 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
     """MAPE (%), Lin's CCC, MAE and Pearson r, for the regression head's report."""
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)
-    r = float(np.corrcoef(y, p)[0, 1]) if len(y) > 1 and y.std() > 0 and p.std() > 0 else float("nan")
+    ok = len(y) > 1 and y.std() > 0 and p.std() > 0
+    r = float(np.corrcoef(y, p)[0, 1]) if ok else float("nan")
     return {"mape": mape(y, p), "ccc": lins_ccc(y, p), "mae": float(np.mean(np.abs(p - y))),
             "pearson_r": r, "n": float(len(y))}

@@ -9,7 +9,7 @@ File: ``MODEL_DIR/oof.csv``, one row per scored image frame per modality combina
 
     participant_id      CV grouping unit (pseudonymous)
     study_instance_uid  the study the frame belongs to
-    sop_instance_uid    the US image ("" for non-image models: clinical/lab only -> one row per study)
+    sop_instance_uid    the US image ("" for clinical/lab-only models: one row per study)
     frame_number        1-based frame number (1 for single-frame objects and non-image rows)
     fold                the fold whose *validation* set held this row (0-based)
     label               1/0 for binary targets; the continuous target (e.g. ASMI) for regression

@@ -1,4 +1,4 @@
-"""The training/evaluation report beside the model: ``report.html`` (self-contained) + ``report.md``.
+"""The training/evaluation report beside the model: self-contained ``report.html`` + ``report.md``.
 
 Why from the out-of-fold table: every number and plot is recomputed from ``oof.csv`` (the same
 predictions the threshold was chosen on), so the report cannot drift from the artifact.
@@ -52,7 +52,7 @@ class ReportData:
         target: "binary" or "regression".
         n_boot / seed: bootstrap CIs.
         excluded: (study or participant id, reason) for every study left out.
-        shap: a ``training.shap_analysis.ShapResult`` or its ``to_dict()``; None when not multimodal.
+        shap: a ``training.shap_analysis.ShapResult`` or its ``to_dict()``; None if not multimodal.
         cam_images: (caption, RGB uint8 (H, W, 3)) Grad-CAM overlays.
         fold_info: per-fold rows (e.g. {"fold": 0, "best_epoch": 12, "val_auc": 0.81}).
         notes: free paragraphs appended at the end.
@@ -105,7 +105,8 @@ class _Doc:
 
     def table(self, rows: Sequence[Sequence[Any]]) -> None:
         head, *body = [[str(c) for c in r] for r in rows]
-        t = ["<table><thead><tr>", *(f"<th>{html.escape(c)}</th>" for c in head), "</tr></thead><tbody>"]
+        t = ["<table><thead><tr>", *(f"<th>{html.escape(c)}</th>" for c in head),
+             "</tr></thead><tbody>"]
         for r in body:
             t += ["<tr>", *(f"<td>{html.escape(c)}</td>" for c in r), "</tr>"]
         t.append("</tbody></table>")
