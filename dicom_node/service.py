@@ -100,7 +100,8 @@ def study_table(archive: Archive) -> list[dict[str, Any]]:
     has_outbox = archive.db()["outbox"].exists()
     outbox: dict[str, dict[str, int]] = {}
     if has_outbox and "study_uid" in archive.db()["outbox"].columns_dict:
-        for r in archive.query("SELECT study_uid, state, count(*) AS n FROM outbox GROUP BY study_uid, state"):
+        sql = "SELECT study_uid, state, count(*) AS n FROM outbox GROUP BY study_uid, state"
+        for r in archive.query(sql):
             outbox.setdefault(r["study_uid"], {})[str(r["state"])] = int(r["n"])
     out = []
     for s in studies:

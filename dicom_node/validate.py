@@ -235,4 +235,6 @@ def validate(
     except ValidationError:
         raise
     except Exception as exc:  # lazily decoded elements raise on first access when malformed
-        raise ValidationError(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        raise ValidationError(
+            STATUS_CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(exc).__name__}: {exc}"
+        ) from exc

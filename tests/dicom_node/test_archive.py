@@ -34,7 +34,8 @@ def test_store_layout_hash_and_contract_columns(archive):
     raw, info = _raw_info(ds)
     out = archive.store(raw, info, calling_aet="MOD", transfer_syntax=ds.file_meta.TransferSyntaxUID)
     assert out.kind == "stored"
-    assert out.path == archive.archive_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    expected = archive.archive_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert out.path == expected
     assert out.path.read_bytes() == raw
     row = archive.query("SELECT * FROM instances")[0]
     assert row["sha256"] == hashlib.sha256(raw).hexdigest() and row["size"] == len(raw)
@@ -50,7 +51,8 @@ def test_resend_same_is_duplicate_and_different_replaces(archive):
     ds = make_us(seed=1)
     raw, info = _raw_info(ds)
     archive.store(raw, info, calling_aet="MOD", transfer_syntax="1.2.840.10008.1.2.1")
-    assert archive.store(raw, info, calling_aet="MOD", transfer_syntax="1.2.840.10008.1.2.1").kind == "duplicate"
+    again = archive.store(raw, info, calling_aet="MOD", transfer_syntax="1.2.840.10008.1.2.1")
+    assert again.kind == "duplicate"
     assert archive.instance_count() == 1
     ds.PixelData = make_us(seed=2).PixelData
     raw2, info2 = _raw_info(ds)

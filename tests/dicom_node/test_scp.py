@@ -8,7 +8,6 @@ import json
 import ssl
 import subprocess
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +293,41 @@ def test_resend_with_different_content_keeps_newest(node):
     rows = archive.query("SELECT sha256, path FROM instances")
     assert len(rows) == 1 and rows[0]["sha256"] != first
     assert dcmread(archive.data_dir / rows[0]["path"]).PixelData == ds.PixelData
+
+
+def test_multiframe_us_accepted_and_short_multiframe_refused(node):
+    from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage
+
+    cfg, archive = node
+    ds = make_us(seed=8)
+    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.NumberOfFrames = 3
+    ds.FrameIncrementPointer = 0x00181063
+    ds.FrameTime = 33.3
+    ds.PixelData = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8).tobytes()
+    assert _send(cfg, [ds]) == [(ds.SOPInstanceUID, 0)]
+    assert archive.query("SELECT frames FROM instances")[0]["frames"] == 3
+    short = make_us(seed=9)
+    short.SOPClassUID = UltrasoundMultiFrameImageStorage
+    short.NumberOfFrames = 3  # but only one frame of pixel data
+    assert _send(cfg, [short]) == [(short.SOPInstanceUID, 0xC210)]
+
+
+def test_mutual_tls_requires_a_client_certificate(tmp_path):
+    cert, key = make_tls_files(tmp_path / "tls")
+    ccert, ckey = make_tls_files(tmp_path / "client")
+    cfg = make_config(tmp_path / "node", node={
+        "tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key),
+                "ca_file": str(ccert), "require_client_cert": True},
+        "acse_timeout_seconds": 5, "network_timeout_seconds": 5,
+    })
+    anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    known = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    known.load_cert_chain(str(ccert), str(ckey))
+    with running_node(cfg, completion=False) as archive:
+        with pytest.raises(DeliveryError):
+            _send(cfg, [make_us()], tls_context=anonymous, timeout=5)
+        ds = make_us()
+        assert _send(cfg, [ds], tls_context=known) == [(ds.SOPInstanceUID, 0)]
+        assert archive.instance_count() == 1
