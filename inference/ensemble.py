@@ -184,7 +184,7 @@ class FoldEnsemble:
             if c is not None:
                 cams.append(c)
         return EnsembleOutput(
-            fold_probabilities=np.concatenate(probs, axis=1),
+            fold_probabilities=np.concatenate(probs, axis=1).astype(np.float64),
             cams=np.concatenate(cams, axis=0) if cam else None,
         )
 
@@ -257,6 +257,7 @@ class FoldEnsemble:
             return
         log.info("backend %r matches eager (max |dp| = %.1e)", backend, delta)
         self.backend = backend
+        self.cam_method = "gap"  # the compiled/exported graph computes the closed-form Grad-CAM
         self._runner = runner
         self.max_abs_delta = delta
 
