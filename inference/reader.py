@@ -60,7 +60,10 @@ class StudyRead:
 def _load(path_or_dataset: str | os.PathLike[str] | Dataset) -> Dataset:
     if isinstance(path_or_dataset, Dataset):
         return path_or_dataset
-    return pydicom.dcmread(path_or_dataset)
+    try:
+        return pydicom.dcmread(path_or_dataset)
+    except Exception as exc:  # noqa: BLE001 - missing file, not DICOM, truncated header
+        raise ReaderError(None, f"{path_or_dataset}: not readable as DICOM: {exc}") from exc
 
 
 def read_frames(

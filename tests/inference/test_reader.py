@@ -144,7 +144,10 @@ def test_jpeg_xl_is_unsupported_and_named(tmp_path: Path) -> None:
     assert "not readable" in reasons[str(tmp_path / "missing.dcm")]
 
 
-def test_corrupt_pixel_data_is_a_reader_error() -> None:
+def test_corrupt_pixel_data_is_a_reader_error(tmp_path: Path) -> None:
+    (tmp_path / "x.dcm").write_bytes(b"not dicom")
+    with pytest.raises(ReaderError, match="not readable as DICOM"):
+        read_frames(tmp_path / "x.dcm")
     ds, _ = build()
     ds.PixelData = ds.PixelData[:100]
     with pytest.raises(ReaderError, match="could not be decoded"):
