@@ -418,9 +418,11 @@ def metrics_table(summaries: Mapping[str, MetricsSummary]) -> list[list[str]]:
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured markdown table from rows (first row = header)."""
+    def row(cells: Sequence[str]) -> str:  # a "|" inside a cell would split it: escape it
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
     head, *body = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines = [row(head), "|" + "---|" * len(head)] + [row(r) for r in body]
     return "\n".join(lines)
 
 

@@ -56,6 +56,7 @@ def test_report_written_self_contained_with_tables(tmp_path):
                  "SHAP contribution per modality", "P001 Grad-CAM", "Calibration"):
         assert text in page, text
         assert text in md, text
+    assert "| image | 0.6000 | 60.0% |" in md and "Mean \\|SHAP\\|" in md  # pipes escaped
     # markdown links to PNGs that exist
     for link in re.findall(r"\]\((report_files/[^)]+)\)", md):
         assert (tmp_path / link).is_file()
