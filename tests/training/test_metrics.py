@@ -55,8 +55,10 @@ def test_delong_variance_close_to_bootstrap(data):
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     boots = []
     for _ in range(2000):  # stratified bootstrap: the DeLong variance is conditional on m, n
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        boots.append(roc_auc_score(y[idx], a[idx]))
+        xp, xn = a[rng.choice(pos, len(pos))], a[rng.choice(neg, len(neg))]
+        # Mann-Whitney AUC by counting (what roc_auc_score computes, ~20x faster here)
+        boots.append(((xp[:, None] > xn).sum() + 0.5 * (xp[:, None] == xn).sum())
+                     / (len(xp) * len(xn)))
     assert M.delong_auc(y, a).variance == pytest.approx(np.var(boots), rel=0.2)
 
 
