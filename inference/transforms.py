@@ -114,7 +114,8 @@ def augment_transforms(train_cfg: Any) -> Compose:
     """The paper's augmentation on a preprocessed (1, S, S) image, parameters from ``[train]``.
 
     Horizontal flip only (a vertical flip would put the skin at the bottom, which no probe does);
-    affine shift/scale/rotation with zero padding like the masked background; brightness as a
+    affine shift/scale/rotation (half the images, so the network also sees un-resampled pixels as
+    at serving time) with zero padding like the masked background; brightness as a
     multiplicative factor and contrast as a scaling about the image mean; then clip back to 0..1.
     """
     s = int(train_cfg.input_size)
@@ -122,7 +123,7 @@ def augment_transforms(train_cfg: Any) -> Compose:
         RandFlipd(keys="image", prob=float(train_cfg.flip_prob), spatial_axis=1),
         RandAffined(
             keys="image",
-            prob=1.0,
+            prob=0.5,
             rotate_range=(math.radians(float(train_cfg.rotate_degrees)),),
             translate_range=(float(train_cfg.shift) * s, float(train_cfg.shift) * s),
             scale_range=(float(train_cfg.scale), float(train_cfg.scale)),

@@ -200,14 +200,16 @@ def run_training(
                                          resume=resume, on_epoch_end=on_epoch_end))
     if not dist.is_main:
         return None
-    path = write_run(out_dir, cohort, fold_of, results, cfg, n_boot=n_boot)
+    path = write_run(out_dir, cohort, fold_of, results, cfg, n_boot=n_boot,
+                     world_size=dist.world_size, device=str(dist.device))
     if not keep_work:
         shutil.rmtree(work_root, ignore_errors=True)
     return path
 
 
 def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
-              results: Sequence[ComboResult], cfg: TrainConfig, n_boot: int = 1000) -> Path:
+              results: Sequence[ComboResult], cfg: TrainConfig, n_boot: int = 1000,
+              world_size: int = 1, device: str = "cpu") -> Path:
     """Metrics, threshold, model.json, fold weights, oof.csv and the report, atomically."""
     from pydicom.uid import generate_uid
 
@@ -242,7 +244,8 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
                "excluded_studies": [list(e) for e in cohort.excluded],
                "reader_problems": [list(p) for p in cohort.problems],
                "n_samples": len(cohort.samples), "n_studies": len(cohort.studies),
-               "n_participants": len(set(pids.tolist())), "oof_file": "oof.csv"},
+               "n_participants": len(set(pids.tolist())), "oof_file": "oof.csv",
+               "distributed": {"world_size": world_size, "device": device}},
     )
     def populate(tmp: Path) -> None:
         write_oof(tmp / "oof.csv", table)
