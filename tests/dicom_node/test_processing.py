@@ -1,0 +1,130 @@
+"""The scoring processor end to end on a small archive built by the node's own archive module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.archive import Archive
+from dicom_node.completion import check_studies
+from dicom_node.errors import ModelArtifactError
+from dicom_node.processing import build_processor, find_predecessor
+from dicom_node.queue import enqueue
+from dicom_node.validate import validate
+from dicom_node.worker import run_one
+from tests.conftest import make_config
+from tests.inference.test_pipeline import study_files
+
+
+def _store_study(archive: Archive, files: list[Path]) -> None:
+    for f in files:
+        ds = dcmread(f)
+        ts = ds.file_meta.TransferSyntaxUID
+        info = validate(ds, affected_sop_class=ds.SOPClassUID,
+                        affected_sop_instance=ds.SOPInstanceUID, transfer_syntax=ts)
+        archive.store(f.read_bytes(), info, calling_aet="MODALITY", transfer_syntax=ts)
+
+
+def _config(tmp_path: Path, model_dir: Path):  # noqa: ANN202
+    return make_config(
+        tmp_path / "node",
+        scoring={"enabled": True, "model_dir": str(model_dir), "device": "cpu"},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+    )
+
+
+def _sr_files(results: Path) -> list[Path]:
+    return [p for p in results.glob("*.dcm") if dcmread(p, stop_before_pixels=True).Modality == "SR"]
+
+
+def test_processor_scores_archives_queues_and_notes(tiny_model_dir, synth_cohort, tmp_path) -> None:  # noqa: ANN001,E501
+    cfg = _config(tmp_path, tiny_model_dir)
+    archive = Archive(cfg.node.data_dir).init()
+    try:
+        study, files = study_files(synth_cohort, "none")  # no SEG: scored on the whole region
+        uid = study["study_uid"]
+        _store_study(archive, files)
+        taken = check_studies(archive, cfg.completion, max_attempts=2, now=time.time() + 3600)
+        assert [t[0] for t in taken] == [uid] and taken[0][1].payload["allow_missing_seg"]
+        with archive.transaction() as conn:  # the job was queued "in the future": make it due
+            conn.execute("UPDATE jobs SET next_attempt_at = 0")
+        processor = build_processor(cfg)
+        assert run_one(archive, processor, cfg.worker)
+
+        row = archive.study(uid)
+        assert row["state"] == "scored", row
+        assert row["note"].startswith("p=") and "whole region" in row["note"]
+        job = archive.query("SELECT state, last_error FROM jobs WHERE study_uid = ?", (uid,))[0]
+        assert job["state"] == "done"
+
+        results = cfg.node.results_dir / uid
+        written = sorted(results.glob("*.dcm"))
+        n_us = sum(f["kind"] == "us" for f in study["files"])
+        assert len(written) == 1 + n_us
+        srs = _sr_files(results)
+        assert len(srs) == 1
+        sr1 = dcmread(srs[0])
+        assert sr1.StudyInstanceUID == uid and sr1.PatientID == study["patient_id"]
+        outbox = archive.query("SELECT destination, state, path, sop_uid FROM outbox "
+                               "WHERE study_uid = ?", (uid,))
+        assert len(outbox) == len(written)
+        assert {r["destination"] for r in outbox} == {"pacs"} and {r["state"] for r in outbox} == {"pending"}
+        assert all((cfg.node.data_dir / r["path"]).is_file() for r in outbox)
+
+        # a rescore (e.g. after a late SEG) references the first SR as its predecessor
+        with archive.transaction() as conn:
+            conn.execute("UPDATE studies SET state = 'complete' WHERE study_uid = ?", (uid,))
+            enqueue(conn, uid, "score", {"allow_missing_seg": True}, max_attempts=2)
+        pipeline = processor.pipeline
+        assert run_one(archive, processor, cfg.worker)
+        assert processor.pipeline is pipeline  # the model is loaded once per process
+        srs = _sr_files(results)
+        assert len(srs) == 2
+        sr2 = dcmread(next(p for p in srs if p.name != f"{sr1.SOPInstanceUID}.dcm"))
+        ref = sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == sr1.SOPInstanceUID
+        assert find_predecessor(cfg.node.results_dir, uid).SOPInstanceUID == sr2.SOPInstanceUID
+    finally:
+        archive.close()
+
+
+def test_unusable_study_fails_the_job_with_the_reasons(tiny_model_dir, synth_cohort, tmp_path) -> None:  # noqa: ANN001,E501
+    cfg = _config(tmp_path, tiny_model_dir)
+    archive = Archive(cfg.node.data_dir).init()
+    try:
+        study, files = study_files(synth_cohort, "none")
+        uid = study["study_uid"]
+        _store_study(archive, files)
+        with archive.transaction() as conn:
+            conn.execute("UPDATE studies SET state = 'complete' WHERE study_uid = ?", (uid,))
+            enqueue(conn, uid, "score", {"allow_missing_seg": False}, max_attempts=1)
+        assert run_one(archive, build_processor(cfg), cfg.worker)
+        job = archive.query("SELECT state, last_error FROM jobs WHERE study_uid = ?", (uid,))[0]
+        assert job["state"] == "failed"
+        assert "ScoringError" in job["last_error"] and "DICOM-SEG" in job["last_error"]
+        assert archive.study(uid)["state"] == "failed"
+        assert not (cfg.node.results_dir / uid).exists()
+        if _has_outbox(archive):  # created lazily by the sender module
+            assert not archive.query("SELECT * FROM outbox")
+    finally:
+        archive.close()
+
+
+def _has_outbox(archive: Archive) -> bool:
+    return bool(archive.query("SELECT name FROM sqlite_master WHERE name = 'outbox'"))
+
+
+def test_build_processor_refuses_a_broken_artifact(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ModelArtifactError, match="does not exist"):
+        build_processor(_config(tmp_path, tmp_path / "nowhere"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    raw = json.loads((broken / "model.json").read_text())
+    (broken / raw["folds"][-1]["file"]).unlink()
+    with pytest.raises(ModelArtifactError, match=raw["folds"][-1]["file"]):
+        build_processor(_config(tmp_path, broken))
