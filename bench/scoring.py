@@ -29,12 +29,14 @@ from bench.usdata import us_instances
 from dicom_node.config import ReaderConfig, ResultsConfig, ScoringConfig
 
 
-def _time_backend(model_dir: Path, files: list[Path], backend: str, repeats: int,
-                  threads: int) -> dict:
+def _time_backend(model_dir: Path, files: list[Path], backend: str, cam_method: str,
+                  repeats: int, threads: int) -> dict:
+    import torch
+
     from inference.pipeline import ScoringPipeline
 
     scoring = ScoringConfig(enabled=True, model_dir=model_dir, backend=backend,
-                            torch_threads=threads, device="cpu")
+                            cam_method=cam_method, torch_threads=threads, device="cpu")
     t0 = time.perf_counter()
     pipe = ScoringPipeline(model_dir, scoring, ReaderConfig())
     score, read = pipe.score_study(files, allow_missing_seg=True)  # warm-up (and compile)
@@ -46,9 +48,18 @@ def _time_backend(model_dir: Path, files: list[Path], backend: str, repeats: int
         totals.append((time.perf_counter() - t0) * 1000)
         runs.append(dict(score.timings_ms))
     stages = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+    # the forward alone (no CAM) on a batch of the same shape: what the CAM costs on top
+    spec = pipe.artifact.spec
+    x = torch.rand(len(score.images), spec.in_chans, spec.input_size, spec.input_size)
+    fwd = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pipe.ensemble.predict(x, cam=False)
+        fwd.append((time.perf_counter() - t0) * 1000)
     probs = [img.probability for img in score.images]
     return {"backend": backend, "setup_s": setup_s, "score_ms": statistics.median(totals),
-            "stages_ms": stages, "probs": probs, "score": score, "read": read}
+            "stages_ms": stages, "forward_only_ms": statistics.median(fwd), "probs": probs,
+            "score": score, "read": read}
 
 
 def _results_and_send(score, read, workdir: Path, repeats: int) -> dict:  # noqa: ANN001
@@ -76,7 +87,7 @@ def _results_and_send(score, read, workdir: Path, repeats: int) -> dict:  # noqa
             "objects": len(objs)}
 
 
-def run(backbones: list[str], backends: list[str], repeats: int = 3, folds: int = 5,
+def run(backbones: list[str], variants: list[str], repeats: int = 3, folds: int = 5,
         threads: int = 2) -> dict:
     """Time each backbone × backend; return per-stage ms and ratios to the FLOP bound."""
     import torch
@@ -93,27 +104,34 @@ def run(backbones: list[str], backends: list[str], repeats: int = 3, folds: int 
             bound_ms = gflop / machine.matmul_gflops * 1000
             entry: dict = {"ensemble_gflop": gflop, "flop_bound_ms": bound_ms, "backends": {}}
             eager = None
-            for be in backends:
+            for variant in variants:
+                be, cam_method = variant.split(":") if ":" in variant else (variant, "torchcam")
                 try:
-                    r = _time_backend(model_dir, files, be, repeats, threads)
+                    r = _time_backend(model_dir, files, be, cam_method, repeats, threads)
                 except Exception as exc:  # noqa: BLE001 - report an unsupported backend, go on
-                    entry["backends"][be] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                    print(f"  {bb} {be}: not available ({exc})", flush=True)
+                    entry["backends"][variant] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    print(f"  {bb} {variant}: not available ({exc})", flush=True)
                     continue
                 if eager is None:
                     eager = r
                     entry.update(_results_and_send(r["score"], r["read"], Path(tmp), repeats))
                 dp = max(abs(a - b) for a, b in zip(r["probs"], eager["probs"]))
                 whole = r["score_ms"] + entry["sr_sc_build_ms"] + entry["send_ms"]
-                entry["backends"][be] = {
+                ens = r["stages_ms"].get("ensemble", float("nan"))
+                entry["backends"][variant] = {
                     "setup_s": r["setup_s"], "score_ms": r["score_ms"], "stages_ms": r["stages_ms"],
-                    "max_abs_dp_vs_eager": dp, "whole_study_ms": whole,
+                    "forward_only_ms": r["forward_only_ms"],
+                    "cam_overhead": ens / r["forward_only_ms"],
+                    "ensemble_over_bound": ens / bound_ms,
+                    "max_abs_dp_vs_first": dp, "whole_study_ms": whole,
                     "whole_over_bound": whole / bound_ms,
                 }
-                print(f"  {bb} {be}: study {whole:.0f} ms = {whole / bound_ms:.2f}× FLOP bound "
-                      f"({bound_ms:.0f} ms); stages {_fmt(r['stages_ms'])}; build "
-                      f"{entry['sr_sc_build_ms']:.0f} ms, send {entry['send_ms']:.0f} ms; "
-                      f"max|Δp| vs eager {dp:.1e}", flush=True)
+                print(f"  {bb} {variant}: study {whole:.0f} ms = {whole / bound_ms:.2f}× FLOP bound "
+                      f"({bound_ms:.0f} ms); ensemble+CAM {ens:.0f} ms = {ens / bound_ms:.2f}× "
+                      f"bound, forward alone {r['forward_only_ms']:.0f} ms; stages "
+                      f"{_fmt(r['stages_ms'])}; SR+SC build {entry['sr_sc_build_ms']:.0f} ms, send "
+                      f"{entry['send_ms']:.0f} ms; max|Δp| vs {variants[0]} {dp:.1e}; setup "
+                      f"{r['setup_s']:.0f} s", flush=True)
             out["models"][bb] = entry
     return out
 
@@ -125,11 +143,13 @@ def _fmt(stages: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=["convnext_tiny", "convnext_atto"])
-    ap.add_argument("--backends", nargs="+", default=["eager", "onnx", "compile"])
+    ap.add_argument("--variants", nargs="+",
+                    default=["eager:torchcam", "eager:gap", "onnx:gap", "compile:gap"],
+                    help="backend:cam_method (eager|compile|onnx : torchcam|gap)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    res = run(args.backbones, args.backends, args.repeats, threads=args.threads)
+    res = run(args.backbones, args.variants, args.repeats, threads=args.threads)
     print(f"machine: {res['machine']}")
     save_result("scoring", res)
     return 0
