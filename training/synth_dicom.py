@@ -107,7 +107,7 @@ class Layout:
         tissue_box: the 2D tissue region that holds the RF (row0, col0, row1, col1).
         spacing_cm: (row, col) cm per pixel inside the tissue region.
         regions: every ultrasound region to declare (dict of region attributes).
-        quirk: "" or one of "side-by-side", "m-mode", "palette".
+        quirk: "" or one of "side-by-side", "m-mode", "palette", "planar".
     """
 
     rows: int
@@ -274,8 +274,10 @@ def build_us(frames: list[np.ndarray], *, profile: VendorProfile, layout: Layout
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = study_date
-    ds.StudyTime = SERIES_TIME
-    ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = f"{93000 + instance_number * 12:06d}"
+    ds.StudyTime = ds.SeriesTime = SERIES_TIME
+    secs = 9 * 3600 + 30 * 60 + instance_number * 12  # one image every 12 s after 09:30
+    ds.ContentTime = ds.AcquisitionTime = (
+        f"{secs // 3600:02d}{secs % 3600 // 60:02d}{secs % 60:02d}")
     ds.AccessionNumber = uids["accession"]
     ds.Modality = "US"
     ds.Manufacturer = profile.manufacturer
@@ -342,6 +344,11 @@ def build_us(frames: list[np.ndarray], *, profile: VendorProfile, layout: Layout
             ratio = arr.nbytes / max(1, sum(len(e) for e in encoded))
             ds.LossyImageCompressionRatio = f"{ratio:.2f}"
             ds.LossyImageCompressionMethod = "ISO_10918_1"
+        elif layout.quirk == "planar":
+            # colour-by-plane (all R, then all G, then all B per frame): legal, and rare
+            ds.PlanarConfiguration = 1
+            planes = arr.transpose(0, 3, 1, 2)
+            ds.PixelData = np.ascontiguousarray(planes[0] if not multi else planes).tobytes()
         else:
             ds.PixelData = np.ascontiguousarray(arr[0] if not multi else arr).tobytes()
     meta = FileMetaDataset()
@@ -373,7 +380,7 @@ def build_seg(source: Dataset, mask: np.ndarray, seg_frames: list[int], *,
         mask: bool (frames, rows, cols) in source frame coordinates; frames not listed in
             ``seg_frames`` are left empty so highdicom omits them and references only the others.
         seg_frames: 1-based source frames the annotator outlined.
-        uids: seg series and sop UIDs.
+        uids: ``series``, ``sop`` and ``dimension`` (organisation) UIDs.
         laterality: R or L, written as the anatomic region modifier.
         series_number: SeriesNumber of the SEG series.
         content_date: fixed ContentDate so output is deterministic.
@@ -429,8 +436,15 @@ def build_seg(source: Dataset, mask: np.ndarray, seg_frames: list[int], *,
     )
     if n > 1:
         _point_at_frame(seg, frame_number, source.SOPClassUID)
-    seg.ContentDate = seg.SeriesDate = content_date
-    seg.ContentTime = seg.SeriesTime = "100000"
+    # highdicom stamps creation times and a random dimension organisation UID: pin them so a
+    # seed gives byte-identical files
+    seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = content_date
+    seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = "100000"
+    for item in getattr(seg, "ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = f"{content_date}100000"
+    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = uids["dimension"]
     seg.PatientOrientation = ""
     return seg
 

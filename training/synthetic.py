@@ -187,9 +187,13 @@ def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
                     n_frames = CINE_FRAMES
                 if k == 1:
                     quirk = QUIRK_OF[vendor]
+                if k == 2 and vendor == "samsung":
+                    quirk = "planar"
             else:
                 if rng.random() < profile.quirk_prob:
                     quirk = QUIRK_OF[vendor]
+                elif vendor == "samsung" and rng.random() < 0.15:
+                    quirk = "planar"
                 if rng.random() < profile.cine_prob:
                     n_frames = CINE_FRAMES
             if quirk == "palette" and n_frames > 1:
@@ -223,7 +227,8 @@ def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
                 seg_sop = _uid(job.seed, p.participant_id, study_n, "seg", k)
                 seg_series = _uid(job.seed, p.participant_id, study_n, "seg-series", k)
                 seg = build_seg(ds, masks, seg_frames,
-                                uids={"series": seg_series, "sop": seg_sop},
+                                uids={"series": seg_series, "sop": seg_sop,
+                                      "dimension": _uid(job.seed, seg_sop, "dimension")},
                                 laterality=lat_side, series_number=100 + k + 1, content_date=date)
                 seg_path = rel_dir / f"SEG_{k + 1:03d}.dcm"
                 seg.save_as(out / seg_path, enforce_file_format=True)
@@ -246,6 +251,22 @@ def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
             row["age"] = row["age"] + 1
         rows.append(row)
     return rows, studies
+
+
+def _warm_up() -> None:
+    """Build one tiny object of each kind so the DICOM standard tables are loaded once."""
+    p = draw_participant(0, 0)
+    rng = np.random.default_rng(0)
+    profile = PROFILES["samsung"]
+    frames, masks, layout = _make_object(rng, p, 0.0, "samsung", profile.models[0], "", 1, 0.1)
+    ds = build_us(frames, profile=profile, layout=layout, model=profile.models[0],
+                  patient=_patient_header(p, "WARM", 0),
+                  uids={"study": "1.2.3", "series": "1.2.3.1", "sop": "1.2.3.1.1",
+                        "accession": "W"},
+                  instance_number=1, series_number=1, laterality="R", study_date=STUDY_DATE)
+    build_seg(ds, masks, [1], uids={"series": "1.2.3.2", "sop": "1.2.3.2.1",
+                                    "dimension": "1.2.3.3"},
+              laterality="R", series_number=2, content_date=STUDY_DATE)
 
 
 def _oracle_auc(participants: Sequence[Participant]) -> float | None:
@@ -290,9 +311,10 @@ def generate_cohort(out_dir: Path, participants: int, seed: int,
             for i in range(participants)]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and participants > 2:
+        _warm_up()  # forked workers inherit highdicom's loaded standard tables
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
         with ctx.Pool(min(workers, participants)) as pool:
-            results = pool.map(_participant, jobs, chunksize=max(1, participants // (8 * workers)))
+            results = pool.map(_participant, jobs, chunksize=4)
     else:
         results = [_participant(j) for j in jobs]
     rows = [r for rs, _ in results for r in rs]
