@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
@@ -453,27 +453,6 @@ def build_results(
     log.info("study %s: built SR %s and %d heat map(s)",
              score.study_instance_uid, sr.SOPInstanceUID, len(heatmaps))
     return ResultSet(sr=sr, heatmaps=list(heatmaps))
-
-
-def find_predecessor(results_dir: Path, study_uid: str) -> Dataset | None:
-    """The newest SR this node already wrote for the study (header only), for a rescore.
-
-    Passing it to :func:`build_results` as ``predecessor`` makes the new SR reference it.
-    """
-    folder = Path(results_dir) / study_uid
-    best: tuple[float, Dataset] | None = None
-    for path in folder.glob("*.dcm") if folder.is_dir() else []:
-        try:
-            ds = dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - a damaged file is no predecessor
-            log.warning("study %s: unreadable result file %s ignored", study_uid, path.name)
-            continue
-        if ds.get("Modality") != "SR":
-            continue
-        mtime = path.stat().st_mtime
-        if best is None or mtime > best[0]:
-            best = (mtime, ds)
-    return best[1] if best else None
 
 
 def _fsync_dir(path: Path) -> None:
