@@ -188,3 +188,71 @@ def test_enqueue_survives_reopen_and_does_not_duplicate(tmp_path):
     assert {r["path"] for r in rows} == {str(p.relative_to(cfg.node.data_dir.resolve()))
                                          for p in (q.resolve() for q in paths)}
     assert {r["sop_uid"] for r in rows} == {ds.SOPInstanceUID for ds in rs.datasets}
+
+
+def test_tls_destination(tmp_path):
+    """A destination with TLS verifies the PACS certificate and delivers; plain TCP does not."""
+    import ssl
+
+    from tests.dicom_node.node_data import make_tls_files
+
+    cert, key = make_tls_files(tmp_path / "tls")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(cert), str(key))
+    stored: list[str] = []
+    ae = AE(ae_title="TLSPACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.acse_timeout = ae.network_timeout = 5
+    port = free_port()
+
+    def on_store(event):
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server_ctx,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        dest = {"name": "pacs", "ae_title": "TLSPACS", "host": "127.0.0.1", "port": port}
+        plain = make_config(tmp_path / "node", destinations=[dest],
+                            delivery={"timeout_seconds": 5})
+        score, rs, paths = _results(plain)
+        S.enqueue(plain.node.db_path, score.study_instance_uid, paths, ["pacs"])
+        assert S.DeliveryLoop(plain).run_once()["failed"] == 3
+        assert stored == []
+        tls = make_config(tmp_path / "node", destinations=[
+            {**dest, "tls": {"enabled": True, "ca_file": str(cert)}}],
+            delivery={"timeout_seconds": 5})
+        assert S.resend_command(type("Args", (), {"id": None})(), tls) == 0
+    finally:
+        server.shutdown()
+    assert sorted(stored) == sorted(ds.SOPInstanceUID for ds in rs.datasets)
+
+
+def test_outbox_and_resend_through_the_cli(tmp_path, capsys):
+    from dicom_node import cli
+
+    dead = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[node]
+data_dir = "node"
+allow_any_calling_aet = true
+[scoring]
+enabled = false
+[[destinations]]
+name = "pacs"
+ae_title = "NOBODY"
+host = "127.0.0.1"
+port = {dead}
+[delivery]
+timeout_seconds = 5
+""")
+    cfg = cli.load_config(config)
+    score, rs, paths = _results(cfg)
+    S.enqueue(cfg.node.db_path, score.study_instance_uid, paths)  # "*": every destination
+    assert cli.main(["resend", "--config", str(config)]) == 1
+    capsys.readouterr()
+    assert cli.main(["outbox", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("pending") >= 3 and "last error" in out and f"127.0.0.1:{dead}" in out
+    assert {r["destination"] for r in S.outbox_rows(cfg.node.db_path)} == {"pacs"}
