@@ -506,21 +506,29 @@ def evaluate_command(args: argparse.Namespace, cfg: Config) -> int:
                "metrics": metrics, "excluded_studies": [list(e) for e in cohort.excluded],
                "n_samples": len(cohort.samples), "n_studies": len(cohort.studies)}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=str))
-    _report_external(out, art)
+    _report_external(out, art, table, cohort)
     print(f"{name}: {_fmt_auc(metrics[name]['participant'])} on {len(cohort.studies)} studies "
           f"-> {out}")
     return 0
 
 
-def _report_external(out: Path, art: Any) -> None:
+def _report_external(out: Path, art: Any, table: Any, cohort: Cohort) -> None:
+    """The same report as training, on the external predictions (threshold from the model)."""
     try:
-        from training import report
+        from training.report import ReportData, write_report
     except ImportError:
+        log.warning("training/report.py not available: no report written")
         return
-    fn = getattr(report, "write_evaluation_report", None)
-    if fn is None:
-        return
+    from training.oof import combination_name
+
+    name = combination_name(art.spec.modalities)
     try:
-        fn(out, art.model_dir)
-    except Exception:  # noqa: BLE001
+        write_report(out, ReportData(
+            oof=table, title="dicom-node SARCO external validation",
+            run_info={"model_uid": art.info.model_uid, "model_version": art.info.version,
+                      "backbone": art.spec.backbone, "threshold": art.spec.threshold,
+                      "studies": len(cohort.studies), "samples": len(cohort.samples)},
+            thresholds={name: art.spec.threshold}, primary=name, target=art.spec.target,
+            excluded=list(cohort.excluded)))
+    except Exception:  # noqa: BLE001 - metrics are already written
         log.exception("external validation report failed (metrics are in %s)", out)

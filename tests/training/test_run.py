@@ -1,0 +1,82 @@
+"""Cohort loading from a node archive / folder, label matching, and ``dicom-node evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.config import config_from_dict
+from training.data import index_archive, match_studies, read_labels
+
+
+@pytest.fixture(scope="module")
+def archive_dir(synth_cohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic cohort stored through the node's own Archive (index.sqlite + files)."""
+    from dicom_node.archive import Archive
+    from dicom_node.validate import validate
+
+    data_dir = tmp_path_factory.mktemp("node") / "data"
+    arc = Archive(data_dir).init()
+    for p in sorted(synth_cohort.dicom_dir.rglob("*.dcm")):
+        raw = p.read_bytes()
+        ds = pydicom.dcmread(p)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        info = validate(ds, affected_sop_class=str(ds.SOPClassUID),
+                        affected_sop_instance=str(ds.SOPInstanceUID), transfer_syntax=ts)
+        arc.store(raw, info, calling_aet="TEST", transfer_syntax=ts)
+    arc.close()
+    return data_dir
+
+
+def test_archive_index_matches_folder(archive_dir: Path, synth_cohort) -> None:
+    a = index_archive(archive_dir)
+    f = index_archive(synth_cohort.dicom_dir)
+    assert set(a) == set(f)
+    for study in a:
+        assert a[study][0] == f[study][0]
+        assert len(a[study][1]) == len(f[study][1])
+        assert all(p.is_file() and archive_dir in p.parents for p in a[study][1])
+
+
+def test_labels_by_patient_id_and_awgs(synth_cohort, tmp_path: Path) -> None:
+    rows = read_labels(synth_cohort.labels_csv)
+    index = index_archive(synth_cohort.dicom_dir)
+    given, _ = match_studies(rows, index)
+    # a hospital file: no study UID, no label column values, only the AWGS measurements
+    stripped = [{**r, "study_instance_uid": "", "label": ""} for r in rows]
+    derived, excluded = match_studies(stripped, index)
+    assert not excluded
+    assert {r.study_uid: r.label for r in derived} == {r.study_uid: r.label for r in given}
+    assert all(r.label_source != "label" for r in derived)
+    # a row whose patient has no images is listed, not dropped silently
+    rows2 = [*rows, {**rows[0], "patient_id": "NOBODY", "study_instance_uid": ""}]
+    _, excluded = match_studies(rows2, index)
+    assert excluded == [("NOBODY", "no images for this row in the archive")]
+
+
+def test_evaluate_command_on_archive(archive_dir: Path, synth_cohort, tiny_model_dir: Path,
+                                     tmp_path: Path) -> None:
+    from training.run import evaluate_command
+
+    cfg = config_from_dict({"node": {"allow_any_calling_aet": True}, "scoring": {"enabled": False}})
+    out = tmp_path / "external"
+    args = argparse.Namespace(model=tiny_model_dir, archive=archive_dir,
+                              labels=synth_cohort.labels_csv, out=out)
+    assert evaluate_command(args, cfg) == 0
+    ev = json.loads((out / "evaluation.json").read_text())
+    trained = json.loads((tiny_model_dir / "model.json").read_text())
+    assert ev["model_uid"] == trained["model_uid"]
+    assert ev["threshold"] == pytest.approx(trained["threshold"])
+    auc = ev["metrics"]["image"]["participant"]["auc"]["auc"]
+    assert 0.0 <= auc <= 1.0
+    assert {tuple(e) for e in ev["excluded_studies"]} == \
+        {tuple(e) for e in trained["excluded_studies"]}
+    with (out / "oof.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == trained["n_samples"]
+    assert "external validation" in (out / "report.md").read_text()
