@@ -16,7 +16,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node import results as R
 from dicom_node import sender as S
-from dicom_node.config import DeliveryConfig
+from dicom_node.config import DeliveryConfig, load_config
 from tests.conftest import free_port, make_config
 from tests.dicom_node.test_results import make_score, make_us
 from tests.fixtures.orthanc import start_orthanc, stop_orthanc
@@ -247,7 +247,7 @@ port = {dead}
 [delivery]
 timeout_seconds = 5
 """)
-    cfg = cli.load_config(config)
+    cfg = load_config(config)
     score, rs, paths = _results(cfg)
     S.enqueue(cfg.node.db_path, score.study_instance_uid, paths)  # "*": every destination
     assert cli.main(["resend", "--config", str(config)]) == 1
