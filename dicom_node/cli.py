@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vendor profiles (default: all three)")
     p.add_argument("--follow-up", action="store_true", help="add a follow-up study per participant")
     p.add_argument("--oracle", action="store_true", help="print the image-only oracle AUC")
+    p.add_argument("--image-scale", type=float, default=1.0,
+                   help="scale every frame size (physical depth kept; 0.5 for quick tests)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
 
     p = add("train", "Train the fold ensemble on an archive or DICOM folder (paper's protocol).")
     p.add_argument("--archive", type=Path, default=None,

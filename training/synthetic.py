@@ -355,8 +355,13 @@ def generate_cohort(out_dir: Path, participants: int, seed: int,
 
 def synth_command(args: argparse.Namespace, cfg: Any) -> int:
     """``dicom-node synth``: write a cohort and print its summary."""
-    summary = generate_cohort(args.out, args.participants, args.seed, args.vendors,
-                              args.follow_up)
+    try:
+        summary = generate_cohort(args.out, args.participants, args.seed, args.vendors,
+                                  args.follow_up, image_scale=getattr(args, "image_scale", 1.0),
+                                  workers=getattr(args, "workers", None))
+    except ValueError as exc:
+        print(f"dicom-node synth: {exc}")
+        return 2
     print(f"{summary.participants} participants, {summary.studies} studies, "
           f"{summary.us_objects} US objects, {summary.seg_objects} SEG -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")
