@@ -69,5 +69,9 @@ class DeliveryError(DicomNodeError):
     """A C-STORE to a destination failed (association refused, non-success status, timeout)."""
 
 
+class ResultsError(DicomNodeError):
+    """SR/heat maps cannot be built for a study (e.g. no source header for any scored image)."""
+
+
 class TrainingError(DicomNodeError):
     """Training data or settings do not allow a run (e.g. one class only, no usable studies)."""

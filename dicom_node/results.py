@@ -32,6 +32,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from dicom_node.config import ResultsConfig
+from dicom_node.errors import ResultsError
 from inference.types import ImageScore, ModelInfo, StudyScore
 
 if TYPE_CHECKING:
@@ -172,7 +173,8 @@ def _image_group(
     finding_site: hd.sr.FindingSite,
     evidence: list[Dataset],
     study_uid: str,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> (hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+      | hd.sr.MeasurementsAndQualitativeEvaluations):
     """Per-image group: ROI-based (pointing at the SEG segment) when a SEG gave the ROI, else
     referencing the source image only."""
     frame = score.frame
@@ -236,7 +238,9 @@ def build_sr(
     """Build the TID 1500 SR for a scored study (see the module docstring for the tree)."""
     us_sources = _us_sources(score, sources)
     if not us_sources:
-        raise ValueError(f"study {score.study_instance_uid}: no source dataset for any scored image")
+        raise ResultsError(
+            f"study {score.study_instance_uid}: no source header for any scored image"
+        )
     first = us_sources[0]
     algorithm = _algorithm(score.model, cfg)
     model_uid = _model_uid(score.model)

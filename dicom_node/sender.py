@@ -271,7 +271,8 @@ class DeliveryLoop:
             results = list(getattr(exc, "partial", []))
             error = str(exc) or type(exc).__name__
         statuses = dict(results)
-        sent = [r for r in ok_rows if r["sop_uid"] in statuses and _is_success(statuses[r["sop_uid"]])]
+        sent = [r for r in ok_rows
+                if r["sop_uid"] in statuses and _is_success(statuses[r["sop_uid"]])]
         now = time.time()
         with db.conn:
             for r in sent:

@@ -99,7 +99,8 @@ def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None,
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
-            raise AssertionError(f"node exited ({proc.returncode}) while waiting for {what}\n{tail}")
+            raise AssertionError(
+                f"node exited ({proc.returncode}) while waiting for {what}\n{tail}")
         if cond():
             return
         time.sleep(0.5)
@@ -141,8 +142,8 @@ def test_storescu_to_node_to_orthanc_across_outage_and_restart(
         # 1. PACS down: push like a modality, results wait in the outbox with the error
         _wait(lambda: _node_ready(node_port), 120, "node to answer C-ECHO", node, log_path)
         push = subprocess.run(
-            [STORESCU, "-R", "-xy", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node_port),
-             *map(str, files)],
+            [STORESCU, "-R", "-xy", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1",
+             str(node_port), *map(str, files)],
             capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
         )
         assert push.returncode == 0, push.stderr

@@ -199,7 +199,8 @@ def test_sr_reads_back_with_highdicom_and_matches_scores(study, tmp_path):
     assert obs.observer_type == codes.DCM.Device
     assert obs.observer_identifying_attributes.uid == score.model.model_uid
     # model as contributing equipment
-    assert any(e.ManufacturerModelName == score.model.name for e in sr.ContributingEquipmentSequence)
+    assert any(e.ManufacturerModelName == score.model.name
+               for e in sr.ContributingEquipmentSequence)
     per_image, study_group = groups_by_source(sr)
     assert set(per_image) == {s.SOPInstanceUID for s in sources}
     for img in score.images:
