@@ -301,3 +301,11 @@ def test_results_from_synthetic_cohort_headers_validate(synth_cohort, tmp_path):
     assert len(seen_vendors) == 3 and n_seg_groups > 0
     report = validate(written)
     assert report.count("PASS") == len(written), report
+
+
+def test_no_source_header_is_a_results_error(study):
+    from dicom_node.errors import ResultsError
+
+    sources, _ = study
+    with pytest.raises(ResultsError, match=sources[0].StudyInstanceUID):
+        R.build_results(make_score(sources), {}, ResultsConfig())
