@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sqlite3
+import sys
 import subprocess
 import tempfile
 import time
@@ -193,11 +194,38 @@ def node_toml(workdir: Path, model_dir: Path, pacs: Peer, threads: int) -> dict:
     }
 
 
+# storescu proposes uncompressed syntaxes plus at most one compressed family (-x option): files
+# are sent in runs of the same transfer syntax, each run with the option that proposes it.
+_STORESCU_TS_OPTION = {
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def _ts_runs(files: list[Path]) -> list[tuple[str, list[Path]]]:
+    """Consecutive runs of files that one storescu -x option can send (order kept)."""
+    import pydicom
+
+    runs: list[tuple[str, list[Path]]] = []
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        opt = _STORESCU_TS_OPTION.get(ts, "-x=")
+        if runs and runs[-1][0] == opt:
+            runs[-1][1].append(f)
+        else:
+            runs.append((opt, [f]))
+    return runs
+
+
 def _push(study: DemoStudy, node: NodeProcess) -> None:
     """Send one study as a modality: DCMTK storescu when installed, else the node's own SCU."""
     if DCMTK_STORESCU.exists():
-        storescu(study.files, node.port, node.ae_title, aet=MODALITY_AET, timeout=120,
-                 extra=("-R", "-pdu", "131072"))
+        for opt, files in _ts_runs(study.files):
+            storescu(files, node.port, node.ae_title, aet=MODALITY_AET, timeout=120,
+                     extra=("-R", opt, "-pdu", "131072"))
         return
     from dicom_node.scu import store_files
 
@@ -469,7 +497,7 @@ def print_table(studies: list[DemoStudy], workdir: Path, console: Any) -> None:
     table = Table(title="Held-out studies scored by dicom-node (research use only)")
     for col in ("patient", "vendor", "P(sarcopenia) ± fold SD", "decision", "truth",
                 "RF CSA cm²", "RF thickness cm", "SR check", "SR + heat-map PNGs"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("patient", "decision", "truth"))
     correct = 0
     for st in studies:
         s = st.summary
@@ -481,10 +509,11 @@ def print_table(studies: list[DemoStudy], workdir: Path, console: Any) -> None:
         folder = Path(s.get("folder", workdir))
         table.add_row(st.patient_id, st.vendor, f"{prob} ± {_fmt(s.get('spread', []))}",
                       decision, st.truth, _fmt(s.get("csa", [])), _fmt(s.get("thickness", [])),
-                      check, f"{os.path.relpath(folder, workdir)}/ ({len(st.heatmaps)} PNG)")
+                      check, f"{os.path.relpath(folder, workdir)}/ (sr.dcm + {len(st.heatmaps)} PNG)")
     console.print(table)
-    console.print(f"{correct}/{len(studies)} decisions match the synthetic truth. Outputs under "
-                  f"{workdir}/results/<patient>/ (sr.dcm, heatmap_*.png).")
+    console.print(f"{correct}/{len(studies)} decisions match the synthetic truth. Paths are under "
+                  f"{workdir}; RF CSA/thickness are '-' where no DICOM-SEG ROI came with the study "
+                  "(scored on the whole tissue region).")
 
 
 def _report_path(model_dir: Path) -> Path:
@@ -499,7 +528,8 @@ def demo_command(args: argparse.Namespace, cfg: Config) -> int:
     """Entry point of ``dicom-node demo`` (cfg is unused: the demo writes its own config)."""
     from rich.console import Console
 
-    console = Console()
+    # a pipe or CI log has no width: give the result table room instead of rich's 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     if not getattr(args, "log_level", None):
         # the progress bars tell the story; library INFO lines (highdicom, reader) would drown it
         logging.getLogger().setLevel(logging.WARNING)
