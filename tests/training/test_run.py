@@ -80,3 +80,31 @@ def test_evaluate_command_on_archive(archive_dir: Path, synth_cohort, tiny_model
         rows = list(csv.DictReader(fh))
     assert len(rows) == trained["n_samples"]
     assert "external validation" in (out / "report.md").read_text()
+
+
+def test_header_fills_clinical_and_complete_cases(synth_cohort, tmp_path: Path) -> None:
+    from training.data import load_cohort
+    from training.features import CLINICAL_FEATURES, LAB_FEATURES, parse_value
+
+    rows = read_labels(synth_cohort.labels_csv)
+    header_keys = ("age", "sex", "height_cm", "weight_kg", "bmi")
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, **{k: "" for k in header_keys}} for r in rows)
+    cohort = load_cohort(synth_cohort.dicom_dir, labels, input_size=32, roi_margin=0.1,
+                         modalities=("clinical", "lab"), complete_cases=True)
+    by_study = {r["study_instance_uid"]: r for r in rows}
+    assert cohort.header_filled == len(cohort.studies) + sum(
+        1 for e in cohort.excluded if e[1].startswith("complete cases"))
+    for s in cohort.samples:
+        assert s.image is None and s.sop_uid == ""  # one row per study for tabular models
+        orig = by_study[s.study_uid]
+        assert s.row["sex"] == orig["sex"]
+        assert float(s.row["age"]) == pytest.approx(float(orig["age"]), abs=1)
+        assert float(s.row["height_cm"]) == pytest.approx(float(orig["height_cm"]), abs=0.6)
+        for c in (*CLINICAL_FEATURES, *LAB_FEATURES):  # complete cases: nothing missing
+            assert parse_value(c, s.row.get(c)) == parse_value(c, s.row.get(c)), c
+    dropped = [e for e in cohort.excluded if e[1].startswith("complete cases")]
+    assert dropped, "the synthetic cohort has missing lab values: some rows must be dropped"
