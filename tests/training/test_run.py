@@ -108,3 +108,42 @@ def test_header_fills_clinical_and_complete_cases(synth_cohort, tmp_path: Path) 
             assert parse_value(c, s.row.get(c)) == parse_value(c, s.row.get(c)), c
     dropped = [e for e in cohort.excluded if e[1].startswith("complete cases")]
     assert dropped, "the synthetic cohort has missing lab values: some rows must be dropped"
+
+
+def test_interrupted_run_resumes_to_the_same_model(synth_cohort, tiny_model_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """Kill the run in fold 1, resume: fold 0 is not retrained and the result is identical."""
+    import torch
+
+    from tests.fixtures.model import TINY_TRAIN
+    from training.oof import read_oof
+    from training.run import run_training
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(fold: int, epoch: int) -> None:
+        if fold == 1 and epoch == 0:
+            raise Interrupt
+
+    out = tmp_path / "model"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(Interrupt):
+            run_training(synth_cohort.dicom_dir, synth_cohort.labels_csv, out, TINY_TRAIN,
+                         on_epoch_end=stop, n_boot=0)
+        assert not out.exists() and (tmp_path / "model.work").is_dir()
+        ran: list[tuple[int, int]] = []
+        run_training(synth_cohort.dicom_dir, synth_cohort.labels_csv, out, TINY_TRAIN,
+                     resume=True, on_epoch_end=lambda f, e: ran.append((f, e)), n_boot=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert ran == [(1, 1)]  # only what was missing
+    assert not (tmp_path / "model.work").exists()
+    a = {(r.sop_instance_uid, r.fold): r.probability for r in read_oof(out).records}
+    b = {(r.sop_instance_uid, r.fold): r.probability for r in read_oof(tiny_model_dir).records}
+    assert a == b
+    ja = json.loads((out / "model.json").read_text())
+    jb = json.loads((tiny_model_dir / "model.json").read_text())
+    assert ja["threshold"] == jb["threshold"] and ja["model_uid"] != jb["model_uid"]
