@@ -253,6 +253,13 @@ def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return rows, studies
 
 
+def _one_thread_per_worker() -> None:
+    """Parallelism comes from the worker processes: BLAS threads on top only oversubscribe."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
 def _warm_up() -> None:
     """Build one tiny object of each kind so the DICOM standard tables are loaded once."""
     p = draw_participant(0, 0)
@@ -313,7 +320,7 @@ def generate_cohort(out_dir: Path, participants: int, seed: int,
     if workers > 1 and participants > 2:
         _warm_up()  # forked workers inherit highdicom's loaded standard tables
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(min(workers, participants)) as pool:
+        with ctx.Pool(min(workers, participants), initializer=_one_thread_per_worker) as pool:
             results = pool.map(_participant, jobs, chunksize=4)
     else:
         results = [_participant(j) for j in jobs]

@@ -23,6 +23,7 @@ def test_severity_shrinks_and_brightens_the_rectus_femoris() -> None:
     healthy, sarcopenic = _measure(-1.0), _measure(2.5)
     assert sarcopenic[0] < 0.8 * healthy[0]  # cross-sectional area
     assert sarcopenic[1] > healthy[1] + 5  # echo intensity (fat infiltration)
+    assert sarcopenic[2] > healthy[2]  # heterogeneity (fibro-fatty patches)
     assert 2.0 < healthy[0] < 9.0  # cm^2, plausible for an older woman's RF
 
 
