@@ -70,6 +70,20 @@ def test_every_us_object_decodes_and_matches_its_truth(synth_cohort) -> None:
     assert {p for _, p in syntaxes} == {"YBR_FULL_422", "MONOCHROME2", "RGB", "PALETTE COLOR"}
 
 
+def test_jpeg_cine_has_fragmented_frames_and_an_empty_offset_table(synth_cohort) -> None:
+    from pydicom.encaps import generate_fragments, parse_basic_offsets
+
+    cines = [f for s, f in _files(synth_cohort, "us")
+             if s["vendor"] == "supersonic" and f["frames"] > 1]
+    assert cines
+    ds = pydicom.dcmread(synth_cohort.out_dir / cines[0]["path"])
+    buffer = ds.PixelData
+    assert parse_basic_offsets(buffer) == []
+    n_fragments = sum(1 for _ in generate_fragments(buffer)) - 1  # minus the (empty) BOT item
+    assert n_fragments == 2 * ds.NumberOfFrames
+    assert ds.pixel_array.shape[0] == ds.NumberOfFrames
+
+
 def test_seg_masks_codes_and_references(synth_cohort) -> None:
     n = 0
     for study, f in _files(synth_cohort, "seg"):
