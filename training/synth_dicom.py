@@ -6,25 +6,22 @@ uncompressed RGB and palette color; burned-in annotation outside the imaging are
 Ultrasound Regions with cm/pixel deltas (some negative), several regions (side-by-side elastography,
 an M-mode strip); multi-frame cine with fragmented JPEG frames and an empty basic offset table.
 US objects are written with pydicom the way a modality does (there is no highdicom constructor
-for US images); segmentations use highdicom's validated ``Segmentation``.
+for US images); their segmentations are built in ``training.synth_seg``.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.codedict import codes
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -163,7 +160,7 @@ def make_layout(profile: VendorProfile, scale: float, quirk: str) -> Layout:
 
 
 @lru_cache(maxsize=32)
-def _ui_template(profile_name: str, model: str, transducer: str, rows: int, cols: int,
+def ui_template(profile_name: str, model: str, transducer: str, rows: int, cols: int,
                  quirk: str) -> np.ndarray:
     """Burned-in screen furniture (logo, parameters, depth scale, grey bar) as an RGB frame."""
     img = Image.new("RGB", (cols, rows), (0, 0, 0))
@@ -224,7 +221,8 @@ def compose_frame(gray_tissue: np.ndarray, layout: Layout, ui: np.ndarray,
     return frame
 
 
-def mmode_strip(gray_tissue: np.ndarray, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+def mmode_strip(gray_tissue: np.ndarray, rows: int, cols: int,
+                rng: np.random.Generator) -> np.ndarray:
     """Time-motion strip: one central scan line repeated over time with slow wobble."""
     line = gray_tissue[:, gray_tissue.shape[1] // 2].astype(np.float32)
     src = np.linspace(0, len(line) - 1, rows)
@@ -368,103 +366,3 @@ def _region_item(region: dict[str, Any]) -> Dataset:
     for key, value in region.items():
         setattr(item, key, value)
     return item
-
-
-def build_seg(source: Dataset, mask: np.ndarray, seg_frames: list[int], *,
-              uids: dict[str, str], laterality: str, series_number: int,
-              content_date: str) -> Dataset:
-    """A binary DICOM-SEG with one "Rectus femoris" segment referencing ``seg_frames``.
-
-    Args:
-        source: the US object (header and pixel data as written).
-        mask: bool (frames, rows, cols) in source frame coordinates; frames not listed in
-            ``seg_frames`` are left empty so highdicom omits them and references only the others.
-        seg_frames: 1-based source frames the annotator outlined.
-        uids: ``series``, ``sop`` and ``dimension`` (organisation) UIDs.
-        laterality: R or L, written as the anatomic region modifier.
-        series_number: SeriesNumber of the SEG series.
-        content_date: fixed ContentDate so output is deterministic.
-    """
-    n = int(getattr(source, "NumberOfFrames", 1) or 1)
-    if len(seg_frames) != 1:
-        # highdicom 0.28 builds SEGs of multi-frame sources only with a Frame of Reference,
-        # which US objects do not have; one outlined frame per cine is what sonographers do.
-        raise ValueError("exactly one outlined frame per source object is supported")
-    frame_number = seg_frames[0]
-    src = source
-    if n > 1:
-        # build against a one-frame view of the header, then point the references at the
-        # outlined frame of the real cine loop
-        src = Dataset()
-        for elem in source:
-            if elem.keyword != "PixelData":
-                src.add(copy.deepcopy(elem))  # never alias the real header's elements
-        src.file_meta = source.file_meta
-        for keyword in ("NumberOfFrames", "FrameTime", "FrameIncrementPointer", "CineRate",
-                        "RecommendedDisplayFrameRate"):
-            if keyword in src:
-                delattr(src, keyword)
-        src.SOPClassUID = UltrasoundImageStorage
-    arr = mask[frame_number - 1].astype(np.uint8)
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="Rectus femoris",
-        segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.SkeletalMuscle,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-        anatomic_regions=[codes.SCT.Thigh],
-    )
-    side = codes.SCT.Right if laterality == "R" else codes.SCT.Left
-    description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [
-        hd.sr.CodedConcept(side.value, side.scheme_designator, side.meaning)
-    ]
-    seg = hd.seg.Segmentation(
-        source_images=[src],
-        pixel_array=arr,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=uids["series"],
-        series_number=series_number,
-        sop_instance_uid=uids["sop"],
-        instance_number=1,
-        manufacturer="dicom-node synthetic annotator",
-        manufacturer_model_name="synth",
-        software_versions="1",
-        device_serial_number="SYN-ANNOT-1",
-        series_description="RF segmentation",
-        omit_empty_frames=True,
-    )
-    if n > 1:
-        _point_at_frame(seg, frame_number, source.SOPClassUID)
-    # highdicom stamps creation times and a random dimension organisation UID: pin them so a
-    # seed gives byte-identical files
-    seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = content_date
-    seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = "100000"
-    for item in getattr(seg, "ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = f"{content_date}100000"
-    for item in [*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence]:
-        item.DimensionOrganizationUID = uids["dimension"]
-    seg.PatientOrientation = ""
-    return seg
-
-
-def _point_at_frame(seg: Dataset, frame_number: int, sop_class: str) -> None:
-    """Make every source-image reference of ``seg`` name ``frame_number`` of the cine loop."""
-    refs = []
-    for fg in seg.PerFrameFunctionalGroupsSequence:
-        for der in getattr(fg, "DerivationImageSequence", []):
-            refs.extend(der.SourceImageSequence)
-    refs.extend(getattr(seg, "SourceImageSequence", []))
-    for item in refs:
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedFrameNumber = frame_number
-    # the Common Instance Reference module has no frame numbers, only the class
-    for series in getattr(seg, "ReferencedSeriesSequence", []):
-        fresh = []
-        for item in series.ReferencedInstanceSequence:  # items may be shared with the above
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = sop_class
-            ref.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
-            fresh.append(ref)
-        series.ReferencedInstanceSequence = fresh

@@ -29,14 +29,14 @@ from training.synth_dicom import (
     FOLLOWUP_DATE,
     PROFILES,
     STUDY_DATE,
-    build_seg,
     build_us,
     compose_frame,
     make_layout,
     mmode_strip,
-    _ui_template,
+    ui_template,
 )
 from training.synth_image import anatomy_for, render
+from training.synth_seg import build_seg
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _make_object(rng: np.random.Generator, p: Participant, latent: float, profil
     anatomy = anatomy_for(latent, p.values["sex"], p.values.get("bmi"), rng)
     margin = 6 if n_frames > 1 else 0
     big, big_mask = render(anatomy, h + 2 * margin, w + 2 * margin, layout.spacing_cm[0], rng)
-    ui = _ui_template(profile_name, model[0], model[1], layout.rows, layout.cols, quirk)
+    ui = ui_template(profile_name, model[0], model[1], layout.rows, layout.cols, quirk)
     mmode = None
     if quirk == "m-mode":
         reg = layout.regions[1]
