@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dicom_node.errors import ConfigError
 from inference.cam import (
     decision_logit,
     gap_cam_from_features,
@@ -81,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("scoring.device = 'cuda' but no CUDA device is available")
+        raise ConfigError("scoring.device", "'cuda' but no CUDA device is available")
     return torch.device(name)
 
 
@@ -290,6 +291,9 @@ class FoldEnsemble:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        # no busy-waiting after a run: on a small CPU it would steal the cores the rest of the
+        # study (CAM resize, SR/SC build) and the receiving node need
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

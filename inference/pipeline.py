@@ -16,13 +16,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from dicom_node.config import Config, ReaderConfig, ScoringConfig
 from dicom_node.errors import ModelArtifactError, ScoringError
 from inference.types import ImageScore, ModelInfo, StudyScore, USFrame
+
+if TYPE_CHECKING:
+    from inference.reader import StudyRead
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +72,18 @@ class ScoringPipeline:
             log.info("using the model's roi_margin %.3f (scoring.roi_margin %.3f is ignored: the "
                      "crop must match training)", spec.roi_margin, scoring.roi_margin)
         self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin)
-        self.ensemble = FoldEnsemble(
-            self.artifact.models,
-            device=scoring.device,
-            threads=scoring.torch_threads,
-            backend=scoring.backend,
-            cam_layer=scoring.cam_target_layer,
-            cam_method=scoring.cam_method,
-            input_shape=(spec.in_chans, spec.input_size, spec.input_size),
-        )
+        try:
+            self.ensemble = FoldEnsemble(
+                self.artifact.models,
+                device=scoring.device,
+                threads=scoring.torch_threads,
+                backend=scoring.backend,
+                cam_layer=scoring.cam_target_layer,
+                cam_method=scoring.cam_method,
+                input_shape=(spec.in_chans, spec.input_size, spec.input_size),
+            )
+        except ValueError as exc:  # e.g. a cam_target_layer that is not a module of the model
+            raise ModelArtifactError(f"{model_dir}: cannot serve this model: {exc}") from exc
 
     @property
     def info(self) -> ModelInfo:
@@ -86,7 +92,7 @@ class ScoringPipeline:
 
     def score_study(
         self, paths: Sequence[Path], *, allow_missing_seg: bool
-    ) -> tuple[StudyScore, Any]:
+    ) -> tuple[StudyScore, StudyRead]:
         """Score every usable frame of one study.
 
         Args:
@@ -210,7 +216,7 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def _study_uid(read: Any, paths: Sequence[Path]) -> str:
+def _study_uid(read: StudyRead, paths: Sequence[Path]) -> str:
     if read.frames:
         return str(read.frames[0].study_instance_uid)
     for ds in read.datasets.values():
@@ -233,17 +239,19 @@ def group_by_study(paths: Sequence[Path]) -> dict[str, list[Path]]:
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    files: list[Path] = []
+    files: dict[Path, Path] = {}  # resolved -> as given; a file named twice is read once
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+            found = sorted(f for f in p.rglob("*") if f.is_file())
         elif p.is_file():
-            files.append(p)
+            found = [p]
         else:
             raise ScoringError(f"{p} does not exist")
+        for f in found:
+            files.setdefault(f.resolve(), f)
     studies: dict[str, list[Path]] = defaultdict(list)
-    for f in files:
+    for f in files.values():
         try:
             ds = dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
         except (InvalidDicomError, OSError, ValueError) as exc:
@@ -276,7 +284,7 @@ def _image_row(score: StudyScore, im: ImageScore) -> dict[str, Any]:
 
 
 def write_offline_outputs(
-    score: StudyScore, read: Any, out_dir: Path, cfg: Config
+    score: StudyScore, read: StudyRead, out_dir: Path, cfg: Config
 ) -> dict[str, Any]:
     """SR + heat-map SCs (E2's builders, as the node sends them) and PNG previews for one study."""
     from PIL import Image

@@ -157,7 +157,7 @@ def test_group_by_study(synth_cohort, tmp_path: Path) -> None:  # noqa: ANN001
     one = Path(synth_cohort.out_dir) / first["files"][0]["path"]
     groups = group_by_study([Path(synth_cohort.dicom_dir), tmp_path, one])
     assert len(groups) == len(_studies(synth_cohort))
-    assert len(groups[first["study_uid"]]) == len(first["files"]) + 1  # listed twice -> twice
+    assert len(groups[first["study_uid"]]) == len(first["files"])  # named twice, read once
     with pytest.raises(ScoringError):
         group_by_study([tmp_path / "missing"])
 
@@ -194,3 +194,13 @@ def test_score_command_writes_sr_heatmaps_and_summary(tiny_model_dir, synth_coho
         rows = list(csv.DictReader(fh))
     assert len(rows) == n_us and {r["roi_source"] for r in rows} == {"seg"}
     assert all(float(r["csa_cm2"]) > 0 for r in rows if r["csa_cm2"])
+
+
+def test_bad_cam_layer_or_model_dir_is_a_clear_error(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
+    from dicom_node.errors import ModelArtifactError
+
+    cfg = ScoringConfig(model_dir=tiny_model_dir, device="cpu", cam_target_layer="backbone.nope")
+    with pytest.raises(ModelArtifactError, match="backbone.nope"):
+        ScoringPipeline(tiny_model_dir, cfg, ReaderConfig())
+    with pytest.raises(ModelArtifactError, match="does not exist"):
+        ScoringPipeline(tmp_path / "none", ScoringConfig(model_dir=tmp_path), ReaderConfig())
