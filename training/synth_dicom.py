@@ -159,10 +159,18 @@ def make_layout(profile: VendorProfile, scale: float, quirk: str) -> Layout:
     return Layout(rows, cols, box, (sp, sp), regions, quirk)
 
 
-@lru_cache(maxsize=32)
-def ui_template(profile_name: str, model: str, transducer: str, rows: int, cols: int,
-                 quirk: str) -> np.ndarray:
-    """Burned-in screen furniture (logo, parameters, depth scale, grey bar) as an RGB frame."""
+def ui_template(profile_name: str, model: str, transducer: str, layout: Layout) -> np.ndarray:
+    """Burned-in screen furniture (logo, parameters, depth scale, grey bar) as an RGB frame.
+
+    Cached per profile/model/geometry: every image of a cohort shares a handful of screens.
+    """
+    return _ui_cached(profile_name, model, transducer, layout.rows, layout.cols, layout.quirk,
+                      layout.tissue_box, layout.spacing_cm[0])
+
+
+@lru_cache(maxsize=64)
+def _ui_cached(profile_name: str, model: str, transducer: str, rows: int, cols: int,
+               quirk: str, box: tuple[int, int, int, int], spacing_cm: float) -> np.ndarray:
     img = Image.new("RGB", (cols, rows), (0, 0, 0))
     d = ImageDraw.Draw(img)
     p = PROFILES[profile_name]
@@ -177,35 +185,44 @@ def ui_template(profile_name: str, model: str, transducer: str, rows: int, cols:
     for i in range(64):
         y0 = int(rows * 0.25) + i * 3
         d.rectangle([cols - 14, y0, cols - 6, y0 + 2], fill=(255 - 4 * i,) * 3)
-    # depth scale ticks left of the tissue region
-    f0, f1, f2, _ = p.tissue
-    x = int(cols * f1) - 10
-    for k in range(11):
-        y = int(rows * f0 + k * (rows * (f2 - f0)) / 10)
+    # depth scale left of the tissue region: a tick every 0.5 cm, labelled every cm
+    r0, c0, r1, _ = box
+    x = max(c0 - 10, 0)
+    for k in range(int((r1 - r0) * spacing_cm / 0.5) + 1):
+        y = r0 + int(round(k * 0.5 / spacing_cm))
         d.line([x, y, x + (6 if k % 2 == 0 else 3), y], fill=fg)
+        if k % 2 == 0 and x >= 12:
+            d.text((x - 10, y - 5), str(k // 2), fill=fg)
     if quirk == "side-by-side":
         d.text((8, rows - 40), "SWE  kPa 0-180", fill=(240, 200, 0))
     return np.asarray(img, dtype=np.uint8)
 
 
-def _elasto_colour(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _elasto_colour(gray: np.ndarray) -> np.ndarray:
     """Shear-wave map over B-mode: stiffer (brighter echo) tissue shown redder in a box."""
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
     stiff = np.clip(gray.astype(np.float32) / 255.0, 0, 1)
     colour = np.stack([stiff * 255, (1 - np.abs(stiff - 0.5) * 2) * 200, (1 - stiff) * 255], -1)
     h, w = gray.shape
-    box = np.zeros_like(mask)
+    box = np.zeros(gray.shape, bool)
     box[h // 6: h * 5 // 6, w // 6: w * 5 // 6] = True
     rgb[box] = 0.45 * rgb[box] + 0.55 * colour[box]
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def compose_frame(gray_tissue: np.ndarray, layout: Layout, ui: np.ndarray,
-                  mmode: np.ndarray | None = None) -> np.ndarray:
-    """Place the rendered tissue (and the extra regions) into the full RGB screen frame."""
+                  mmode: np.ndarray | None = None, focus_row: int | None = None) -> np.ndarray:
+    """Place the rendered tissue (and the extra regions) into the full RGB screen frame.
+
+    ``focus_row`` (frame row of the transmit focus) gets the usual small focal-zone marker
+    just right of the tissue region.
+    """
     frame = ui.copy()
     r0, c0, r1, c1 = layout.tissue_box
     frame[r0:r1, c0:c1] = gray_tissue[..., None]
+    if focus_row is not None and r0 + 4 <= focus_row < r1 - 4 and c1 + 8 < layout.cols:
+        for i in range(5):  # a left-pointing triangle, 5 px high
+            frame[focus_row - 2 + i, c1 + 2 + abs(i - 2):c1 + 7] = (240, 240, 120)
     for reg in layout.regions:
         box = (reg["RegionLocationMinY0"], reg["RegionLocationMinX0"],
                reg["RegionLocationMaxY1"] + 1, reg["RegionLocationMaxX1"] + 1)
@@ -214,8 +231,7 @@ def compose_frame(gray_tissue: np.ndarray, layout: Layout, ui: np.ndarray,
         h, w = box[2] - box[0], box[3] - box[1]
         if reg["RegionDataType"] == 2:  # side-by-side elastography of the same view
             g = gray_tissue[:h, :w]
-            frame[box[0]:box[0] + g.shape[0], box[1]:box[1] + g.shape[1]] = _elasto_colour(
-                g, np.ones_like(g, bool))
+            frame[box[0]:box[0] + g.shape[0], box[1]:box[1] + g.shape[1]] = _elasto_colour(g)
         elif mmode is not None:
             frame[box[0]:box[2], box[1]:box[3]] = mmode[:h, :w, None]
     return frame

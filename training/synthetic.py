@@ -85,9 +85,10 @@ def _uid(seed: int, *parts: Any) -> str:
     return generate_uid(entropy_srcs=["dicom-node-synth", str(seed), *map(str, parts)])
 
 
-def _patient_header(p: Participant, patient_id: str, years_later: int) -> dict[str, Any]:
+def _patient_header(p: Participant, patient_id: str) -> dict[str, Any]:
+    """Patient module values (the follow-up is 6 months later: same age on the form)."""
     v = p.values
-    age = (v["age"] or 70) + years_later
+    age = v["age"]
     header: dict[str, Any] = {
         "PatientName": f"SYNTH^{p.participant_id}",
         "PatientID": patient_id,
@@ -139,7 +140,8 @@ def _make_object(rng: np.random.Generator, p: Participant, latent: float, profil
     anatomy = anatomy_for(latent, p.values["sex"], p.values.get("bmi"), rng)
     margin = 6 if n_frames > 1 else 0
     big, big_mask = render(anatomy, h + 2 * margin, w + 2 * margin, layout.spacing_cm[0], rng)
-    ui = ui_template(profile_name, model[0], model[1], layout.rows, layout.cols, quirk)
+    ui = ui_template(profile_name, model[0], model[1], layout)
+    focus_row = r0 + int(anatomy.focus_cm / layout.spacing_cm[0])
     mmode = None
     if quirk == "m-mode":
         reg = layout.regions[1]
@@ -153,7 +155,7 @@ def _make_object(rng: np.random.Generator, p: Participant, latent: float, profil
         dx = int(round(margin + (margin - 2) * np.cos(phase + f * 0.6))) if margin else 0
         tissue = big[dy:dy + h, dx:dx + w]
         masks[f, r0:r1, c0:c1] = big_mask[dy:dy + h, dx:dx + w]
-        frames.append(compose_frame(tissue, layout, ui, mmode))
+        frames.append(compose_frame(tissue, layout, ui, mmode, focus_row))
     return frames, masks, layout
 
 
@@ -176,7 +178,7 @@ def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         (out / rel_dir).mkdir(parents=True, exist_ok=True)
         us_series = _uid(job.seed, p.participant_id, study_n, "us-series")
         date = FOLLOWUP_DATE if followup else STUDY_DATE
-        header = _patient_header(p, patient_id, 1 if followup else 0)
+        header = _patient_header(p, patient_id)
         n_images = int(rng.integers(3, 6))
         files: list[dict[str, Any]] = []
         for k in range(n_images):
@@ -247,8 +249,6 @@ def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         row = {"participant_id": p.participant_id, "patient_id": patient_id,
                "study_instance_uid": study_uid, "label": p.label, **p.values,
                "vendor": vendor, "followup": int(followup)}
-        if followup and row.get("age") is not None:
-            row["age"] = row["age"] + 1
         rows.append(row)
     return rows, studies
 
@@ -267,7 +267,7 @@ def _warm_up() -> None:
     profile = PROFILES["samsung"]
     frames, masks, layout = _make_object(rng, p, 0.0, "samsung", profile.models[0], "", 1, 0.1)
     ds = build_us(frames, profile=profile, layout=layout, model=profile.models[0],
-                  patient=_patient_header(p, "WARM", 0),
+                  patient=_patient_header(p, "WARM"),
                   uids={"study": "1.2.3", "series": "1.2.3.1", "sop": "1.2.3.1.1",
                         "accession": "W"},
                   instance_number=1, series_number=1, laterality="R", study_date=STUDY_DATE)
