@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--participants", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vendors", nargs="+", default=None,
-                   help="vendor profiles (default: all three)")
+                   help="vendor profiles: supersonic, mindray, samsung (default: all three)")
     p.add_argument("--follow-up", action="store_true", help="add a follow-up study per participant")
     p.add_argument("--oracle", action="store_true", help="print the image-only oracle AUC")
     p.add_argument("--image-scale", type=float, default=1.0,
