@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 
 from dicom_node.config import Config, TrainConfig
 from dicom_node.errors import TrainingError
-from inference.model import ModelSpec, modality_inputs
+from inference.model import ModelSpec
 from training.cv import participant_folds, stratification_labels
 from training.data import Cohort, Sample, load_cohort
 from training.trainer import (ArrayData, DistInfo, FoldResult, barrier, init_distributed,
@@ -67,7 +66,7 @@ def _spec(cfg: TrainConfig, mods: tuple[str, ...], n_clin: int, n_lab: int) -> M
     )
 
 
-def _features(samples: Sequence[Sample], train_idx: np.ndarray, mods: tuple[str, ...]
+def scaled_features(samples: Sequence[Sample], train_idx: np.ndarray, mods: tuple[str, ...]
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Scale clinical/lab features with parameters fitted on the training studies only."""
     from training.features import CLINICAL_FEATURES, LAB_FEATURES, FeaturePreprocessor
@@ -85,7 +84,7 @@ def _features(samples: Sequence[Sample], train_idx: np.ndarray, mods: tuple[str,
     return arrays, params
 
 
-def _subset(samples: Sequence[Sample], idx: np.ndarray, feats: dict[str, np.ndarray],
+def subset_data(samples: Sequence[Sample], idx: np.ndarray, feats: dict[str, np.ndarray],
             mods: tuple[str, ...], y: np.ndarray) -> ArrayData:
     return ArrayData(
         y=y[idx],
@@ -108,7 +107,7 @@ def train_combination(
     spec = None
     for k in range(cfg.folds):
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        feats, params = _features(samples, tr, mods)
+        feats, params = scaled_features(samples, tr, mods)
         n_clin = feats["clinical"].shape[1] if "clinical" in feats else 0
         n_lab = feats["lab"].shape[1] if "lab" in feats else 0
         spec = _spec(cfg, mods, n_clin, n_lab)
@@ -116,8 +115,9 @@ def train_combination(
         if res is not None and len(res.val_pred) == len(va):
             log.info("fold %d (%s): already done, loaded from %s", k, "+".join(mods), work_dir)
         else:
-            res = train_fold(k, _subset(samples, tr, feats, mods, y),
-                             _subset(samples, va, feats, mods, y), spec, cfg, work_dir=work_dir,
+            res = train_fold(k, subset_data(samples, tr, feats, mods, y),
+                             subset_data(samples, va, feats, mods, y), spec, cfg,
+                             work_dir=work_dir,
                              dist=dist, resume=resume, pretrained=cfg.pretrained,
                              on_epoch_end=on_epoch_end)
             if dist.is_main:
@@ -250,17 +250,19 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
     def populate(tmp: Path) -> None:
         write_oof(tmp / "oof.csv", table)
         _write_participant_oof(tmp, table)
-        _report(tmp, table, cohort, fold_of, results, cfg, thresholds, n_boot)
+        from training.run_report import write_run_report
+
+        write_run_report(tmp, table, cohort, fold_of, results, cfg, thresholds, n_boot)
 
     path = write_artifact(out_dir, fold_states=[r.best_state for r in main.folds],
                           model_json=model_json, populate=populate)
     auc = metrics.get(main_name, {}).get("participant", {})
     log.info("training done: %s -> %s (threshold %.3f; participant-level %s)", main_name, out_dir,
-             threshold, _fmt_auc(auc))
+             threshold, format_metric(auc))
     return path
 
 
-def _fmt_auc(m: dict[str, Any]) -> str:
+def format_metric(m: dict[str, Any]) -> str:
     a = m.get("auc")
     if isinstance(a, dict):
         return f"AUC {a.get('auc', float('nan')):.3f} ({a.get('ci_low', 0):.3f}-{a.get('ci_high', 0):.3f})"
@@ -283,115 +285,6 @@ def _write_participant_oof(out_dir: Path, table: Any) -> None:
             for pid, k, lab, p, v in zip(agg.participant_ids, agg.folds, agg.labels, agg.scores,
                                          agg.vendors, strict=True):
                 w.writerow([pid, int(k), repr(float(lab)), repr(float(p)), v, combo])
-
-
-def _report(out_dir: Path, table: Any, cohort: Cohort, fold_of: np.ndarray,
-            results: Sequence[ComboResult], cfg: TrainConfig, thresholds: dict[str, float],
-            n_boot: int) -> None:
-    """D2's report (training/report.py) with SHAP and Grad-CAM samples; never loses the model."""
-    try:
-        from training.report import ReportData, write_report
-    except ImportError:
-        log.warning("training/report.py not available: no report written")
-        return
-    from training.oof import combination_name
-
-    main = results[0]
-    run_info = {"backbone": cfg.backbone, "input_size": cfg.input_size, "in_chans": cfg.in_chans,
-                "folds": cfg.folds, "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs,
-                "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-                "downsample_negatives": cfg.downsample_negatives, "target": cfg.target,
-                "complete_cases": cfg.complete_cases, "served": combination_name(main.modalities),
-                "samples": len(cohort.samples), "studies": len(cohort.studies),
-                "participants": len({s.participant_id for s in cohort.samples})}
-    fold_info = [{"combination": combination_name(c.modalities), "fold": r.fold,
-                  "best_epoch": r.best_epoch + 1, "val_score": round(r.best_score, 4),
-                  "val_images": int((fold_of == r.fold).sum())}
-                 for c in results for r in c.folds]
-    shap = cams = None
-    try:
-        shap = _shap(cohort, fold_of, results)
-    except Exception:  # noqa: BLE001 - optional analysis
-        log.exception("SHAP analysis failed; the report goes without it")
-    try:
-        cams = _cam_samples(cohort, fold_of, main)
-    except Exception:  # noqa: BLE001 - optional figure
-        log.exception("Grad-CAM samples failed; the report goes without them")
-    try:
-        write_report(out_dir, ReportData(
-            oof=table, run_info=run_info, thresholds=thresholds or None,
-            primary=combination_name(main.modalities), target=cfg.target, n_boot=n_boot,
-            seed=cfg.seed, excluded=list(cohort.excluded), shap=shap, cam_images=cams or (),
-            fold_info=fold_info))
-    except Exception:  # noqa: BLE001 - the model itself is fine
-        log.exception("report generation failed (the model in %s is complete)", out_dir)
-
-
-def _fold_model(combo: ComboResult, k: int) -> torch.nn.Module:
-    from inference.model import create_model
-
-    model = create_model(combo.spec)
-    model.load_state_dict(combo.folds[k].best_state)
-    return model.eval()
-
-
-def _shap(cohort: Cohort, fold_of: np.ndarray, results: Sequence[ComboResult]) -> Any:
-    """Modality SHAP (paper Fig. 4E) for the richest multimodal combination, fold 0's val set."""
-    combos = [c for c in results if len(c.modalities) > 1]
-    if not combos:
-        return None
-    from training.shap_analysis import fusion_shap
-
-    combo = max(combos, key=lambda c: len(c.modalities))
-    va = np.flatnonzero(fold_of == 0)
-    tr = np.flatnonzero(fold_of != 0)
-    feats, params = _features(cohort.samples, tr, combo.modalities)
-    y = np.asarray([s.label for s in cohort.samples], dtype=np.float64)
-    data = _subset(cohort.samples, va, feats, combo.modalities, y)
-    from training.trainer import FoldDataset
-
-    ds = FoldDataset(data, combo.spec.in_chans)
-    items = [ds[i] for i in range(len(ds))]
-    stack = {k: torch.stack([it[k] for it in items]) for k in ("image", "clinical", "lab")
-             if k in items[0]}
-    names = {k: params[k]["output_names"] for k in ("clinical", "lab") if k in params}
-    res = fusion_shap(_fold_model(combo, 0), **stack, clinical_names=names.get("clinical"),
-                      lab_names=names.get("lab"), seed=0)
-    log.info("SHAP modality shares (%s): %s", "+".join(combo.modalities), res.share)
-    return res
-
-
-def _cam_samples(cohort: Cohort, fold_of: np.ndarray, main: ComboResult, n: int = 4
-                 ) -> list[tuple[str, np.ndarray]]:
-    """Grad-CAM overlays of a few fold-0 validation images (fold-0 model), for the report."""
-    if "image" not in main.modalities or main.spec.arch != "image":
-        return []
-    import matplotlib
-
-    from inference.cam import gradcam_forward
-    from inference.model import default_cam_layer
-    from inference.transforms import finish_transforms
-
-    model = _fold_model(main, 0).requires_grad_(False)
-    layer = default_cam_layer(model)
-    va = np.flatnonzero(fold_of == 0)
-    pos = [i for i in va if cohort.samples[i].label == 1][: n // 2]
-    neg = [i for i in va if cohort.samples[i].label == 0][: n - len(pos)]
-    finish = finish_transforms(main.spec.in_chans)
-    out = []
-    cmap = matplotlib.colormaps["jet"]
-    for i in [*pos, *neg]:
-        s = cohort.samples[i]
-        x = finish({"image": s.image})["image"][None]
-        logit, cam = gradcam_forward(model, x, layer)
-        cam_up = torch.nn.functional.interpolate(cam[None], size=s.image.shape[1:],
-                                                 mode="bilinear")[0, 0].numpy()
-        grey = np.repeat(s.image[0][..., None], 3, axis=2)
-        rgb = 0.6 * grey + 0.4 * cmap(cam_up)[..., :3]
-        p = float(torch.sigmoid(logit.reshape(-1)[0]))
-        out.append((f"{s.participant_id} label {int(s.label)} p={p:.2f} (fold 0)",
-                    (np.clip(rgb, 0, 1) * 255).astype(np.uint8)))
-    return out
 
 
 def _dt_version() -> str:
@@ -437,98 +330,8 @@ def train_command(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# External validation
-# --------------------------------------------------------------------------------------------
-
-
-def predict_artifact(art: Any, cohort: Cohort, batch_size: int = 32) -> np.ndarray:
-    """Fold-ensemble mean probability (or value) per sample of ``cohort``."""
-    from training.features import FeaturePreprocessor
-    from training.trainer import predict
-
-    spec = art.spec
-    device = next(art.models[0].parameters()).device
-    y = np.asarray([s.label for s in cohort.samples], dtype=np.float64)
-    preds = []
-    for k, model in enumerate(art.models):
-        meta = art.raw["folds"][k]
-        feats = {}
-        for name in ("clinical", "lab"):
-            if name in spec.modalities:
-                params = (meta.get("feature_scaling") or {}).get(name)
-                if params is None:
-                    raise TrainingError(f"model.json folds[{k}] lacks {name} feature scaling")
-                pre = FeaturePreprocessor.from_dict(params)
-                feats[name] = pre.transform([s.row for s in cohort.samples])
-        data = _subset(cohort.samples, np.arange(len(y)), feats, tuple(spec.modalities), y)
-        raw = predict(model, data, spec.in_chans, batch_size, device)
-        if spec.target == "regression":
-            ts = meta.get("target_scaling") or {"mean": 0.0, "std": 1.0}
-            preds.append(raw * ts["std"] + ts["mean"])
-        else:
-            preds.append(1.0 / (1.0 + np.exp(-raw)))
-    return np.mean(preds, axis=0)
-
-
 def evaluate_command(args: argparse.Namespace, cfg: Config) -> int:
-    """``dicom-node evaluate``: a trained model on another archive, same metrics and report."""
-    from inference.model import load_artifact
-    from training.oof import OOFTable, combination_name, write_oof
+    """``dicom-node evaluate`` (lives in training/evaluate.py)."""
+    from training.evaluate import evaluate_command as run
 
-    art = load_artifact(Path(args.model))
-    spec = art.spec
-    out = Path(args.out) if getattr(args, "out", None) else Path(args.model) / "external"
-    cohort = load_cohort(Path(args.archive), Path(args.labels), input_size=spec.input_size,
-                         roi_margin=spec.roi_margin, modalities=spec.modalities,
-                         frame_policy=spec.frame_policy, target=spec.target,
-                         regression_column=cfg.train.regression_column)
-    prob = predict_artifact(art, cohort)
-    name = combination_name(spec.modalities)
-    table = OOFTable.from_records(
-        {"participant_id": s.participant_id, "study_instance_uid": s.study_uid,
-         "sop_instance_uid": s.sop_uid, "frame_number": s.frame_number, "fold": -1,
-         "label": s.label, "probability": float(p), "vendor": s.vendor, "modalities": name}
-        for s, p in zip(cohort.samples, prob, strict=True))
-    out.mkdir(parents=True, exist_ok=True)
-    write_oof(out / "oof.csv", table)
-    from training.metrics import aggregate, evaluate_oof, regression_metrics
-
-    if spec.target == "regression":
-        agg = aggregate(table, "participant", "mean")
-        metrics: dict[str, Any] = {name: {"participant": regression_metrics(agg.labels,
-                                                                             agg.scores)}}
-    else:
-        metrics = {name: {lvl: evaluate_oof(table, lvl, "mean", spec.threshold)[name].to_dict()
-                          for lvl in ("participant", "image")}}
-    summary = {"model_uid": art.info.model_uid, "model_dir": str(art.model_dir),
-               "archive": str(args.archive), "threshold": spec.threshold,
-               "metrics": metrics, "excluded_studies": [list(e) for e in cohort.excluded],
-               "n_samples": len(cohort.samples), "n_studies": len(cohort.studies)}
-    (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=str))
-    _report_external(out, art, table, cohort)
-    print(f"{name}: {_fmt_auc(metrics[name]['participant'])} on {len(cohort.studies)} studies "
-          f"-> {out}")
-    return 0
-
-
-def _report_external(out: Path, art: Any, table: Any, cohort: Cohort) -> None:
-    """The same report as training, on the external predictions (threshold from the model)."""
-    try:
-        from training.report import ReportData, write_report
-    except ImportError:
-        log.warning("training/report.py not available: no report written")
-        return
-    from training.oof import combination_name
-
-    name = combination_name(art.spec.modalities)
-    try:
-        write_report(out, ReportData(
-            oof=table, title="dicom-node SARCO external validation",
-            run_info={"model_uid": art.info.model_uid, "model_version": art.info.version,
-                      "backbone": art.spec.backbone, "threshold": art.spec.threshold,
-                      "studies": len(cohort.studies), "samples": len(cohort.samples)},
-            thresholds={name: art.spec.threshold}, primary=name, target=art.spec.target,
-            excluded=list(cohort.excluded)))
-    except Exception:  # noqa: BLE001 - metrics are already written
-        log.exception("external validation report failed (metrics are in %s)", out)
+    return run(args, cfg)

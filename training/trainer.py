@@ -293,6 +293,9 @@ def train_fold(
     y_train_fit = (y_train - t_mean) / t_std
     train_fit = ArrayData(y_train_fit, train.images, train.clinical, train.lab)
 
+    if device.type == "cuda":  # reproducible convolutions (slower autotuning is not worth it)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     torch.manual_seed(_seed_for(cfg.seed, fold))
     model = create_model(spec, pretrained=pretrained).to(device)
     if train.images is not None and device.type == "cpu":
