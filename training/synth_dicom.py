@@ -341,7 +341,9 @@ def build_us(frames: list[np.ndarray], *, profile: VendorProfile, layout: Layout
     elif profile.photometric == "MONOCHROME2":
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        grey = arr.mean(axis=3).astype(np.uint8) if arr.ndim == 4 else arr
+        # integer Rec. 601 luma of the composed screen (the tissue itself is already grey)
+        grey = ((arr[..., 0].astype(np.uint16) * 77 + arr[..., 1].astype(np.uint16) * 150
+                 + arr[..., 2].astype(np.uint16) * 29) >> 8).astype(np.uint8)
         ds.PixelData = np.ascontiguousarray(grey[0] if not multi else grey).tobytes()
     else:
         ds.SamplesPerPixel = 3
