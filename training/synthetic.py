@@ -253,11 +253,12 @@ def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return rows, studies
 
 
-def _one_thread_per_worker() -> None:
-    """Parallelism comes from the worker processes: BLAS threads on top only oversubscribe."""
+def _worker_init() -> None:
+    """One BLAS thread per worker (processes give the parallelism) and warm DICOM tables."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
+    _warm_up()
 
 
 def _warm_up() -> None:
@@ -318,9 +319,14 @@ def generate_cohort(out_dir: Path, participants: int, seed: int,
             for i in range(participants)]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and participants > 2:
-        _warm_up()  # forked workers inherit highdicom's loaded standard tables
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        with ctx.Pool(min(workers, participants), initializer=_one_thread_per_worker) as pool:
+        # forkserver: workers fork from a clean single-threaded server (safe inside a node or
+        # a test session that runs threads), which has imported this module once already
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+        else:  # pragma: no cover - Windows/macOS
+            ctx = mp.get_context("spawn")
+        with ctx.Pool(min(workers, participants), initializer=_worker_init) as pool:
             results = pool.map(_participant, jobs, chunksize=4)
     else:
         results = [_participant(j) for j in jobs]
