@@ -278,8 +278,20 @@ class OrthancPeer:
             return resp.read()
 
     def received(self) -> list[Path]:
-        """Download every instance Orthanc holds that is not yet copied locally."""
-        for oid in json.loads(self._get("/instances")):
+        """Download every instance Orthanc holds that is not yet copied locally.
+
+        Raises RuntimeError when Orthanc has exited; a transient HTTP error returns what is
+        already local (the caller polls again).
+        """
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the PACS (Orthanc, PID {self.proc.pid}) exited unexpectedly "
+                               f"with code {self.proc.returncode}; see {self.log_path}")
+        try:
+            oids = json.loads(self._get("/instances"))
+        except OSError as exc:
+            log.warning("Orthanc REST API did not answer (%s); retrying", exc)
+            return sorted(self.out_dir.glob("*.dcm"))
+        for oid in oids:
             path = self.out_dir / f"{oid}.dcm"
             if not path.exists():
                 tmp = path.with_suffix(".part")
