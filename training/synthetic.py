@@ -159,97 +159,117 @@ def _make_object(rng: np.random.Generator, p: Participant, latent: float, profil
     return frames, masks, layout
 
 
+def _object_kind(plan: dict[str, Any], vendor: str, k: int, followup: bool,
+                 rng: np.random.Generator) -> tuple[str, int]:
+    """(quirk, number of frames) of the k-th object of a study (see :func:`_study_plan`)."""
+    profile = PROFILES[vendor]
+    quirk, n_frames = "", 1
+    if plan["rank"] == 0 and not followup:
+        if k == 0 and profile.cine_prob > 0:
+            n_frames = CINE_FRAMES
+        if k == 1:
+            quirk = QUIRK_OF[vendor]
+        if k == 2 and vendor == "samsung":
+            quirk = "planar"
+    else:
+        if rng.random() < profile.quirk_prob:
+            quirk = QUIRK_OF[vendor]
+        elif vendor == "samsung" and rng.random() < 0.15:
+            quirk = "planar"
+        if rng.random() < profile.cine_prob:
+            n_frames = CINE_FRAMES
+    if quirk == "palette" and n_frames > 1:
+        quirk = ""  # palette colour cine loops do not occur in practice
+    return quirk, n_frames
+
+
+def _write_object(job: _Job, p: Participant, study: dict[str, Any], k: int, quirk: str,
+                  n_frames: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Render and write one US object, its truth and (unless the study has none) its SEG.
+
+    Returns:
+        The manifest file entries (the US object, then its SEG if written).
+    """
+    out, vendor = Path(job.out_dir), study["vendor"]
+    profile, model = PROFILES[vendor], study["_model"]
+    frames, masks, layout = _make_object(rng, p, study["latent"], vendor, model, quirk,
+                                         n_frames, job.image_scale)
+    tag = (p.participant_id, study["followup"])
+    sop = _uid(job.seed, *tag, "us", k)
+    ds = build_us(frames, profile=profile, layout=layout, model=model, patient=study["_header"],
+                  uids={"study": study["study_uid"], "series": study["_us_series"], "sop": sop,
+                        "accession": study["_accession"]},
+                  instance_number=k + 1, series_number=1, laterality=study["laterality"],
+                  study_date=study["_date"])
+    path = f"{study['_dir']}/US_{k + 1:03d}.dcm"
+    ds.save_as(out / path, enforce_file_format=True)
+    seg_frames = [n_frames // 2 + 1]  # the annotator outlines the middle frame
+    has_seg = study["seg"] != "none"
+    np.savez_compressed(
+        out / "truth" / f"{sop}.npz", mask=masks,
+        tissue_box=np.asarray(layout.tissue_box, np.int32),
+        spacing_cm=np.asarray(layout.spacing_cm, np.float64),
+        seg_frames=np.asarray(seg_frames if has_seg else [], np.int32))
+    entries = [{
+        "path": path, "sop_instance_uid": sop, "kind": "us",
+        "series_instance_uid": study["_us_series"], "frames": n_frames, "references": [],
+        "send_late": False, "quirk": quirk,
+        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
+        "photometric": ds.PhotometricInterpretation, "model": model[0],
+    }]
+    if has_seg:
+        seg_sop = _uid(job.seed, *tag, "seg", k)
+        seg_series = _uid(job.seed, *tag, "seg-series", k)
+        seg = build_seg(ds, masks, seg_frames,
+                        uids={"series": seg_series, "sop": seg_sop,
+                              "dimension": _uid(job.seed, seg_sop, "dimension")},
+                        laterality=study["laterality"], series_number=100 + k + 1,
+                        content_date=study["_date"])
+        seg_path = f"{study['_dir']}/SEG_{k + 1:03d}.dcm"
+        seg.save_as(out / seg_path, enforce_file_format=True)
+        entries.append({
+            "path": seg_path, "sop_instance_uid": seg_sop, "kind": "seg",
+            "series_instance_uid": seg_series, "frames": len(seg_frames),
+            "references": [sop], "referenced_frames": seg_frames,
+            "send_late": study["seg"] == "late",
+        })
+    return entries
+
+
 def _participant(job: _Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Generate and write every object of one participant; returns (label rows, studies)."""
     p = draw_participant(job.seed, job.index)
     rng = np.random.default_rng([job.seed, job.index, 2])
     plan = _study_plan(job, rng)
-    vendor, lat_side = plan["vendor"], plan["laterality"]
+    vendor = plan["vendor"]
     profile = PROFILES[vendor]
     model = profile.models[int(rng.integers(len(profile.models)))]
-    out = Path(job.out_dir)
     patient_id = f"SYN{job.seed}-{job.index + 1:04d}"
     rows, studies = [], []
     for study_n in range(2 if job.follow_up else 1):
         followup = study_n == 1
-        latent = p.latent + (rng.normal(0.15, 0.1) if followup else 0.0)
-        study_uid = _uid(job.seed, p.participant_id, study_n, "study")
-        rel_dir = Path("dicom") / p.participant_id / f"study-{study_n + 1}"
-        (out / rel_dir).mkdir(parents=True, exist_ok=True)
-        us_series = _uid(job.seed, p.participant_id, study_n, "us-series")
-        date = FOLLOWUP_DATE if followup else STUDY_DATE
-        header = _patient_header(p, patient_id)
-        n_images = int(rng.integers(3, 6))
-        files: list[dict[str, Any]] = []
-        for k in range(n_images):
-            quirk = ""
-            n_frames = 1
-            if plan["rank"] == 0 and not followup:
-                if k == 0 and profile.cine_prob > 0:
-                    n_frames = CINE_FRAMES
-                if k == 1:
-                    quirk = QUIRK_OF[vendor]
-                if k == 2 and vendor == "samsung":
-                    quirk = "planar"
-            else:
-                if rng.random() < profile.quirk_prob:
-                    quirk = QUIRK_OF[vendor]
-                elif vendor == "samsung" and rng.random() < 0.15:
-                    quirk = "planar"
-                if rng.random() < profile.cine_prob:
-                    n_frames = CINE_FRAMES
-            if quirk == "palette" and n_frames > 1:
-                quirk = ""
-            frames, masks, layout = _make_object(rng, p, latent, vendor, model, quirk,
-                                                 n_frames, job.image_scale)
-            sop = _uid(job.seed, p.participant_id, study_n, "us", k)
-            ds = build_us(frames, profile=profile, layout=layout, model=model, patient=header,
-                          uids={"study": study_uid, "series": us_series, "sop": sop,
-                                "accession": f"A{job.seed % 1000:03d}{job.index:05d}{study_n}"},
-                          instance_number=k + 1, series_number=1, laterality=lat_side,
-                          study_date=date)
-            path = rel_dir / f"US_{k + 1:03d}.dcm"
-            ds.save_as(out / path, enforce_file_format=True)
-            seg_frames = [n_frames // 2 + 1]  # the annotator outlines the middle frame
-            seg_frames = [f for f in seg_frames if 1 <= f <= n_frames]
-            has_seg = plan["seg_mode"] != "none"
-            np.savez_compressed(
-                out / "truth" / f"{sop}.npz", mask=masks,
-                tissue_box=np.asarray(layout.tissue_box, np.int32),
-                spacing_cm=np.asarray(layout.spacing_cm, np.float64),
-                seg_frames=np.asarray(seg_frames if has_seg else [], np.int32))
-            files.append({
-                "path": path.as_posix(), "sop_instance_uid": sop, "kind": "us",
-                "series_instance_uid": us_series, "frames": n_frames, "references": [],
-                "send_late": False, "quirk": quirk, "transfer_syntax": str(
-                    ds.file_meta.TransferSyntaxUID), "photometric": ds.PhotometricInterpretation,
-                "model": model[0],
-            })
-            if has_seg:
-                seg_sop = _uid(job.seed, p.participant_id, study_n, "seg", k)
-                seg_series = _uid(job.seed, p.participant_id, study_n, "seg-series", k)
-                seg = build_seg(ds, masks, seg_frames,
-                                uids={"series": seg_series, "sop": seg_sop,
-                                      "dimension": _uid(job.seed, seg_sop, "dimension")},
-                                laterality=lat_side, series_number=100 + k + 1, content_date=date)
-                seg_path = rel_dir / f"SEG_{k + 1:03d}.dcm"
-                seg.save_as(out / seg_path, enforce_file_format=True)
-                files.append({
-                    "path": seg_path.as_posix(), "sop_instance_uid": seg_sop, "kind": "seg",
-                    "series_instance_uid": seg_series, "frames": len(seg_frames),
-                    "references": [sop], "referenced_frames": seg_frames,
-                    "send_late": plan["seg_mode"] == "late",
-                })
-        studies.append({
-            "study_uid": study_uid, "patient_id": patient_id,
-            "participant_id": p.participant_id, "vendor": vendor, "model": model[0],
-            "followup": int(followup), "label": p.label, "latent": round(latent, 4),
-            "laterality": lat_side, "seg": plan["seg_mode"], "files": files,
-        })
-        row = {"participant_id": p.participant_id, "patient_id": patient_id,
-               "study_instance_uid": study_uid, "label": p.label, **p.values,
-               "vendor": vendor, "followup": int(followup)}
-        rows.append(row)
+        rel_dir = f"dicom/{p.participant_id}/study-{study_n + 1}"
+        (Path(job.out_dir) / rel_dir).mkdir(parents=True, exist_ok=True)
+        study: dict[str, Any] = {
+            "study_uid": _uid(job.seed, p.participant_id, study_n, "study"),
+            "patient_id": patient_id, "participant_id": p.participant_id, "vendor": vendor,
+            "model": model[0], "followup": int(followup), "label": p.label,
+            # the follow-up 6 months later: the muscle has deteriorated a little
+            "latent": round(p.latent + (rng.normal(0.15, 0.1) if followup else 0.0), 4),
+            "laterality": plan["laterality"], "seg": plan["seg_mode"], "files": [],
+            "_model": model, "_dir": rel_dir, "_header": _patient_header(p, patient_id),
+            "_us_series": _uid(job.seed, p.participant_id, study_n, "us-series"),
+            "_date": FOLLOWUP_DATE if followup else STUDY_DATE,
+            "_accession": f"A{job.seed % 1000:03d}{job.index:05d}{study_n}",
+        }
+        for k in range(int(rng.integers(3, 6))):
+            quirk, n_frames = _object_kind(plan, vendor, k, followup, rng)
+            study["files"].extend(_write_object(job, p, study, k, quirk, n_frames, rng))
+        studies.append({key: v for key, v in study.items() if not key.startswith("_")})
+        rows.append({"participant_id": p.participant_id, "patient_id": patient_id,
+                     "study_instance_uid": study["study_uid"], "label": p.label, **p.values,
+                     "vendor": vendor, "followup": int(followup)})
+    log.debug("participant %s: %d studies written (%s)", p.participant_id, len(studies), vendor)
     return rows, studies
 
 
