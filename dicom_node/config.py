@@ -209,6 +209,7 @@ class TrainConfig:
     modalities: tuple[Modality, ...] = ("image",)
     mlp_hidden: int = 128
     mlp_dropout: float = 0.2
+    tabular_epochs: int = 0
     complete_cases: bool = False
     target: Target = "binary"
     regression_column: str = "asmi"

@@ -104,9 +104,22 @@ def train_combination(
     y = np.asarray([s.label for s in samples], dtype=np.float64)
     oof = np.full(len(samples), np.nan)
     results, scalers = [], []
+    if "image" not in mods and cfg.tabular_epochs > 0:  # MLP-only: cheap, give it its own budget
+        cfg = dataclasses.replace(cfg, epochs=cfg.tabular_epochs,
+                                  warmup_epochs=min(cfg.warmup_epochs, cfg.tabular_epochs - 1))
+    # tabular-only models learn one row per study (not one per image of it); their prediction
+    # is then given to every image of the study so all combinations share the OOF layout
+    units = np.arange(len(samples))
+    if "image" not in mods:
+        first: dict[str, int] = {}
+        for i, s in enumerate(samples):
+            first.setdefault(s.study_uid, i)
+        units = np.asarray(sorted(first.values()))
+    unit_of_study = {samples[i].study_uid: j for j, i in enumerate(units)}
     spec = None
     for k in range(cfg.folds):
-        tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
+        tr = units[fold_of[units] != k]
+        va = units[fold_of[units] == k]
         feats, params = scaled_features(samples, tr, mods)
         n_clin = feats["clinical"].shape[1] if "clinical" in feats else 0
         n_lab = feats["lab"].shape[1] if "lab" in feats else 0
@@ -117,13 +130,15 @@ def train_combination(
         else:
             res = train_fold(k, subset_data(samples, tr, feats, mods, y),
                              subset_data(samples, va, feats, mods, y), spec, cfg,
-                             work_dir=work_dir,
-                             dist=dist, resume=resume, pretrained=cfg.pretrained,
-                             on_epoch_end=on_epoch_end)
+                             work_dir=work_dir, dist=dist, resume=resume,
+                             pretrained=cfg.pretrained, on_epoch_end=on_epoch_end)
             if dist.is_main:
                 save_done(work_dir, res)
             barrier(dist)
-        oof[va] = res.val_pred
+        pred_of_unit = dict(zip(va.tolist(), res.val_pred.tolist(), strict=True))
+        for i in np.flatnonzero(fold_of == k):
+            oof[i] = pred_of_unit[units[unit_of_study[samples[i].study_uid]]] \
+                if "image" not in mods else pred_of_unit[i]
         results.append(res)
         scalers.append(params)
     assert spec is not None

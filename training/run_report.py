@@ -35,6 +35,7 @@ def write_run_report(out_dir: Path, table: Any, cohort: Cohort, fold_of: np.ndar
     main = results[0]
     run_info = {"backbone": cfg.backbone, "input_size": cfg.input_size, "in_chans": cfg.in_chans,
                 "folds": cfg.folds, "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs,
+                "tabular_epochs": cfg.tabular_epochs or cfg.epochs,
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
                 "downsample_negatives": cfg.downsample_negatives, "target": cfg.target,
                 "complete_cases": cfg.complete_cases, "served": combination_name(main.modalities),

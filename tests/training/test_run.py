@@ -147,3 +147,28 @@ def test_interrupted_run_resumes_to_the_same_model(synth_cohort, tiny_model_dir:
     ja = json.loads((out / "model.json").read_text())
     jb = json.loads((tiny_model_dir / "model.json").read_text())
     assert ja["threshold"] == jb["threshold"] and ja["model_uid"] != jb["model_uid"]
+
+
+def test_tabular_models_train_per_study_with_their_own_epochs(synth_cohort, tmp_path: Path
+                                                              ) -> None:
+    import dataclasses
+
+    from tests.fixtures.model import TINY_TRAIN
+    from training.oof import read_oof
+    from training.run import run_training
+
+    cfg = dataclasses.replace(TINY_TRAIN, modalities=("clinical", "lab"), tabular_epochs=5,
+                              mlp_hidden=16)
+    out = run_training(synth_cohort.dicom_dir, synth_cohort.labels_csv, tmp_path / "m", cfg,
+                       also=["lab"], n_boot=0)
+    raw = json.loads((out / "model.json").read_text())
+    assert raw["spec"]["arch"] == "fusion" and raw["spec"]["n_clinical"] == 9
+    assert all(len(f["history"]) == 5 for f in raw["folds"])
+    assert set(raw["cv_metrics"]) == {"clinical+lab", "lab"}
+    oof = read_oof(out)
+    for combo in ("clinical+lab", "lab"):
+        rows = oof.select(modalities=combo).records
+        assert len(rows) == len({r.study_instance_uid for r in rows}) == raw["n_studies"]
+    # studies without a SEG are usable for tabular models: none excluded for want of an ROI
+    assert not [e for e in raw["excluded_studies"] if "ROI" in e[1]]
+    assert "SHAP" in (out / "report.md").read_text()
