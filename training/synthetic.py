@@ -40,6 +40,34 @@ from training.synth_seg import build_seg
 
 log = logging.getLogger(__name__)
 
+# A DCMTK storescu profile proposing every (SOP class, transfer syntax) this generator writes, so
+# a whole cohort goes in one association: storescu's -x options offer only one compressed syntax
+# per run and its default profile lacks the Segmentation SOP class.
+STORESCU_CFG = """\
+# /usr/bin/storescu -xf storescu.cfg Synth +sd +r HOST PORT dicom
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LittleEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[JPEGBaseline]
+TransferSyntax1 = JPEGBaseline
+[RLE]
+TransferSyntax1 = RLELossless
+
+[[PresentationContexts]]
+[SynthContexts]
+PresentationContext1 = UltrasoundImageStorage\\JPEGBaseline
+PresentationContext2 = UltrasoundImageStorage\\RLE
+PresentationContext3 = UltrasoundImageStorage\\Uncompressed
+PresentationContext4 = UltrasoundMultiframeImageStorage\\JPEGBaseline
+PresentationContext5 = UltrasoundMultiframeImageStorage\\RLE
+PresentationContext6 = UltrasoundMultiframeImageStorage\\Uncompressed
+PresentationContext7 = SegmentationStorage\\Uncompressed
+
+[[Profiles]]
+[Synth]
+PresentationContexts = SynthContexts
+"""
 CINE_FRAMES = 9  # odd: the middle frame is unambiguous
 QUIRK_OF = {"supersonic": "side-by-side", "mindray": "m-mode", "samsung": "palette"}
 
@@ -369,8 +397,11 @@ def generate_cohort(out_dir: Path, participants: int, seed: int,
         "vendors": list(vendors), "follow_up": follow_up, "image_scale": image_scale,
         "counts": {"studies": len(studies), "us": n_us, "seg": n_seg,
                    "positives": sum(p.label for p in people)},
-        "oracle_auc": oracle, "studies": studies,
+        "oracle_auc": oracle,
+        "push": "/usr/bin/storescu -xf storescu.cfg Synth +sd +r HOST PORT dicom",
+        "studies": studies,
     }
+    (out_dir / "storescu.cfg").write_text(STORESCU_CFG)
     manifest_path = out_dir / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=1))
     summary = CohortSummary(

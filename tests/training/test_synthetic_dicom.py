@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,34 @@ def test_cli_synth_writes_a_cohort(tmp_path: Path, capsys) -> None:
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert {s["vendor"] for s in manifest["studies"]} == {"mindray"}
     assert main(["synth", "--out", str(tmp_path / "x"), "--vendors", "philips"]) == 2
+
+
+@pytest.mark.network
+@pytest.mark.skipif(not Path("/usr/bin/storescp").exists(), reason="DCMTK not installed")
+def test_whole_cohort_goes_through_dcmtk_storescu_in_one_run(synth_cohort, tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    scp = subprocess.Popen(["/usr/bin/storescp", "--accept-all", "-od", str(received),
+                            str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(50):  # wait until it listens (bounded: 5 s)
+            echo = subprocess.run(["/usr/bin/echoscu", "127.0.0.1", str(port)],
+                                  capture_output=True)
+            if echo.returncode == 0 or scp.poll() is not None:
+                break
+            time.sleep(0.1)
+        push = subprocess.run(
+            ["/usr/bin/storescu", "-xf", "storescu.cfg", "Synth", "+sd", "+r", "127.0.0.1",
+             str(port), "dicom"], cwd=synth_cohort.out_dir, capture_output=True, text=True,
+            timeout=180)
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    assert push.returncode == 0, push.stderr[-2000:]
+    sent = {f["sop_instance_uid"] for kind in ("us", "seg") for _, f in _files(synth_cohort, kind)}
+    # storescp names each file <modality prefix>.<SOP Instance UID>
+    got = {p.name.split(".", 1)[1] for p in received.iterdir()}
+    assert got == sent and len(sent) == synth_cohort.us_objects + synth_cohort.seg_objects
