@@ -150,9 +150,16 @@ def _awgs(rng: np.random.Generator, label: int, sex: str, latent: float) -> dict
 
 def draw_participant(seed: int, index: int, prevalence: float = 0.28,
                      missing_fraction: float = 0.25) -> Participant:
-    """Draw one participant from its own random stream (so workers can draw in any order)."""
+    """Draw one participant from its own random stream (so workers can draw in any order).
+
+    Labels are dealt by a low-discrepancy sequence with a seeded phase rather than coin flips,
+    so every prefix of a cohort holds the target prevalence to within one participant: a
+    12-participant test cohort always has both classes for cross-validation.
+    """
     rng = np.random.default_rng([seed, index, 1])
-    label = int(rng.random() < prevalence)
+    phase = float(np.random.default_rng([seed, 0x5A4C]).random())
+    label = int(np.floor((index + 1) * prevalence + phase) - np.floor(index * prevalence + phase))
+    rng.random()  # keep the stream position of the former coin flip
     k = label
     sex = "M" if rng.random() < PREVALENCE_TARGETS["male"][k] else "F"
     v: dict[str, Any] = {"sex": sex}

@@ -16,6 +16,9 @@ def test_fixture_cohort_has_every_vendor_and_seg_mode(synth_cohort) -> None:
     quirks = {f["quirk"] for s in studies for f in s["files"] if f["kind"] == "us"}
     assert {"side-by-side", "m-mode", "palette"} <= quirks
     assert any(f["frames"] > 1 for s in studies for f in s["files"] if f["kind"] == "us")
+    # per-vendor metrics downstream need both classes from every vendor
+    for vendor in ("supersonic", "mindray", "samsung"):
+        assert {s["label"] for s in studies if s["vendor"] == vendor} == {0, 1}
     for s in studies:
         for f in s["files"]:
             ds = pydicom.dcmread(synth_cohort.out_dir / f["path"])

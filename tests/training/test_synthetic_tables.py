@@ -29,6 +29,9 @@ def _median(cohort, name: str, label: int) -> float:
 def test_prevalence_and_missing_fraction(cohort) -> None:
     labels = np.array([p.label for p in cohort])
     assert 0.22 <= labels.mean() <= 0.34
+    # every prefix holds the prevalence within one participant (small cohorts: both classes)
+    for n in (5, 12, 40):
+        assert abs(labels[:n].sum() - 0.28 * n) <= 1.0
     incomplete = np.mean([any(v is None for v in p.values.values()) for p in cohort])
     assert 0.18 <= incomplete <= 0.32
 
@@ -39,9 +42,10 @@ def test_class_medians_follow_table_1(cohort, name: str, tol: float) -> None:
     targets = CLINICAL_TARGETS.get(name) or LAB_TARGETS[name][:2]
     for label in (0, 1):
         assert abs(_median(cohort, name, label) - targets[label][0]) <= tol, (name, label)
-    # the direction of the class difference is the paper's
-    assert np.sign(_median(cohort, name, 1) - _median(cohort, name, 0)) == np.sign(
-        targets[1][0] - targets[0][0])
+    # the direction of the class difference is the paper's (where it is larger than noise)
+    if abs(targets[1][0] - targets[0][0]) > tol:
+        assert np.sign(_median(cohort, name, 1) - _median(cohort, name, 0)) == np.sign(
+            targets[1][0] - targets[0][0])
 
 
 def test_awgs_measurements_reproduce_the_label(cohort) -> None:
