@@ -318,6 +318,7 @@ def train_fold(
 
     start_epoch, step = 0, 0
     best_score, best_epoch = -math.inf, -1
+    best_pred: np.ndarray | None = None  # validation predictions of the best epoch
     history: list[dict[str, float]] = []
     if not resume and dist.is_main and ck.dir.exists():
         import shutil
@@ -335,6 +336,8 @@ def train_fold(
         start_epoch, step = int(prog["epoch"]) + 1, int(prog["step"])
         best_score, best_epoch = float(prog["best_score"]), int(prog["best_epoch"])
         history = list(prog["history"])
+        if prog.get("best_pred") is not None:
+            best_pred = np.asarray(prog["best_pred"], dtype=np.float64)
         log.info("fold %d: resuming after epoch %d (best val %.4f at epoch %d)", fold,
                  start_epoch, best_score, best_epoch + 1)
     barrier(dist)
@@ -378,7 +381,7 @@ def train_fold(
             score = -1e9 + epoch
         improved = score > best_score
         if improved:
-            best_score, best_epoch = score, epoch
+            best_score, best_epoch, best_pred = score, epoch, pred
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else 0.0,
                         "val_score": score, "lr": lr_at(max(step - 1, 0), total_steps,
                                                         warmup_steps, cfg.lr)})
@@ -388,6 +391,8 @@ def train_fold(
         if dist.is_main:
             ck.save_epoch(model, opt, {"epoch": epoch, "step": step, "best_score": best_score,
                                        "best_epoch": best_epoch, "history": history,
+                                       "best_pred": None if best_pred is None
+                                       else best_pred.tolist(),
                                        "world_size": dist.world_size}, improved)
         barrier(dist)
         if on_epoch_end is not None:
@@ -395,8 +400,10 @@ def train_fold(
 
     best_state = _load_state(ck.best) if ck.best.is_file() else model.state_dict()
     model.load_state_dict(best_state)
-    raw = predict(model, val, spec.in_chans, cfg.batch_size, device, dist)
-    pred = raw * t_std + t_mean if regression else 1.0 / (1.0 + np.exp(-raw))
+    if best_pred is None or len(best_pred) != len(val):  # e.g. zero epochs left to run
+        raw = predict(model, val, spec.in_chans, cfg.batch_size, device, dist)
+        best_pred = raw * t_std + t_mean if regression else 1.0 / (1.0 + np.exp(-raw))
+    pred = best_pred
     return FoldResult(fold, best_epoch, best_score,
                       {k: v.detach().cpu() for k, v in best_state.items()}, pred, history,
                       {"mean": t_mean, "std": t_std} if regression else None)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from dicom_node.config import TrainConfig
-from inference.model import ModelSpec
-from training.trainer import ArrayData, _epoch_indices, load_done, lr_at, save_done, train_fold
+from inference.model import ModelSpec, create_model
+from training.trainer import (ArrayData, _epoch_indices, load_done, lr_at, predict, save_done,
+                              train_fold)
 
 CFG = TrainConfig(backbone="test_convnext", input_size=32, folds=2, epochs=3, warmup_epochs=1,
                   batch_size=8, lr=2e-3, seed=5, device="cpu")
@@ -72,6 +73,11 @@ def test_same_seed_same_weights_and_resume_matches(tmp_path: Path) -> None:
     again = train_fold(0, train, val, SPEC, CFG, work_dir=tmp_path / "b")
     assert _states_equal(ref.best_state, again.best_state)
     assert np.array_equal(ref.val_pred, again.val_pred)
+    # the returned validation predictions are those of the returned (best) weights
+    model = create_model(SPEC)
+    model.load_state_dict(ref.best_state)
+    logits = predict(model, val, 3, 8, torch.device("cpu"))
+    assert np.allclose(1 / (1 + np.exp(-logits)), ref.val_pred, atol=1e-6)
 
     class Interrupt(Exception):
         pass
