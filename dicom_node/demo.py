@@ -225,9 +225,17 @@ def _ts_runs(files: list[Path]) -> list[tuple[str, list[Path]]]:
     return runs
 
 
-def _push(study: DemoStudy, node: NodeProcess) -> None:
-    """Send one study as a modality: DCMTK storescu when installed, else the node's own SCU."""
+def _push(study: DemoStudy, node: NodeProcess, profile: Path | None = None) -> None:
+    """Send one study as a modality: DCMTK storescu when installed, else the node's own SCU.
+
+    With the cohort's storescu profile (every SOP class/transfer syntax it wrote) the study goes
+    in one association, as a modality sends it; without it, one association per syntax run.
+    """
     if DCMTK_STORESCU.exists():
+        if profile is not None and profile.exists():
+            storescu(study.files, node.port, node.ae_title, aet=MODALITY_AET, timeout=120,
+                     extra=("-xf", str(profile), "Synth", "-pdu", "131072"))
+            return
         for opt, files in _ts_runs(study.files):
             storescu(files, node.port, node.ae_title, aet=MODALITY_AET, timeout=120,
                      extra=("-R", opt, "-pdu", "131072"))
@@ -432,7 +440,7 @@ def run_demo(workdir: Path, *, participants: int, held_out: int, epochs: int, im
                       "/{task.total}"), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("C-STORE studies", total=len(studies))
             for st in studies.values():
-                _push(st, node)
+                _push(st, node, cohort / "storescu.cfg")
                 bar.advance(task)
 
         step(5, "Waiting for SRs and heat maps at the PACS")
