@@ -89,9 +89,13 @@ def run(studies: int = 40, modalities: int = 4, backbone: str = "convnext_tiny",
                 for p in pacs.received():
                     if p in seen or not p.name.startswith("SR"):
                         continue
+                    try:  # storescp may still be writing it: read again on the next poll
+                        ds = pydicom.dcmread(p, stop_before_pixels=True)
+                        uid = str(ds.StudyInstanceUID)
+                    except Exception:  # noqa: BLE001
+                        continue
                     seen.add(p)
-                    ds = pydicom.dcmread(p, stop_before_pixels=True)
-                    arrived.setdefault(str(ds.StudyInstanceUID), p.stat().st_mtime)
+                    arrived.setdefault(uid, p.stat().st_mtime)
                 time.sleep(0.5)
             for t in pushers:
                 t.join(timeout=10)
