@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import threading
@@ -31,6 +30,7 @@ from typing import Any, Literal
 
 import sqlite_utils
 
+from dicom_node.durable import write_durable
 from dicom_node.errors import ArchiveError, OutOfResourcesError
 from dicom_node.validate import InstanceInfo, is_valid_uid
 
@@ -119,45 +119,6 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
                 table.add_column(col, tp)
     for name, cols in _INDEXES:
         db[name].create_index(cols, if_not_exists=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durable(path: Path) -> None:
-    """mkdir -p, fsyncing each parent whose entry we created (a rename is only durable then)."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            pass
-        _fsync_dir(d.parent)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temp + fsync + replace + dir fsync)."""
-    _makedirs_durable(path.parent)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class Archive:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from dicom_node.config import ResultsConfig
+from dicom_node.durable import fsync_dir, write_durable
 from dicom_node.errors import ResultsError
 from inference.types import ImageScore, ModelInfo, StudyScore
 
@@ -459,14 +460,6 @@ def build_results(
     return ResultSet(sr=sr, heatmaps=list(heatmaps))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_results(result_set: ResultSet, cfg: Config) -> list[Path]:
     """Write SR and heat maps durably under ``results_dir/<StudyUID>/`` before they are queued.
 
@@ -475,16 +468,13 @@ def write_results(result_set: ResultSet, cfg: Config) -> list[Path]:
     """
     study_uid = result_set.sr.StudyInstanceUID
     folder = cfg.node.results_dir / study_uid
-    folder.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for ds in result_set.datasets:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
         final = folder / f"{ds.SOPInstanceUID}.dcm"
-        tmp = folder / f".{ds.SOPInstanceUID}.tmp"
-        ds.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        write_durable(final, buffer.getvalue(), sync_dir=False)
         paths.append(final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     log.info("study %s: wrote %d result file(s) to %s", study_uid, len(paths), folder)
     return paths

@@ -28,19 +28,12 @@ import torch
 from torch import nn
 
 from dicom_node.errors import ModelArtifactError
+from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES
 from inference.types import ModelInfo
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-CLINICAL_FEATURES: tuple[str, ...] = (
-    "diabetes", "osteoporosis", "age", "sex", "height_cm", "weight_kg", "bmi",
-    "calf_circumference_cm",
-)
-LAB_FEATURES: tuple[str, ...] = (
-    "tc", "tg", "hdl", "ldl", "hba1c", "albumin", "hemoglobin", "vitd_1_25", "osteocalcin",
-    "ft3", "ft4", "tt3", "tt4", "tsh",
-)
 REQUIRED_KEYS: tuple[str, ...] = (
     "schema_version", "name", "version", "model_uid", "spec", "threshold", "folds",
 )

@@ -38,17 +38,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dicom_node.errors import TrainingError
+from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-CLINICAL_FEATURES: tuple[str, ...] = (
-    "diabetes", "osteoporosis", "age", "sex", "height_cm", "weight_kg", "bmi",
-    "calf_circumference_cm",
-)
-LAB_FEATURES: tuple[str, ...] = (
-    "tc", "tg", "hdl", "ldl", "hba1c", "albumin", "hemoglobin", "vitd_1_25", "osteocalcin",
-    "ft3", "ft4", "tt3", "tt4", "tsh",
-)
 CATEGORICAL: dict[str, tuple[str, str]] = {"sex": ("M", "F")}  # value coded 1, value coded 0
 
 _SYNONYMS = {"M": "MALE", "F": "FEMALE"}

@@ -16,14 +16,10 @@ from typing import Any
 
 import numpy as np
 
-CLINICAL_COLUMNS: tuple[str, ...] = (
-    "diabetes", "osteoporosis", "age", "sex", "height_cm", "weight_kg", "bmi",
-    "calf_circumference_cm",
-)
-LAB_COLUMNS: tuple[str, ...] = (
-    "tc", "tg", "hdl", "ldl", "hba1c", "albumin", "hemoglobin", "vitd_1_25", "osteocalcin",
-    "ft3", "ft4", "tt3", "tt4", "tsh",
-)
+from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES
+
+CLINICAL_COLUMNS: tuple[str, ...] = CLINICAL_FEATURES
+LAB_COLUMNS: tuple[str, ...] = LAB_FEATURES
 AWGS_COLUMNS: tuple[str, ...] = (
     "asmi", "asmi_method", "handgrip_kg", "gait_speed_m_s", "chair_stand_s",
 )

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import random
-import threading
 import time
 from pathlib import Path
 
 import highdicom as hd
 import pytest
-from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
