@@ -58,7 +58,7 @@ def gpu_name() -> str:
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001 - a broken CUDA install just means no GPU here
-        pass
+        return "none"
     return "none"
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402,F401  (sets sys.path)
-from common import REPO, save_result  # noqa: E402
+import common  # noqa: F401  (sets sys.path)
+from common import REPO, save_result
 
-from bench import ingest, scoring, throughput, training  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench import ingest, scoring, throughput, training
+from bench.machine import describe
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -34,10 +34,10 @@ def _fmt(v: object, digits: int = 2) -> str:
 def render(machine: dict, res: dict, seconds: float) -> str:
     """Markdown for the figures of one run."""
     lines = [
-        f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC in {seconds / 60:.1f} min on: "
-        f"{machine['cpu_model']}, {machine['cores']} cores, GPU: {machine['gpu']}, torch "
-        f"{machine['torch']}; torch.matmul 4096² anchor {machine['matmul_gflops']:.1f} GFLOP/s. "
-        "No GPU was lent to this task, so there are no GPU figures.",
+        (f"Run {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC in {seconds / 60:.1f} min on: "
+         f"{machine['cpu_model']}, {machine['cores']} cores, GPU: {machine['gpu']}, torch "
+         f"{machine['torch']}; torch.matmul 4096² anchor {machine['matmul_gflops']:.1f} GFLOP/s. "
+         "No GPU was lent to this task, so there are no GPU figures."),
         "",
         "| benchmark | this node | reference | ratio | target |",
         "| --- | --- | --- | --- | --- |",
@@ -81,8 +81,8 @@ def render(machine: dict, res: dict, seconds: float) -> str:
             stages.append(f"- {bb}: stages (ms) {st}; SR+SC build {m['sr_sc_build_ms']:.0f}; "
                           f"send {m['send_ms']:.0f}")
     if stages:
-        lines += ["", "Scoring stages of the first variant (fold weights untrained, random init: "
-                  "timing does not depend on them):", *stages]
+        lines += ["", ("Scoring stages of the first variant (fold weights untrained, random init: "
+                       "timing does not depend on them):"), *stages]
     errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["", "Benchmarks that failed in this run:", *errors]

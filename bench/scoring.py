@@ -13,7 +13,6 @@ max |Δp|. Fold weights are random (untrained): timing does not depend on the we
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
@@ -62,7 +61,7 @@ def _time_backend(model_dir: Path, files: list[Path], backend: str, cam_method: 
             "score": score, "read": read}
 
 
-def _results_and_send(score, read, workdir: Path, repeats: int) -> dict:  # noqa: ANN001
+def _results_and_send(score, read, workdir: Path, repeats: int) -> dict:
     from dicom_node.demo_pacs import StorescpPeer
     from dicom_node.results import build_results
     from dicom_node.scu import store_files

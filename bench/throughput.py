@@ -13,7 +13,6 @@ Fold weights are random (untrained): timing does not depend on them.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import threading
 import time
@@ -92,7 +91,7 @@ def run(studies: int = 40, modalities: int = 4, backbone: str = "convnext_tiny",
                     try:  # storescp may still be writing it: read again on the next poll
                         ds = pydicom.dcmread(p, stop_before_pixels=True)
                         uid = str(ds.StudyInstanceUID)
-                    except Exception:  # noqa: BLE001
+                    except Exception:  # noqa: BLE001, S112
                         continue
                     seen.add(p)
                     arrived.setdefault(uid, p.stat().st_mtime)

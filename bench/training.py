@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from common import save_result
 from dicom_node.config import TrainConfig
 
 
-def _data(n: int, size: int, seed: int = 0):  # noqa: ANN202
+def _data(n: int, size: int, seed: int = 0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -43,7 +44,7 @@ def real_trainer(n: int, epochs: int, cfg: TrainConfig, work: Path) -> list[floa
     marks = [time.perf_counter()]
     train_fold(0, ArrayData(y, images), ArrayData(vy, vimg), spec, cfg, work_dir=work,
                on_epoch_end=lambda fold, epoch: marks.append(time.perf_counter()))
-    return [b - a for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def bare_loop(n: int, epochs: int, cfg: TrainConfig) -> list[float]:

@@ -20,8 +20,9 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class PynetdicomPeer:
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, _nodelay)],
         )
 
-    def _on_store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
+    def _on_store(self, event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
         path = self.out_dir / f"{ds.SOPInstanceUID}.dcm"
@@ -172,7 +173,7 @@ class PynetdicomPeer:
         self._server.shutdown()
 
 
-def _nodelay(event) -> None:  # noqa: ANN001 - pynetdicom event
+def _nodelay(event) -> None:
     sock = getattr(event.assoc.dul, "socket", None)
     raw = getattr(sock, "socket", None)
     if raw is not None:
@@ -268,7 +269,7 @@ class OrthancPeer:
         src, lib = self.dir / "bind_loopback.c", self.dir / "bind_loopback.so"
         src.write_text(_BIND_SHIM)
         r = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(lib), str(src), "-ldl"],
-                           capture_output=True, timeout=60)
+                           check=False, capture_output=True, timeout=60)
         return lib if r.returncode == 0 else None
 
     def _get(self, path: str, timeout: float = 10.0) -> bytes:
@@ -378,7 +379,7 @@ def storescu(files: Sequence[Path], port: int, aec: str, aet: str = "STORESCU",
            *map(str, files)]
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "TCP_NODELAY": "1"})
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"storescu to port {port} timed out after {timeout:.0f} s") from None
