@@ -46,8 +46,10 @@ MODALITY_AET = "STORESCU"
 SR_MODALITY = "SR"
 # Demo defaults: sized so that generate + train + serve + score finishes well under 10 minutes on
 # 2 CPU cores (measured figures in BENCHMARKS.md).
-DEFAULTS = {"participants": 45, "held_out": 6, "epochs": 6, "image_size": 96,
-            "backbone": "convnext_atto", "timeout": 300.0}
+# resnet10t (BatchNorm) learns from random init within a demo budget; convnext_atto at the same
+# budget stayed at chance (CV AUC 0.52 vs 0.65 measured on the same 45-participant cohort).
+DEFAULTS = {"participants": 45, "held_out": 6, "epochs": 12, "image_size": 96,
+            "backbone": "resnet10t", "timeout": 300.0}
 
 # SR codes (dicom_node/results.py writes them; TID 1500)
 _PROBABILITY = "122157"
@@ -167,8 +169,8 @@ def _train(dicom: Path, labels: Path, model_dir: Path, *, backbone: str, image_s
         "node": {"allow_any_calling_aet": True},
         "scoring": {"enabled": False},
         "train": {"backbone": backbone, "input_size": image_size, "folds": folds,
-                  "epochs": epochs, "warmup_epochs": min(2, max(epochs - 1, 0)),
-                  "batch_size": 32, "lr": 1e-3, "output_dir": str(model_dir),
+                  "epochs": epochs, "warmup_epochs": min(1, max(epochs - 1, 0)),
+                  "batch_size": 16, "lr": 1e-3, "output_dir": str(model_dir),
                   "torch_threads": max(1, min(os.cpu_count() or 1, 4)), "device": "cpu"},
     }, base_dir=model_dir.parent).train
     torch.set_num_threads(cfg.torch_threads)
