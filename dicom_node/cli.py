@@ -159,6 +159,9 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level.upper() != "DEBUG":
+        # pynetdicom logs several INFO lines per DIMSE message; ours say one line per instance
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -29,7 +30,8 @@ def _processor(cfg: Config) -> Processor:
     if not cfg.scoring.enabled:
         log.info("scoring disabled: studies are archived only (archive-only jobs)")
         return archive_only_processor
-    from dicom_node.processing import build_processor  # heavy (torch): only when scoring
+    # heavy (torch): only when scoring
+    from dicom_node.processing import build_processor
 
     return build_processor(cfg)
 
@@ -57,7 +59,8 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     if cfg.worker.enabled:
         worker = Worker(archive, _processor(cfg), cfg.worker)
     if cfg.scoring.enabled and cfg.destinations:
-        from dicom_node.sender import DeliveryLoop  # another module's loop; import only if used
+        # another module's loop; import only if used
+        from dicom_node.sender import DeliveryLoop
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
@@ -155,5 +158,6 @@ def studies_command(args: argparse.Namespace, cfg: Config) -> int:
             str(r["seg"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received"])),
             job_s, delivery, (r["note"] or "")[:60],
         )
-    Console().print(table)
+    # a pipe or log file has no width: give the UIDs room instead of rich's 80-column default
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
