@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -12,6 +13,20 @@ from dicom_node.config import Config, config_from_dict
 # Cross-package session fixtures live in tests/fixtures/; each module registers itself here.
 pytest_plugins: list[str] = ["tests.fixtures.orthanc", "tests.fixtures.cohort",
                              "tests.fixtures.model"]
+
+
+def require_tool(present: bool, what: str) -> None:
+    """Skip when a system tool is missing on a developer machine; fail in CI.
+
+    `.ci/run` installs DCMTK, dicom3tools and Orthanc, so in CI (``CI`` set) a missing tool is a
+    broken set-up that must not hide behind a skipped test.
+    """
+    if present:
+        return
+    message = f"{what} is not installed (apt-get install dcmtk dicom3tools orthanc)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def free_port() -> int:

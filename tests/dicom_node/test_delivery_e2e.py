@@ -24,7 +24,7 @@ from dicom_node import results as R
 from dicom_node import sender as S
 from dicom_node.config import load_config
 from dicom_node.scu import echo
-from tests.conftest import free_port
+from tests.conftest import free_port, require_tool
 from tests.fixtures.orthanc import orthanc_binary, start_orthanc, stop_orthanc
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
@@ -119,10 +119,8 @@ def _node_ready(port: int) -> bool:
 def test_storescu_to_node_to_orthanc_across_outage_and_restart(
     synth_cohort, tiny_model_dir, tmp_path, tmp_path_factory
 ):
-    if not Path(STORESCU).exists():
-        pytest.skip("DCMTK storescu not installed")
-    if orthanc_binary() is None:
-        pytest.skip("Orthanc binary not installed (apt-get install orthanc)")
+    require_tool(Path(STORESCU).exists(), "DCMTK (storescu)")
+    require_tool(orthanc_binary() is not None, "Orthanc")
     manifest = json.loads(synth_cohort.manifest.read_text())
     # a study with SEGs sent with the images, in syntaxes DCMTK storescu proposes with -R -xy
     study = next(s for s in manifest["studies"]

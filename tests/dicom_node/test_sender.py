@@ -15,7 +15,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from dicom_node import results as R
 from dicom_node import sender as S
 from dicom_node.config import DeliveryConfig, load_config
-from tests.conftest import free_port, make_config
+from tests.conftest import free_port, make_config, require_tool
 from tests.dicom_node.test_results import make_score, make_us
 from tests.fixtures.orthanc import start_orthanc, stop_orthanc
 
@@ -116,8 +116,7 @@ def test_pacs_down_then_delivered_after_restart(tmp_path, tmp_path_factory):
     """PACS down: rows stay pending with the error; a NEW loop on the same DB delivers later."""
     from tests.fixtures.orthanc import orthanc_binary
 
-    if orthanc_binary() is None:
-        pytest.skip("Orthanc binary not installed (apt-get install orthanc)")
+    require_tool(orthanc_binary() is not None, "Orthanc")
     dicom_port, http_port = free_port(), free_port()
     cfg = _config(tmp_path, dicom_port)
     score, rs, paths = _results(cfg)

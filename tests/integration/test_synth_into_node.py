@@ -15,19 +15,17 @@ from pathlib import Path
 import pytest
 
 from inference.reader import read_study
-from tests.conftest import make_config
+from tests.conftest import make_config, require_tool
 from tests.dicom_node.node_harness import running_node, wait_for
 from tests.inference.test_reader_synthetic import _check_frame
 
 STORESCU = Path("/usr/bin/storescu")
 
-pytestmark = [
-    pytest.mark.network,
-    pytest.mark.skipif(not STORESCU.exists(), reason="DCMTK storescu not installed (apt-get install dcmtk)"),
-]
+pytestmark = pytest.mark.network
 
 
 def test_cohort_pushed_by_storescu_is_archived_and_reads_back_aligned(synth_cohort, tmp_path: Path) -> None:
+    require_tool(STORESCU.exists(), "DCMTK (storescu)")
     cohort = Path(synth_cohort.out_dir)
     manifest = json.loads((cohort / "manifest.json").read_text())
     expected = {f["sop_instance_uid"]: f for s in manifest["studies"] for f in s["files"]}

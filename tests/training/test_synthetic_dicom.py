@@ -15,6 +15,7 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from dicom_node.cli import main
+from tests.conftest import require_tool
 from training.synth_cohort import LABEL_COLUMNS
 from training.synthetic import generate_cohort
 
@@ -133,9 +134,9 @@ def test_labels_csv_follows_the_contract(synth_cohort) -> None:
     assert manifest["oracle_auc"] == synth_cohort.oracle_auc
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None or not VALIDATE.exists(),
-                    reason="dicom3tools / shared validate_dicom.sh not available")
 def test_dciodvfy_accepts_one_image_and_one_seg_per_vendor(synth_cohort) -> None:
+    require_tool(shutil.which("dciodvfy") is not None, "dicom3tools (dciodvfy)")
+    assert VALIDATE.exists(), f"{VALIDATE} missing: the repo expects shared/tools beside it"
     chosen: dict[tuple[str, str, str], Path] = {}
     for study, f in [*_files(synth_cohort, "us"), *_files(synth_cohort, "seg")]:
         key = (study["vendor"], f["kind"], f.get("quirk", "") + str(f["frames"] > 1))
@@ -170,8 +171,8 @@ def test_cli_synth_writes_a_cohort(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.network
-@pytest.mark.skipif(not Path("/usr/bin/storescp").exists(), reason="DCMTK not installed")
 def test_whole_cohort_goes_through_dcmtk_storescu_in_one_run(synth_cohort, tmp_path: Path) -> None:
+    require_tool(Path("/usr/bin/storescp").exists(), "DCMTK (storescp)")
     from tests.conftest import free_port
 
     received = tmp_path / "received"
