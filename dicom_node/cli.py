@@ -126,11 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", "End-to-end demo on synthetic data: generate, train, serve, push, read back.")
     p.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: temp)")
-    p.add_argument("--participants", type=int, default=None)
+    p.add_argument("--participants", type=int, default=None, help="cohort size (45)")
     p.add_argument("--held-out", type=int, default=None, help="studies pushed to the node (6)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (6)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (12)")
     p.add_argument("--image-size", type=int, default=None, help="model input size (96)")
-    p.add_argument("--backbone", default=None, help="timm backbone (convnext_atto)")
+    p.add_argument("--backbone", default=None, help="timm backbone (resnet10t)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for results at the PACS (300)")
     p.add_argument("--no-orthanc", action="store_true",

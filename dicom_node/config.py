@@ -136,7 +136,6 @@ class ScoringConfig:
     enabled: bool = True
     model_dir: Path | None = None
     study_rule: StudyRule = "mean"
-    roi_margin: float = 0.1
     cam_enabled: bool = True
     cam_target_layer: str = "auto"
     torch_threads: int = 2
@@ -355,8 +354,6 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(
             "scoring.model_dir", "is required when scoring.enabled = true (or set enabled = false)"
         )
-    if not 0 <= s.roi_margin <= 1:
-        raise ConfigError("scoring.roi_margin", "must be between 0 and 1")
     if s.torch_threads < 1:
         raise ConfigError("scoring.torch_threads", "must be >= 1")
     dests = []

@@ -38,9 +38,6 @@ def _processor(cfg: Config) -> Processor:
 
 def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # pynetdicom logs several INFO lines per C-STORE; ours are one per instance/association
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
     n = requeue_orphans(archive)
     if n:

@@ -68,9 +68,7 @@ class ScoringPipeline:
             )
         if spec.target != "binary":
             raise ModelArtifactError(f"{model_dir}: target {spec.target!r} is not a binary classifier")
-        if abs(spec.roi_margin - scoring.roi_margin) > 1e-9:
-            log.info("using the model's roi_margin %.3f (scoring.roi_margin %.3f is ignored: the "
-                     "crop must match training)", spec.roi_margin, scoring.roi_margin)
+        # the crop margin comes from model.json, never from the node's config: it must match training
         self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin)
         try:
             self.ensemble = FoldEnsemble(
