@@ -1,7 +1,7 @@
 """``dicom-node serve`` (listener + completion + worker + sender) and ``dicom-node studies``.
 
 ``serve`` wires the parts together and owns their life cycle: start-up sweeps temp files and
-re-queues jobs of dead processes, SIGTERM/SIGINT stop the listener first (no new instances),
+counts jobs of dead processes as failed attempts, SIGTERM/SIGINT stop the listener first (no new instances),
 then completion, the worker (after its current job) and the sender.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
+from dicom_node.flow.supervisor import Supervisor
 from dicom_node.queue import requeue_orphans
 from dicom_node.scp import start_scp
 from dicom_node.worker import Processor, Worker, archive_only_processor
@@ -39,9 +40,9 @@ def _processor(cfg: Config) -> Processor:
 def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
     archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
-    n = requeue_orphans(archive)
+    n = requeue_orphans(archive, retry_base_seconds=cfg.worker.retry_base_seconds)
     if n:
-        log.warning("re-queued %d jobs left running by a previous process", n)
+        log.warning("%d job(s) left running by a previous process counted as failed attempts", n)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -51,10 +52,12 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    worker: Worker | None = None
+    worker: Worker | Supervisor | None = None
     delivery = None
     if cfg.worker.enabled:
-        worker = Worker(archive, _processor(cfg), cfg.worker)
+        processor = _processor(cfg)  # checks the model artifact now: a broken one stops serve
+        # scoring decodes untrusted pixel data: it runs in supervised processes, never in ours
+        worker = Supervisor(archive, cfg) if cfg.scoring.enabled else Worker(archive, processor, cfg.worker)
     if cfg.scoring.enabled and cfg.destinations:
         # another module's loop; import only if used
         from dicom_node.sender import DeliveryLoop

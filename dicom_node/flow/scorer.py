@@ -1,0 +1,121 @@
+"""The scoring process: loads the model once, then scores the jobs its supervisor hands it.
+
+It runs in its own process (started with ``spawn`` by :mod:`dicom_node.flow.supervisor`) so a
+decoder that aborts, an allocation that fails or a job that never ends takes down this process
+only, never the listener. It does not touch the job queue: the supervisor claims each job, sends
+it here over a pipe and records the outcome, which is how a death mid-job is still counted.
+
+Messages (tuples over a ``multiprocessing`` pipe):
+    child -> parent: ``("ready", pid, seconds)`` once the model is loaded, then one
+        ``("done", note)`` or ``("failed", error)`` per job.
+    parent -> child: ``("job", job_id, study_uid, attempt, payload, paths)``; closing the pipe
+        asks the process to exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import Config
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildSettings:
+    """What a scoring process needs besides the config: its slot and the parent's log set-up."""
+
+    slot: int
+    log_level: int
+    log_format: str | None
+
+
+def vm_mb(pid: int | str = "self", field: str = "VmSize") -> float | None:
+    """A ``/proc/<pid>/status`` memory field in MiB (None where unavailable, e.g. not Linux)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the supervisor dies, so no orphan keeps scoring a stale job."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # not Linux: the closed pipe still ends the loop
+        pass
+
+
+def _limit_address_space(extra_mb: int, slot: int) -> None:
+    """RLIMIT_AS = what the loaded model takes + ``worker.max_memory_mb``.
+
+    Set after loading, because importing torch alone reserves gigabytes of address space that a
+    fixed cap would have to guess; a job's allocation beyond the headroom then fails in this
+    process (MemoryError, or an abort in native code) instead of exhausting the host.
+    """
+    if extra_mb <= 0:
+        return
+    base = vm_mb() or 0.0
+    limit = int((base + extra_mb) * 2**20)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    log.info("scoring worker %d: address space limited to %.0f MiB (%.0f loaded + %d "
+             "worker.max_memory_mb)", slot, limit / 2**20, base, extra_mb)
+
+
+def child_main(conn: Connection, cfg: Config, settings: ChildSettings) -> None:
+    """Entry point of a scoring process (picklable arguments only: it is started with spawn)."""
+    _die_with_parent()
+    # Ctrl-C reaches the whole process group; the supervisor decides when this process stops
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=settings.log_level, format=settings.log_format or logging.BASIC_FORMAT)
+    if settings.log_level > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    t0 = time.monotonic()
+    from dicom_node.processing import ScoringProcessor
+    from dicom_node.worker import JobContext
+
+    processor = ScoringProcessor(cfg)
+    _ = processor.pipeline  # load the weights now: a job must not pay the start-up
+    _limit_address_space(cfg.worker.max_memory_mb, settings.slot)
+    conn.send(("ready", os.getpid(), time.monotonic() - t0))
+    while True:
+        try:
+            msg: tuple[Any, ...] = conn.recv()
+        except (EOFError, OSError):  # the supervisor closed the pipe or died
+            return
+        _tag, job_id, study_uid, attempt, payload, paths = msg
+        ctx = JobContext(job_id=job_id, study_uid=study_uid, attempt=attempt, payload=payload,
+                         paths=tuple(Path(p) for p in paths), data_dir=cfg.node.data_dir)
+        try:
+            processor(ctx)
+        except MemoryError as exc:
+            error = (f"MemoryError: exceeded worker.max_memory_mb ({cfg.worker.max_memory_mb} MiB "
+                     f"above the loaded model){f': {exc}' if str(exc) else ''}")
+            log.error("study %s job %s: %s", study_uid, job_id, error)
+            conn.send(("failed", error))
+            continue
+        except Exception as exc:  # noqa: BLE001 - every failure is that job's, not the process's
+            log.debug("job %s traceback:\n%s", job_id, traceback.format_exc())
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            continue
+        conn.send(("done", ctx.note))
+
