@@ -161,15 +161,16 @@ class _Slot:
         """Wait for the job's outcome: ("done", note) or ("failed", reason); enforce the limits."""
         assert self.proc is not None and self.conn is not None
         t0 = time.monotonic()
+        gone = False  # the pipe reported end-of-file: the process has exited
         while True:
             if self.conn.poll(_WATCH_SECONDS):
                 try:
                     tag, text = self.conn.recv()
                     return str(tag), str(text)
                 except (EOFError, OSError):
-                    pass  # the pipe broke: the process is gone
-            if not self.proc.is_alive() or self.conn.closed:
-                if self.conn.poll(0):  # it answered just before it ended
+                    gone = True
+            if gone or not self.proc.is_alive():
+                if not gone and self.conn.poll(0):  # it answered just before it ended: read that
                     continue
                 self.proc.join(5)
                 cause = death_cause(self.proc.exitcode)
