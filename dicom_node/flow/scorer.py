@@ -7,9 +7,9 @@ it here over a pipe and records the outcome, which is how a death mid-job is sti
 
 Messages (tuples over a ``multiprocessing`` pipe):
     child -> parent: ``("ready", pid, seconds)`` once the model is loaded, then one
-        ``("done", note)`` or ``("failed", error)`` per job.
-    parent -> child: ``("job", job_id, study_uid, attempt, payload, paths)``; closing the pipe
-        asks the process to exit.
+        ``("done", context)`` (the :class:`JobContext` with the processor's note and outputs)
+        or ``("failed", error)`` per job.
+    parent -> child: ``("job", context)``; closing the pipe asks the process to exit.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any
 
 from dicom_node.config import Config
+from dicom_node.worker import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,6 @@ def child_main(conn: Connection, cfg: Config, settings: ChildSettings) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     t0 = time.monotonic()
     from dicom_node.processing import ScoringProcessor
-    from dicom_node.worker import JobContext
 
     processor = ScoringProcessor(cfg)
     _ = processor.pipeline  # load the weights now: a job must not pay the start-up
@@ -99,23 +97,36 @@ def child_main(conn: Connection, cfg: Config, settings: ChildSettings) -> None:
     conn.send(("ready", os.getpid(), time.monotonic() - t0))
     while True:
         try:
-            msg: tuple[Any, ...] = conn.recv()
+            msg: tuple[str, JobContext] = conn.recv()
         except (EOFError, OSError):  # the supervisor closed the pipe or died
             return
-        _tag, job_id, study_uid, attempt, payload, paths = msg
-        ctx = JobContext(job_id=job_id, study_uid=study_uid, attempt=attempt, payload=payload,
-                         paths=tuple(Path(p) for p in paths), data_dir=cfg.node.data_dir)
+        ctx = msg[1]
         try:
             processor(ctx)
-        except MemoryError as exc:
-            error = (f"MemoryError: exceeded worker.max_memory_mb ({cfg.worker.max_memory_mb} MiB "
-                     f"above the loaded model){f': {exc}' if str(exc) else ''}")
-            log.error("study %s job %s: %s", study_uid, job_id, error)
-            conn.send(("failed", error))
-            continue
         except Exception as exc:  # noqa: BLE001 - every failure is that job's, not the process's
-            log.debug("job %s traceback:\n%s", job_id, traceback.format_exc())
-            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            log.debug("job %s traceback:\n%s", ctx.job_id, traceback.format_exc())
+            conn.send(("failed", job_error(exc, cfg.worker.max_memory_mb)))
             continue
-        conn.send(("done", ctx.note))
+        conn.send(("done", ctx))
 
+
+_OUT_OF_MEMORY = ("MemoryError", "Unable to allocate", "bad_alloc", "Cannot allocate memory")
+
+
+def job_error(exc: BaseException, max_memory_mb: int) -> str:
+    """The failure text stored for a job; an allocation refused under the limit names it.
+
+    Readers turn a failed decode into a per-image reason string, so the MemoryError is found in
+    the exception chain or, once it became text, by the messages allocators give.
+    """
+    error = f"{type(exc).__name__}: {exc}"
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    oom = any(isinstance(e, MemoryError) for e in chain) or any(m in error for m in _OUT_OF_MEMORY)
+    if oom and max_memory_mb > 0:
+        error = (f"exceeded worker.max_memory_mb ({max_memory_mb} MiB above the loaded model): "
+                 f"{error}")
+    return error

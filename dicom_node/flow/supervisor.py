@@ -25,6 +25,7 @@ from dicom_node.archive import Archive
 from dicom_node.config import Config
 from dicom_node.flow.scorer import ChildSettings, child_main, vm_mb
 from dicom_node.queue import Job, claim, mark_done, mark_failed
+from dicom_node.worker import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -138,35 +139,41 @@ class _Slot:
 
     def _run(self, job: Job) -> None:
         assert self.proc is not None and self.conn is not None
-        paths = [str(p) for p in self.archive.study_paths(job.study_uid)]
+        ctx = JobContext(
+            job_id=job.id, study_uid=job.study_uid, attempt=job.attempts, payload=job.payload,
+            paths=tuple(self.archive.study_paths(job.study_uid)), data_dir=self.archive.data_dir,
+        )
         log.info("job %s (study %s): attempt %d/%d, %d instances -> scoring worker %d (pid %s)",
-                 job.id, job.study_uid, job.attempts, job.max_attempts, len(paths), self.index,
-                 self.proc.pid)
+                 job.id, job.study_uid, job.attempts, job.max_attempts, len(ctx.paths),
+                 self.index, self.proc.pid)
         try:
-            self.conn.send(("job", job.id, job.study_uid, job.attempts, job.payload, paths))
+            self.conn.send(("job", ctx))
         except (BrokenPipeError, OSError):
             pass  # it died: _watch finds out and names the cause
-        outcome, error = self._watch()
-        if outcome == "done":
-            mark_done(self.archive, job, note=error)
+        done, error = self._watch()
+        if done is not None:
+            mark_done(self.archive, job, note=done.note)
             log.info("job %s (study %s): done%s", job.id, job.study_uid,
-                     f" ({error})" if error else "")
+                     f" ({done.note})" if done.note else "")
             return
         retried = mark_failed(self.archive, job, error,
                               retry_base_seconds=self.cfg.worker.retry_base_seconds)
         log.error("job %s (study %s): attempt %d/%d failed: %s; %s", job.id, job.study_uid,
                   job.attempts, job.max_attempts, error, "will retry" if retried else "giving up")
 
-    def _watch(self) -> tuple[str, str]:
-        """Wait for the job's outcome: ("done", note) or ("failed", reason); enforce the limits."""
+    def _watch(self) -> tuple[JobContext | None, str]:
+        """Wait for the job's outcome: (its finished context, "") or (None, the failure reason).
+
+        Meanwhile enforce the limits: a process over one is killed and the limit is the reason.
+        """
         assert self.proc is not None and self.conn is not None
         t0 = time.monotonic()
         gone = False  # the pipe reported end-of-file: the process has exited
         while True:
             if self.conn.poll(_WATCH_SECONDS):
                 try:
-                    tag, text = self.conn.recv()
-                    return str(tag), str(text)
+                    tag, value = self.conn.recv()
+                    return (value, "") if tag == "done" else (None, str(value))
                 except (EOFError, OSError):
                     gone = True
             if gone or not self.proc.is_alive():
@@ -177,12 +184,12 @@ class _Slot:
                 log.error("scoring worker %d (pid %s): %s during a job", self.index,
                           self.proc.pid, cause)
                 self._end_process()
-                return "failed", cause
+                return None, cause
             cause = self._limit_exceeded(time.monotonic() - t0)
             if cause:
                 log.error("scoring worker %d (pid %s): %s", self.index, self.proc.pid, cause)
                 self._end_process(kill=True)
-                return "failed", cause
+                return None, cause
 
     def _limit_exceeded(self, elapsed: float) -> str:
         assert self.proc is not None

@@ -27,6 +27,7 @@ from pydicom.uid import JPEGBaseline8Bit, RLELossless
 from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
+from dicom_node.flow.scorer import job_error
 from dicom_node.flow.supervisor import Supervisor, death_cause
 from dicom_node.queue import claim, enqueue, jobs_for, requeue_orphans
 from dicom_node.scu import store_files
@@ -277,3 +278,17 @@ def test_sigkill_of_a_worker_mid_job_counts_the_attempt_and_restarts_it(
         monitor.stop()
         sup.stop()
         archive.close()
+
+
+def test_a_refused_allocation_names_the_memory_limit():
+    try:
+        try:
+            raise MemoryError("Unable to allocate 4.00 GiB")
+        except MemoryError as exc:
+            raise ValueError("pixel data could not be decoded") from exc
+    except ValueError as exc:
+        assert job_error(exc, 1024).startswith("exceeded worker.max_memory_mb (1024 MiB")
+        assert job_error(exc, 0) == "ValueError: pixel data could not be decoded"
+    as_text = RuntimeError("nothing to score (x: Unable to allocate 4.00 GiB for an array)")
+    assert "exceeded worker.max_memory_mb" in job_error(as_text, 512)
+    assert job_error(RuntimeError("no SEG"), 512) == "RuntimeError: no SEG"
