@@ -230,23 +230,24 @@ def _stopped_worker(sup: Supervisor) -> int:
 
 @pytest.mark.slow
 def test_a_job_over_its_wall_time_is_killed_and_recorded(synth_cohort, tiny_model_dir, tmp_path):
-    cfg = scoring_config(tmp_path, tiny_model_dir, max_attempts=1, job_timeout_seconds=2)
+    cfg = scoring_config(tmp_path, tiny_model_dir, max_attempts=1, job_timeout_seconds=5)
     archive = Archive(cfg.node.data_dir).init()
-    (hung_uid, hung_files), (next_uid, next_files) = cohort_studies(synth_cohort, 2)
+    ((uid, files),) = cohort_studies(synth_cohort, 1)
     sup = Supervisor(archive, cfg).start()
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=1).start()
     try:
-        pid = _stopped_worker(sup)
-        file_valid(archive, hung_files)
-        wait_for(lambda: (archive.study(hung_uid) or {}).get("state") == "failed", timeout=120)
-        (job,) = jobs_for(archive, hung_uid)
-        assert job["attempts"] == 1 and job["worker_pid"] == pid
-        assert job["last_error"] == "killed: exceeded worker.job_timeout_seconds (2 s)"
-        assert "exceeded worker.job_timeout_seconds" in archive.study(hung_uid)["note"]
-        # a fresh process takes the next study
-        file_valid(archive, next_files)
-        wait_for(lambda: (archive.study(next_uid) or {}).get("state") == "scored", timeout=180)
-        assert sup.pids() and sup.pids()[0] != pid
+        pid = _stopped_worker(sup)  # a hung decoder, as far as the supervisor can tell
+        file_valid(archive, files)
+        wait_for(lambda: (archive.study(uid) or {}).get("state") == "failed", timeout=120)
+        (job,) = jobs_for(archive, uid)
+        assert job["state"] == "failed" and job["attempts"] == 1 and job["worker_pid"] == pid
+        assert job["last_error"] == "killed: exceeded worker.job_timeout_seconds (5 s)"
+        assert "exceeded worker.job_timeout_seconds" in archive.study(uid)["note"]
+        # the frozen process is gone and a fresh one is loaded in its place
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        (fresh,) = wait_for(sup.pids, timeout=180)  # type: ignore[misc]
+        assert fresh != pid
     finally:
         monitor.stop()
         sup.stop()
