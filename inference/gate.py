@@ -587,11 +587,11 @@ def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Negative free energy, -T logsumexp(z/T), per row: higher means less like training data.
 
     Liu et al. 2020 (energy-based OOD detection). A binary head with one logit is read as the
-    two-class logits (0, z). Args: logits (N,) or (N, C). Returns (N,) float64.
+    two-class logits (-z/2, z/2) (the same sigmoid, symmetric). Args: logits (N,) or (N, C). Returns (N,) float64.
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim == 1:
-        z = np.stack([np.zeros_like(z), z], axis=1)
+        z = np.stack([-z / 2.0, z / 2.0], axis=1)
     from scipy.special import logsumexp
 
     return -temperature * logsumexp(z / temperature, axis=1)
