@@ -140,6 +140,7 @@ class GateVerdict:
 
     Attributes:
         sop_instance_uid: the image.
+        sop_class_uid: its SOP class (so results can reference an image that was not scored).
         passed: the model may score it.
         reason: a stable code (``passed`` or what stopped it, e.g. ``colour-flow``).
         detail: one sentence for people (SR, studies table, logs; no PHI).
@@ -155,6 +156,7 @@ class GateVerdict:
     measured: Mapping[str, float] = field(default_factory=dict)
     site_established: bool = False
     calibration_ok: bool = False
+    sop_class_uid: str = ""
 
     @property
     def summary(self) -> str:
@@ -542,7 +544,8 @@ def gate_dataset(ds: Dataset, cfg: GateConfig, calling_ae: str | None = None,
         if not cfg.enabled and reason != PASSED:
             detail = f"gate disabled; would have stopped it: {reason}: {detail}"
             reason = DISABLED
-        return GateVerdict(sop, passed, reason, detail, dict(measured or {}), site, cal_ok)
+        return GateVerdict(sop, passed, reason, detail, dict(measured or {}), site, cal_ok,
+                           str(ds.get("SOPClassUID", "") or ""))
 
     ruled = check_rules(ds, cfg, calling_ae)
     if ruled is not None:
@@ -572,10 +575,11 @@ def apply_ood(verdict: GateVerdict, score: float, cfg: GateConfig) -> GateVerdic
     if not verdict.passed or cfg.ood_threshold is None or score <= cfg.ood_threshold:
         return GateVerdict(verdict.sop_instance_uid, verdict.passed, verdict.reason,
                            verdict.detail, measured, verdict.site_established,
-                           verdict.calibration_ok)
+                           verdict.calibration_ok, verdict.sop_class_uid)
     return GateVerdict(verdict.sop_instance_uid, not cfg.enabled, OOD if cfg.enabled else DISABLED,
                        f"out-of-distribution score {score:.3f} above {cfg.ood_threshold:.3f}",
-                       measured, verdict.site_established, verdict.calibration_ok)
+                       measured, verdict.site_established, verdict.calibration_ok,
+                       verdict.sop_class_uid)
 
 
 # ------------------------------------------------------------------------------------------
