@@ -98,7 +98,7 @@ class ScoringProcessor:
 
                 assert self.cfg.scoring.model_dir is not None
                 self._pipeline = ScoringPipeline(
-                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader
+                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader, self.cfg.gate
                 )
             return self._pipeline
 
