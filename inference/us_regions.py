@@ -32,6 +32,25 @@ UNIT_CM = 3
 # A calibrated region smaller than this (after clipping to the frame) is a thumbnail or a
 # mis-declared region, not an image a model can read.
 MIN_REGION_PX = 16
+# cm values are only reported for a calibration a linear MSK probe can have (see
+# inference.gate.calibration_plausible for why): a PhysicalDelta implying 40 cm of depth is wrong.
+DEPTH_CM_RANGE = (1.5, 10.0)
+SPACING_CM_RANGE = (0.005, 0.05)
+
+
+def plausible_spacing(spacing: tuple[float, float] | None, rows: int
+                      ) -> tuple[float, float] | None:
+    """``spacing`` when pixel size and the depth it implies are plausible, else None (no cm)."""
+    if spacing is None:
+        return None
+    dy, dx = spacing
+    lo, hi = SPACING_CM_RANGE
+    # only the upper depth bound: a shallow crop is still measured correctly
+    if not (lo <= dy <= hi and lo <= dx <= hi and rows * dy <= DEPTH_CM_RANGE[1]):
+        logger.info("calibration %.4f x %.4f cm/px over %d rows is implausible: no cm values",
+                    dy, dx, rows)
+        return None
+    return spacing
 
 
 @dataclass(frozen=True)
@@ -94,7 +113,9 @@ def regions_from_sequence(ds: Dataset, rows: int, cols: int) -> list[TissueRegio
         if box[2] - box[0] < MIN_REGION_PX or box[3] - box[1] < MIN_REGION_PX:
             logger.debug("skipping region %s: too small after clipping to %dx%d", box, rows, cols)
             continue
-        out.append(TissueRegion(box=box, spacing_cm=_spacing(item), source="sequence"))
+        out.append(TissueRegion(box=box, spacing_cm=plausible_spacing(_spacing(item),
+                                                                      box[2] - box[0]),
+                                source="sequence"))
     out.sort(key=lambda r: r.area, reverse=True)
     return out
 
@@ -187,7 +208,10 @@ def tissue_regions(
         raise NoTissueRegionError(
             sop, "no Sequence of Ultrasound Regions and no image-like area found in the pixels"
         )
-    return [TissueRegion(box=box, spacing_cm=pixel_spacing_cm(ds), source="content")]
+    # a crop found in the pixels is measured only with a plausible PixelSpacing
+    return [TissueRegion(box=box, spacing_cm=plausible_spacing(pixel_spacing_cm(ds),
+                                                               box[2] - box[0]),
+                         source="content")]
 
 
 def pixel_spacing_cm(ds: Dataset) -> tuple[float, float] | None:
