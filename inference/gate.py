@@ -209,7 +209,7 @@ def gate_config_from_dict(table: Mapping[str, Any], key: str = "gate") -> GateCo
     rule_part = {k: table.pop(k) for k in list(table) if k in _RULE_KEYS}
     rules = _rules_from(rule_part, key, GateRules())
     if not isinstance(per_ae_table, Mapping):
-        raise ValueError(f"{key}.ae: expected a table of AE titles")
+        raise ValueError(f"{key}.ae: expected a table of AE titles")  # noqa: TRY004 - config
     per_ae = tuple((str(ae), _rules_from(t, f"{key}.ae.{ae}", rules))
                    for ae, t in per_ae_table.items())
     defaults = GateConfig()
@@ -427,21 +427,24 @@ def check_image(
     if frame.dtype.kind in "ui" or float(gray.max(initial=0.0)) > 1.0:
         gray = gray / 255.0
     if measured["colour_fraction"] > cfg.max_colour_fraction:
-        return (COLOUR, f"{measured['colour_fraction']:.1%} of the tissue region is colour-flow "
-                f"or elastography colour", measured, cal_ok)
+        detail = (f"{measured['colour_fraction']:.1%} of the tissue region is colour-flow or "
+                  "elastography colour")
+        return COLOUR, detail, measured, cal_ok
     measured["fan_ratio"] = fan_ratio(gray)
     if measured["fan_ratio"] < cfg.max_fan_ratio:
-        return (SECTOR, f"sector/curvilinear field of view (side/centre lit ratio "
-                f"{measured['fan_ratio']:.2f}), not a linear probe", measured, cal_ok)
+        detail = (f"sector/curvilinear field of view (side/centre lit ratio "
+                  f"{measured['fan_ratio']:.2f}), not a linear probe")
+        return SECTOR, detail, measured, cal_ok
     measured["fluid_fraction"] = fluid_fraction(gray)
     if measured["fluid_fraction"] > cfg.max_fluid_fraction:
-        return (FLUID, f"enclosed anechoic (fluid-filled) structure covers "
-                f"{measured['fluid_fraction']:.1%} of the tissue region", measured, cal_ok)
+        detail = (f"enclosed anechoic (fluid-filled) structure covers "
+                  f"{measured['fluid_fraction']:.1%} of the tissue region")
+        return FLUID, detail, measured, cal_ok
     if region.spacing_cm is not None and not cal_ok and cfg.require_calibration_plausible:
         return CALIBRATION, cal_text, measured, cal_ok
-    return PASSED, "B-mode image of a linear probe" + (f" ({cal_text})" if cal_ok else
-                                                         " (uncalibrated: no cm values)"), \
-        measured, cal_ok
+    detail = "B-mode image of a linear probe " + (
+        f"({cal_text})" if cal_ok else "(uncalibrated: no cm values)")
+    return PASSED, detail, measured, cal_ok
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -465,7 +468,7 @@ def decode_display_frame(ds: Dataset) -> np.ndarray:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     try:
         arr = pixel_array(ds, index=n // 2 if n > 1 else None)
-    except Exception as exc:  # noqa: BLE001 - every decoder plugin raises its own types
+    except Exception as exc:
         raise ValueError(f"pixel data could not be decoded: {exc}") from exc
     pi = str(ds.get("PhotometricInterpretation", "")).upper()
     if pi == "PALETTE COLOR":
@@ -489,7 +492,7 @@ def find_region(ds: Dataset, frame: np.ndarray) -> TissueRegion | None:
     (colour pixels are excluded, so a Doppler box or colour bar does not widen the crop)."""
     rows, cols = frame.shape[:2]
     if "SequenceOfUltrasoundRegions" in ds and len(ds.SequenceOfUltrasoundRegions):
-        regions = regions_from_sequence(ds, rows, cols)
+        regions = regions_from_sequence(ds, rows, cols, check_calibration=False)
         return regions[0] if regions else None
     gray = frame.astype(np.float32)
     if frame.ndim == 3:

@@ -87,12 +87,15 @@ def _spacing(item: Dataset) -> tuple[float, float] | None:
     return (dy, dx)
 
 
-def regions_from_sequence(ds: Dataset, rows: int, cols: int) -> list[TissueRegion]:
+def regions_from_sequence(ds: Dataset, rows: int, cols: int, *, check_calibration: bool = True
+                          ) -> list[TissueRegion]:
     """All usable 2D tissue regions of ``ds``, clipped to the frame, largest first.
 
     Returns an empty list when the sequence is present but has no 2D tissue region (e.g. a
     Doppler-only or M-mode-only object) and ``[]`` too when the sequence is absent: callers
-    tell the two apart with ``"SequenceOfUltrasoundRegions" in ds``.
+    tell the two apart with ``"SequenceOfUltrasoundRegions" in ds``. With ``check_calibration``
+    an implausible calibration gives ``spacing_cm=None`` (no cm values); the input gate reads
+    the raw one to say why.
     """
     out: list[TissueRegion] = []
     for item in ds.get("SequenceOfUltrasoundRegions", []) or []:
@@ -113,9 +116,10 @@ def regions_from_sequence(ds: Dataset, rows: int, cols: int) -> list[TissueRegio
         if box[2] - box[0] < MIN_REGION_PX or box[3] - box[1] < MIN_REGION_PX:
             logger.debug("skipping region %s: too small after clipping to %dx%d", box, rows, cols)
             continue
-        out.append(TissueRegion(box=box, spacing_cm=plausible_spacing(_spacing(item),
-                                                                      box[2] - box[0]),
-                                source="sequence"))
+        spacing = _spacing(item)
+        if check_calibration:
+            spacing = plausible_spacing(spacing, box[2] - box[0])
+        out.append(TissueRegion(box=box, spacing_cm=spacing, source="sequence"))
     out.sort(key=lambda r: r.area, reverse=True)
     return out
 

@@ -208,7 +208,7 @@ def _dataset(frames: list[np.ndarray], layout: Layout, rng: np.random.Generator,
     def uid() -> str:  # deterministic per seed, like the rest of the generator
         return str(generate_uid(entropy_srcs=[str(int(rng.integers(2**62)))]))
 
-    patient = {"PatientID": f"NM{int(rng.integers(1e6)):06d}", "PatientName": "SYNTH^NONMUSCLE",
+    patient = {"PatientID": f"NM{int(rng.integers(1_000_000)):06d}", "PatientName": "SYNTH^NONMUSCLE",
                "PatientSex": "O", "PatientBirthDate": ""}
     ds = build_us(frames, profile=PROFILES[vendor], layout=layout,
                   model=PROFILES[vendor].models[0], patient=patient,

@@ -34,7 +34,7 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from dicom_node.config import ResultsConfig
 from dicom_node.durable import fsync_dir, write_durable
 from dicom_node.errors import PermanentJobError, ResultsError
-from dicom_node.results.sanitize import ResultsInputError, sanitize_source
+from dicom_node.results.sanitize import ResultsInputError, sanitize_source  # noqa: F401 - re-exported
 from inference.gate import GateVerdict
 from inference.types import ImageScore, ModelInfo, StudyScore
 
@@ -419,8 +419,10 @@ def build_not_assessable_sr(
         evidence = headers[:1]
     elif str(evidence[0].SOPInstanceUID) not in by_uid:
         evidence.insert(0, headers[0])
-    seen: set[str] = set()
-    unique = [e for e in evidence if not (e.SOPInstanceUID in seen or seen.add(e.SOPInstanceUID))]
+    unique: list[Dataset] = []
+    for e in evidence:  # first occurrence wins: the first entry defines patient and study
+        if all(str(u.SOPInstanceUID) != str(e.SOPInstanceUID) for u in unique):
+            unique.append(e)
     sr = hd.sr.ComprehensiveSR(
         evidence=unique, content=report[0], series_instance_uid=generate_uid(),
         series_number=cfg.sr_series_number, sop_instance_uid=generate_uid(), instance_number=1,
@@ -600,10 +602,11 @@ def build_results(
             log.error("study %s: heat map of %s could not be built: %s",
                       score.study_instance_uid, img.frame.sop_instance_uid, exc)
             continue
-        for ds in built:  # one series for all of them, numbered in order
-            ds.SeriesInstanceUID = heatmaps[0].SeriesInstanceUID if heatmaps else ds.SeriesInstanceUID
-            ds.InstanceNumber = len(heatmaps) + 1
-            heatmaps.append(ds)
+        for sc in built:  # one series for all of them, numbered in order
+            if heatmaps:
+                sc.SeriesInstanceUID = heatmaps[0].SeriesInstanceUID
+            sc.InstanceNumber = len(heatmaps) + 1
+            heatmaps.append(sc)
     if sr is None and not heatmaps:
         raise ResultsError(f"study {score.study_instance_uid}: no result object could be built "
                            f"({'; '.join(errors)})")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
 from inference import gate as g
-from inference.gate import GateConfig, GateRules, gate_config_from_dict, gate_dataset
+from inference.gate import GateConfig, gate_config_from_dict, gate_dataset
 from training.synth_nonmuscle import muscle_object, nonmuscle_object
 
 
@@ -41,7 +43,7 @@ def test_non_muscle_is_stopped_with_its_reason(kind, regions, reasons):
 
 
 def test_implausible_calibration_is_stopped_or_uncalibrated(muscle):
-    ds = muscle.copy()
+    ds = copy.deepcopy(muscle)  # the fixture is shared: its region items must stay intact
     for item in ds.SequenceOfUltrasoundRegions:
         item.PhysicalDeltaX = item.PhysicalDeltaY = 0.14  # ~40 cm over 300 rows
     v = gate_dataset(ds, GateConfig())

@@ -7,7 +7,7 @@ from training.synth_nonmuscle import KINDS, gate_mix, synth_mix, write_nonmuscle
 
 def test_gate_rates_on_seeded_mix():
     images = synth_mix(n_muscle=60, n_other=60, seed=11)
-    rates, results = gate_mix(images)
+    rates, _ = gate_mix(images)
     assert {im.kind for im in images} == {"muscle", *KINDS}
     assert any(not im.regions for im in images if im.kind == "muscle")
     assert rates["muscle_passed"] >= 0.98, rates
