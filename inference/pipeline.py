@@ -110,6 +110,7 @@ class ScoringPipeline:
         Raises:
             NothingToScoreError: no image may be scored (SEG-only study, every image stopped by
                 the input gate): terminal, the job ends as ``not-applicable``.
+            ScoringError: images the gate passed could not be scored (no SEG, undecodable).
         """
         import torch
 
@@ -153,6 +154,9 @@ class ScoringPipeline:
                 skipped.append((frame.sop_instance_uid,
                                 f"frame {frame.frame_number}: no ROI segmentation (DICOM-SEG)"))
         if not usable:
+            reasons = "; ".join(f"{u}: {r}" for u, r in skipped) or "no ultrasound images found"
+            if any(v.passed for v in verdicts.values()):  # images the model may score failed
+                raise ScoringError(f"study {study_uid}: nothing to score ({reasons})")
             if study_uid.startswith("<unknown"):  # e.g. a SEG-only study: ask the headers
                 study_uid = _header_study_uid(paths, stopped) or study_uid
             raise NothingToScoreError(study_uid, skipped, list(verdicts.values()), stopped)
