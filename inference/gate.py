@@ -487,17 +487,24 @@ def decode_display_frame(ds: Dataset) -> np.ndarray:
     return np.clip(gray, 0, 255).astype(np.uint8)
 
 
-def find_region(ds: Dataset, frame: np.ndarray) -> TissueRegion | None:
+def find_region(ds: Dataset, frame: np.ndarray, cfg: GateConfig | None = None
+                ) -> TissueRegion | None:
     """The largest 2D tissue region: from the region sequence, else found in the pixels
     (colour pixels are excluded, so a Doppler box or colour bar does not widen the crop)."""
+    cfg = cfg or GateConfig()
     rows, cols = frame.shape[:2]
     if "SequenceOfUltrasoundRegions" in ds and len(ds.SequenceOfUltrasoundRegions):
         regions = regions_from_sequence(ds, rows, cols, check_calibration=False)
         return regions[0] if regions else None
     gray = frame.astype(np.float32)
+    exclude = None
     if frame.ndim == 3:
         gray = gray[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
-    box = content_region(gray / 255.0)
+        px = frame[..., :3].astype(np.int16)
+        hi, lo = px.max(axis=-1), px.min(axis=-1)
+        exclude = ((hi - lo) >= cfg.colour_min_chroma) & (
+            (hi - lo) / np.maximum(hi, 1) >= cfg.colour_min_saturation)
+    box = content_region(gray / 255.0, exclude)
     if box is None:
         return None
     from inference.us_regions import pixel_spacing_cm
@@ -558,7 +565,7 @@ def gate_dataset(ds: Dataset, cfg: GateConfig, calling_ae: str | None = None,
             frame = decode_display_frame(ds)
     except ValueError as exc:
         return verdict(UNDECODABLE, str(exc))
-    region = find_region(ds, frame)
+    region = find_region(ds, frame, cfg)
     if region is None:
         return verdict(NO_REGION, "no 2D tissue region in the region sequence or the pixels")
     reason, detail, measured, cal_ok = check_image(

@@ -124,8 +124,11 @@ def regions_from_sequence(ds: Dataset, rows: int, cols: int, *, check_calibratio
     return out
 
 
-def content_region(gray: np.ndarray) -> Box | None:
+def content_region(gray: np.ndarray, exclude: np.ndarray | None = None) -> Box | None:
     """Bounding box of the largest bright, textured connected area of ``gray``; None if none.
+
+    ``exclude`` (bool, same shape) marks pixels that are never tissue, e.g. colour-flow boxes
+    and colour bars found by their chroma, so they cannot widen the crop.
 
     Speckle makes tissue locally non-dark *and* locally varied; text is thin strokes on black
     (removed by a morphological opening at a scale larger than a glyph stroke) and UI bars are
@@ -147,6 +150,8 @@ def content_region(gray: np.ndarray) -> Box | None:
     # unlike speckle, which has few near-zero pixels even in hypoechoic tissue.
     dark_frac = ndimage.uniform_filter((g < 0.02).astype(np.float32), 2 * k + 1)
     cand = bright & textured & (dark_frac < 0.4)
+    if exclude is not None and exclude.shape == cand.shape:
+        cand &= ~ndimage.binary_dilation(exclude, iterations=2)
     cand = ndimage.binary_opening(cand, structure=np.ones((2 * k + 1, 2 * k + 1), bool))
     labels, n = ndimage.label(cand)
     if n == 0:

@@ -61,6 +61,7 @@ DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the mode
 ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
 GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
 IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")
+NO_CM = Code("NO-CM", PRIVATE_SCHEME, "No cm values: calibration absent or implausible")
 NOT_ASSESSABLE = codes.SCT.Undetermined  # 373068000: no sarcopenia verdict for this study
 
 UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")
@@ -221,7 +222,7 @@ def _image_group(
             algorithm_id=algorithm,
             finding_sites=[finding_site] if finding_site else None,
             measurements=measurements,
-            qualitative_evaluations=_gate_evaluation(score.gate),
+            qualitative_evaluations=_image_evaluations(score),
         )
     method = ROI_SOURCE_WHOLE if score.roi_source != "seg" else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -231,7 +232,7 @@ def _image_group(
         algorithm_id=algorithm,
         finding_sites=[finding_site] if finding_site else None,
         measurements=measurements,
-        qualitative_evaluations=_gate_evaluation(score.gate),
+        qualitative_evaluations=_image_evaluations(score),
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(src.SOPClassUID, src.SOPInstanceUID, frames)
         ],
@@ -336,6 +337,14 @@ def _gate_evaluation(verdict: GateVerdict | None) -> list[hd.sr.QualitativeEvalu
     text = "passed" if verdict.passed else f"{verdict.reason}: {verdict.detail}"
     return [hd.sr.QualitativeEvaluation(GATE_VERDICT,
                                         Code(verdict.reason[:16], PRIVATE_SCHEME, text[:64]))]
+
+
+def _image_evaluations(score: ImageScore) -> list[hd.sr.QualitativeEvaluation] | None:
+    """Why this image was scored (gate verdict) and, when so, why it has no cm values."""
+    items = list(_gate_evaluation(score.gate) or [])
+    if score.frame.spacing_cm is None:
+        items.append(hd.sr.QualitativeEvaluation(NO_CM, codes.SCT.Undetermined))
+    return items or None
 
 
 def _verdict_stub(v: GateVerdict, study_uid: str) -> Dataset:

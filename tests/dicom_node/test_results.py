@@ -369,6 +369,7 @@ def test_no_finding_site_without_established_site(study):
     rs = R.build_results(make_score(sources, site=False),
                          {d.SOPInstanceUID: d for d in sources}, ResultsConfig())
     assert "Thigh" not in str(rs.sr) and "68367000" not in str(rs.sr)
+    assert "Input gate verdict" in str(rs.sr) and "No cm values" not in str(rs.sr)
     assert all("BodyPartExamined" not in sc for sc in rs.heatmaps)
 
 
@@ -393,3 +394,13 @@ def test_not_assessable_sr_says_why_per_image(study, tmp_path):
     sr.save_as(path, enforce_file_format=True)
     report = validate([path])
     assert report.count("PASS") == 1, report
+
+
+def test_uncalibrated_image_says_no_cm_values(study):
+    sources, _ = study
+    score = make_score(sources)
+    for im in score.images:
+        im.frame.spacing_cm = None
+        im.measurements = MuscleMeasurements(None, None, 80.0, 20.0)
+    rs = R.build_results(score, {d.SOPInstanceUID: d for d in sources}, ResultsConfig())
+    assert str(rs.sr).count("No cm values") == 2 and "square centimeter" not in str(rs.sr)
