@@ -33,6 +33,7 @@ from pydicom import dcmread
 
 from dicom_node.config import Config, DeliveryConfig, DestinationConfig, TLSConfig
 from dicom_node.errors import DeliveryError
+from dicom_node.ops.metrics import record_send
 from dicom_node.scu import store_files
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ class DeliveryLoop:
                 counts[k] += v
         if not files:
             return counts
+        t_send = time.perf_counter()
         try:
             results = store_files(
                 dest.host, dest.port, files,
@@ -279,6 +281,7 @@ class DeliveryLoop:
                 table.update(r["id"], {"state": SENT, "sent_at": now, "last_error": "",
                                        "attempts": r["attempts"] + 1})
         counts["sent"] += len(sent)
+        record_send(dest_name, ok_rows, sent, t_send)
         failed = [r for r in ok_rows if r not in sent]
         if failed:
             reasons = []

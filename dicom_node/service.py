@@ -19,6 +19,7 @@ from typing import Any
 from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
+from dicom_node.ops.http import model_check, start_status_server
 from dicom_node.queue import requeue_orphans
 from dicom_node.scp import start_scp
 from dicom_node.worker import Processor, Worker, archive_only_processor
@@ -61,6 +62,7 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
+    status_server = start_status_server(cfg, worker and model_check(worker.processor))
     server = start_scp(cfg.node, archive)
     monitor.start()
     if worker is not None:
@@ -78,6 +80,8 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
             worker.stop()
         if delivery is not None:
             delivery.stop()
+        if status_server is not None:
+            status_server.stop()
         archive.close()
         log.info("node stopped")
     return 0

@@ -93,7 +93,7 @@ class SafeRecordFilter(logging.Filter):
             return False
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string must not hide the record
+        except Exception:  # noqa: BLE001 - a bad format string must not hide the record
             message = f"{record.msg!s} (unformattable arguments dropped)"
         if _is_library(record.name):
             message = redact_library_message(message)
