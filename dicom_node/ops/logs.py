@@ -156,7 +156,7 @@ def make_handler(fmt: str = "text", stream: TextIO | None = None) -> logging.Han
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Configure the root logger for this process (idempotent: replaces earlier handlers).
+    """Configure the root logger for this process (idempotent: replaces its own earlier handler).
 
     Args:
         level: DEBUG, INFO, WARNING or ERROR (case-insensitive; validated by the caller).
@@ -169,10 +169,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None 
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r} is not one of {', '.join(FORMATS)}")
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    for h in list(root.handlers):  # ours from an earlier call; others (a test harness) stay
         if getattr(h, "_dicom_node", False):
-            h.close()
+            root.removeHandler(h)
     handler = make_handler(fmt, stream)
     handler._dicom_node = True  # type: ignore[attr-defined]
     root.addHandler(handler)
