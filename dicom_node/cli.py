@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", type=Path, default=None, help="model dir (default scoring.model_dir)")
 
-    add("outbox", "Show results waiting for delivery (and their last error).")
+    p = add("outbox", "Show results waiting for delivery (and their last error).")
+    p.add_argument("--json", action="store_true", help="machine-readable output (epoch times)")
 
     p = add("resend", "Retry every undelivered result now.")
     p.add_argument("--id", type=int, default=None, help="only this outbox item")

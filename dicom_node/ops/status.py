@@ -158,6 +158,18 @@ def iso(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def human_time(t: float | None) -> str:
+    """Local ISO 8601 time with its UTC offset (for tables people read), or '-'.
+
+    ``--json`` output keeps the epoch seconds instead: machines compare numbers.
+    """
+    if not t:
+        return "-"
+    from datetime import datetime
+
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
 def as_dict(row: StudyRow) -> dict[str, Any]:
     """JSON form of a row (the page's ``?format=json``)."""
     return {
