@@ -42,8 +42,9 @@ RECEIVED_BYTES = Counter(
     "dicom_node_received_bytes", "Bytes of instances archived, by calling AE", ["calling_aet"],
     registry=REGISTRY,
 )
-# Stages: decode, roi, transforms, ensemble, cam, measurements (from the pipeline's timings),
-# sr_build (results), send (one association to a destination).
+# Stages: whatever the scoring pipeline times (decode, transforms = ROI crop + resize, ensemble,
+# cam, measurements; a new stage appears without a change here), sr_build (results), send (one
+# association to a destination).
 STAGE_SECONDS = Histogram(
     "dicom_node_stage_seconds", "Latency of each processing stage", ["stage"], registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
