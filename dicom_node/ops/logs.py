@@ -7,7 +7,8 @@ record therefore goes through :class:`SafeRecordFilter` on the handler (so propa
 from library loggers are covered too): library and ``warnings`` messages are rewritten to drop
 quoted values, and control characters in every message are escaped. The text format keeps one
 record per line; ``json`` writes one object per line with the study/job/instance ids a caller
-passed in ``extra`` and nothing else from the record.
+passed in ``extra`` (or that the node's message names: "study UID", "job N") and nothing else
+from the record.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ QUIET_BELOW_WARNING = ("highdicom", "pynetdicom", "PIL", "pydicom")
 ID_FIELDS = ("study_uid", "job_id", "instance_uid", "series_uid", "outbox_id", "destination",
              "calling_aet")
 
+_IDS_IN_MESSAGE = (("study_uid", re.compile(r"\bstudy ([0-9][0-9.]{0,63})\b")),
+                   ("job_id", re.compile(r"\bjob (\d{1,18})\b")))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # From the first quote to the last one: a value containing quotes cannot end the redaction early.
 _QUOTED = re.compile(r"(\"|').*(\"|')", re.DOTALL)
@@ -142,6 +145,10 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value is not None:
                 obj[key] = escape_control(str(value)) if not isinstance(value, int) else value
+        # the node's messages name their study and job ("study 1.2.3: ...", "job 7 (study ...)")
+        for key, pattern in _IDS_IN_MESSAGE:
+            if key not in obj and (m := pattern.search(obj["msg"])):
+                obj[key] = int(m.group(1)) if key == "job_id" else m.group(1)
         if record.exc_text:
             obj["exc"] = record.exc_text
         return json.dumps(obj, ensure_ascii=True)

@@ -161,7 +161,7 @@ def screenshot(url: str, out: Path, profile: Path) -> None:
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
            "--window-size=1500,620", f"--screenshot={out}", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
 
 

@@ -129,6 +129,21 @@ def test_json_format_carries_ids_and_nothing_else() -> None:
     assert FORGED in obj["msg"].replace("\\n", "\n")  # escaped inside one record
 
 
+def test_json_ids_from_the_node_message() -> None:
+    buf = io.StringIO()
+    handler = logs.make_handler("json", buf)
+    log = logging.getLogger("dicom_node.jsontest2")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("job %s (study %s): attempt 2 failed", 12, "1.2.840.99")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    obj = json.loads(buf.getvalue())
+    assert obj["job_id"] == 12 and obj["study_uid"] == "1.2.840.99"
+
+
 def test_library_chatter_silenced_below_warning() -> None:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
