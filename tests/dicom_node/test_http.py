@@ -256,3 +256,31 @@ def test_status_page_metrics_match_orthanc(synth_cohort, tiny_model_dir, tmp_pat
     # --log-format json: every line of the whole run is one JSON object
     for line in log_path.read_text().splitlines():
         json.loads(line)
+
+
+def test_page_shows_failures_escaped_and_no_patient_data(tmp_path: Path) -> None:
+    """A failed study's reason is on the page, as text: study data never becomes markup."""
+    from dicom_node.archive import Archive
+    from dicom_node.ops.http import StatusContext, render_page
+
+    archive = Archive(tmp_path / "data").init()
+    try:
+        with archive.transaction() as conn:
+            conn.execute(
+                "INSERT INTO studies (study_uid, patient_id, state, first_received, "
+                "last_received, note) VALUES (?, ?, 'failed', 1.0, 2.0, ?)",
+                ("1.2.3.4.5.6.7.8.9.10.11", "PID-SECRET-77", "reader: <script>alert(1)</script>"),
+            )
+            conn.execute(
+                "INSERT INTO jobs (study_uid, kind, state, attempts, max_attempts, last_error, "
+                "created_at, updated_at) VALUES (?, 'score', 'failed', 3, 3, ?, 1.0, 2.0)",
+                ("1.2.3.4.5.6.7.8.9.10.11", "ScoringError: <img src=x onerror=alert(2)>"),
+            )
+        ctx = StatusContext(db_path=tmp_path / "data" / "index.sqlite",
+                            results_dir=tmp_path / "data" / "results", checks={})
+        html = render_page(ctx)
+    finally:
+        archive.close()
+    assert "ScoringError: &lt;img src=x onerror=alert(2)&gt;" in html
+    assert "<img src=x" not in html and "<script>" not in html
+    assert "PID-SECRET-77" not in html and "failed (3)" in html
