@@ -64,15 +64,20 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.network
-def test_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("which", ["dicom", "http"])
+def test_port_in_use(which: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, err = run(["serve", "--config", str(node_toml(tmp_path, port=port))], capsys)
+        config = node_toml(tmp_path, port=port) if which == "dicom" else node_toml(tmp_path)
+        if which == "http":
+            config.write_text(config.read_text() + f"\n[http]\nenabled = true\nport = {port}\n")
+        code, err = run(["serve", "--config", str(config)], capsys)
     assert code == 2, err
     assert "Traceback" not in "\n".join(err)
-    assert err[-1].endswith(f"cannot listen on 127.0.0.1:{port}: address already in use "
+    where = f"127.0.0.1:{port}" + (" (http)" if which == "http" else "")
+    assert err[-1].endswith(f"cannot listen on {where}: address already in use "
                             "(is another node running?)"), err
     assert sum("address already in use" in ln for ln in err) == 1  # printed once
 
