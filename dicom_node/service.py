@@ -62,7 +62,7 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
-    status_server = start_status_server(cfg, worker and model_check(worker.processor))
+    status_server = start_status_server(cfg, model_check(worker.processor) if worker else None)
     server = start_scp(cfg.node, archive)
     monitor.start()
     if worker is not None:
