@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import Config
 from dicom_node.errors import ModelArtifactError, NothingToScoreError
+from dicom_node.ops.metrics import record_pipeline_timings, timed
 from dicom_node.worker import JobContext, Processor
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class ScoringProcessor:
         except NothingToScoreError as exc:  # terminal: no retries, no sarcopenia verdict
             self._not_applicable(ctx, exc, ids)
             return
+        record_pipeline_timings(score.timings_ms)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
                  "positive" if score.positive else "negative", len(score.images), len(score.skipped))
         for uid, reason in score.skipped:
@@ -126,7 +128,8 @@ class ScoringProcessor:
         predecessor = find_predecessor(cfg.node.results_dir, ctx.study_uid)
         if predecessor is not None:
             log.info("%s: rescore; predecessor SR %s", ids, predecessor.SOPInstanceUID)
-        results = build_results(score, _sources(read), cfg.results, predecessor)
+        with timed("sr_build"):
+            results = build_results(score, _sources(read), cfg.results, predecessor)
         paths = write_results(results, cfg)
         log.info("%s: results archived (SR %s + %d heat map(s))", ids,
                  results.sr.SOPInstanceUID if results.sr is not None else "not built",
