@@ -103,6 +103,10 @@ class NothingToScoreError(ScoringError):
         text = "; ".join(f"{u}: {r}" for u, r in self.reasons) or "no ultrasound images found"
         super().__init__(f"study {study_instance_uid}: nothing to score ({text})")
 
+    def __reduce__(self) -> tuple:
+        """Picklable (scoring may run in a worker process and hand the error back)."""
+        return (type(self), (self.study_instance_uid, self.reasons, self.verdicts, self.sources))
+
     @property
     def state(self) -> str:
         """The study state the job layer records: ``not-applicable: <first reason>``."""

@@ -404,3 +404,13 @@ def test_uncalibrated_image_says_no_cm_values(study):
         im.measurements = MuscleMeasurements(None, None, 80.0, 20.0)
     rs = R.build_results(score, {d.SOPInstanceUID: d for d in sources}, ResultsConfig())
     assert str(rs.sr).count("No cm values") == 2 and "square centimeter" not in str(rs.sr)
+
+
+def test_nothing_to_score_error_survives_a_process_boundary():
+    import pickle
+
+    from dicom_node.errors import NothingToScoreError
+
+    v = GateVerdict("1.2.3", False, "colour-flow", "5% colour", {"colour_fraction": 0.05})
+    err = pickle.loads(pickle.dumps(NothingToScoreError("1.2", [("1.2.3", "colour-flow")], [v])))
+    assert err.state == "not-applicable: colour-flow" and err.verdicts[0].measured["colour_fraction"] == 0.05
