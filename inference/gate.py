@@ -106,7 +106,8 @@ class GateConfig:
         max_second_panel: without a region sequence, another image-like panel at least this
             large (relative to the tissue region) stops the image.
         site_patterns: header regexes that establish the thigh as finding site.
-        ood_threshold: images whose OOD score exceeds this are stopped (None: not checked).
+
+    The OOD threshold is not here: it belongs to the model and lives in its model.json.
     """
 
     enabled: bool = True
@@ -123,7 +124,6 @@ class GateConfig:
     min_region_px: int = 64
     max_second_panel: float = 0.2
     site_patterns: tuple[str, ...] = DEFAULT_SITE_PATTERNS
-    ood_threshold: float | None = None
 
     def rules_for(self, calling_ae: str | None) -> GateRules:
         """The rules of ``calling_ae`` (exact title, surrounding spaces ignored)."""
@@ -231,7 +231,7 @@ def gate_config_from_dict(table: Mapping[str, Any], key: str = "gate") -> GateCo
         elif isinstance(current, bool):
             if not isinstance(value, bool):
                 raise ValueError(f"{key}.{name}: expected true/false")
-        elif isinstance(current, (int, float)) or name == "ood_threshold":
+        elif isinstance(current, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{key}.{name}: expected a non-negative number")
             if isinstance(current, int) and not isinstance(current, bool):
@@ -579,17 +579,23 @@ def gate_dataset(ds: Dataset, cfg: GateConfig, calling_ae: str | None = None,
     return verdict(reason, detail, measured, cal_ok)
 
 
-def apply_ood(verdict: GateVerdict, score: float, cfg: GateConfig) -> GateVerdict:
-    """Add the model's OOD score to a verdict; stop the image when it exceeds the threshold."""
+def apply_ood(verdict: GateVerdict, score: float, threshold: float | None,
+              cfg: GateConfig) -> GateVerdict:
+    """Add the served model's OOD score to a verdict; stop the image above ``threshold``.
+
+    ``threshold`` comes from the model artifact (fitted at training time with
+    :func:`fit_ood_threshold`); None means the model has none and the score is only recorded.
+    """
     measured = {**verdict.measured, "ood_score": float(score)}
-    if not verdict.passed or cfg.ood_threshold is None or score <= cfg.ood_threshold:
-        return GateVerdict(verdict.sop_instance_uid, verdict.passed, verdict.reason,
-                           verdict.detail, measured, verdict.site_established,
-                           verdict.calibration_ok, verdict.sop_class_uid)
-    return GateVerdict(verdict.sop_instance_uid, not cfg.enabled, OOD if cfg.enabled else DISABLED,
-                       f"out-of-distribution score {score:.3f} above {cfg.ood_threshold:.3f}",
-                       measured, verdict.site_established, verdict.calibration_ok,
-                       verdict.sop_class_uid)
+    keep = (verdict.sop_instance_uid, verdict.passed, verdict.reason, verdict.detail)
+    rest = (verdict.site_established, verdict.calibration_ok, verdict.sop_class_uid)
+    if not verdict.passed or threshold is None or score <= threshold:
+        return GateVerdict(*keep, measured, *rest)
+    detail = f"out-of-distribution score {score:.3f} above the model's {threshold:.3f}"
+    if not cfg.enabled:
+        return GateVerdict(verdict.sop_instance_uid, True, DISABLED,
+                           f"gate disabled; would have stopped it: {OOD}: {detail}", measured, *rest)
+    return GateVerdict(verdict.sop_instance_uid, False, OOD, detail, measured, *rest)
 
 
 # ------------------------------------------------------------------------------------------
@@ -609,6 +615,16 @@ def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     from scipy.special import logsumexp
 
     return -temperature * logsumexp(z / temperature, axis=1)
+
+
+def energy_from_probability(prob: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """:func:`energy_score` of a sigmoid head given its probabilities (the ensemble's output).
+
+    For one binary logit the energy only measures confidence; Mahalanobis distance on pooled
+    features (:func:`mahalanobis_score`) is the stronger OOD signal when the artifact has them.
+    """
+    p = np.clip(np.asarray(prob, dtype=np.float64), eps, 1.0 - eps)
+    return energy_score(np.log(p / (1.0 - p)))
 
 
 @dataclass(frozen=True)

@@ -106,10 +106,13 @@ def test_energy_score_and_threshold_keep_95_percent_of_training():
     # confident logits (far from 0) have lower energy than the two-class uniform case
     e = g.energy_score(np.array([8.0, 0.0, -8.0]))
     assert e[0] < e[1] and e[2] < e[1]
-    cfg = GateConfig(ood_threshold=thr)
+    np.testing.assert_allclose(g.energy_from_probability(1 / (1 + np.exp(-np.array([8.0, 0.0])))),
+                               e[:2], atol=1e-6)
+    cfg = GateConfig()
     ok = g.GateVerdict("1.2", True, g.PASSED, "x")
-    assert g.apply_ood(ok, thr, cfg).passed
-    out = g.apply_ood(ok, thr + 1.0, cfg)
+    assert g.apply_ood(ok, thr, thr, cfg).passed
+    assert g.apply_ood(ok, thr + 1.0, None, cfg).passed  # a model without threshold: recorded
+    out = g.apply_ood(ok, thr + 1.0, thr, cfg)
     assert not out.passed and out.reason == g.OOD and out.measured["ood_score"] == thr + 1.0
 
 
