@@ -305,9 +305,7 @@ def build_sr(
         imaging_measurements=[*groups, study_group],
         title=codes.DCM.ImagingMeasurementReport,
     )
-    # dedupe evidence (same SEG may cover several images)
-    seen: set[str] = set()
-    unique = [e for e in evidence if not (e.SOPInstanceUID in seen or seen.add(e.SOPInstanceUID))]
+    unique = _dedupe(evidence)  # the same SEG may cover several images
     sr = hd.sr.ComprehensiveSR(
         evidence=unique,
         content=report[0],
@@ -428,10 +426,7 @@ def build_not_assessable_sr(
         evidence = headers[:1]
     elif str(evidence[0].SOPInstanceUID) not in by_uid:
         evidence.insert(0, headers[0])
-    unique: list[Dataset] = []
-    for e in evidence:  # first occurrence wins: the first entry defines patient and study
-        if all(str(u.SOPInstanceUID) != str(e.SOPInstanceUID) for u in unique):
-            unique.append(e)
+    unique = _dedupe(evidence)
     sr = hd.sr.ComprehensiveSR(
         evidence=unique, content=report[0], series_instance_uid=generate_uid(),
         series_number=cfg.sr_series_number, sop_instance_uid=generate_uid(), instance_number=1,
@@ -440,6 +435,18 @@ def build_not_assessable_sr(
         contributing_equipment=[_contributing_equipment(model, cfg)])
     sr.SeriesDescription = cfg.sr_series_description[:64]
     return sr
+
+
+def _dedupe(evidence: list[Dataset]) -> list[Dataset]:
+    """Evidence without repeats; the first occurrence wins (the first entry defines patient and
+    study of the SR)."""
+    seen: set[str] = set()
+    out: list[Dataset] = []
+    for e in evidence:
+        if str(e.SOPInstanceUID) not in seen:
+            seen.add(str(e.SOPInstanceUID))
+            out.append(e)
+    return out
 
 
 def _us_sources(score: StudyScore, sources: dict[str, Dataset]) -> list[Dataset]:
@@ -475,14 +482,14 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
     heat = np.clip(np.asarray(img.heatmap, dtype=np.float32), 0, 1)
     if heat.shape != gray.shape:
         heat = np.asarray(
-            Image.fromarray(heat).resize((gray.shape[1], gray.shape[0]), Image.BILINEAR)
+            Image.fromarray(heat).resize((gray.shape[1], gray.shape[0]), Image.Resampling.BILINEAR)
         )
     base = np.repeat((gray * 255).astype(np.uint8)[..., None], 3, axis=2).astype(np.float32)
     blended = (0.55 * base + 0.45 * _jet(heat).astype(np.float32)).astype(np.uint8)
     h, w = gray.shape
     scale = max(1.0, 384.0 / w)
     ow, oh = int(round(w * scale)), int(round(h * scale))
-    overlay = Image.fromarray(blended).resize((ow, oh), Image.BILINEAR)
+    overlay = Image.fromarray(blended).resize((ow, oh), Image.Resampling.BILINEAR)
     bar_w, margin, text_h = 16, 8, 52
     canvas = Image.new("RGB", (ow + bar_w + 5 * margin, oh + text_h), (0, 0, 0))
     canvas.paste(overlay, (0, 0))
@@ -543,7 +550,7 @@ def build_heatmaps(
             **kwargs,
         )
         if orientation is None:  # unknown for a free-hand US probe: Type 2, left empty
-            sc.PatientOrientation = ""
+            sc.PatientOrientation = ""  # type: ignore[assignment]
         if img.site_established:
             # dciodvfy: THIGH is a paired body part, so Laterality (Type 2C) must be present.
             sc.BodyPartExamined = "THIGH"
