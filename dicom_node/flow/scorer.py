@@ -8,7 +8,7 @@ it here over a pipe and records the outcome, which is how a death mid-job is sti
 Messages (tuples over a ``multiprocessing`` pipe):
     child -> parent: ``("ready", pid, seconds)`` once the model is loaded, then one
         ``("done", context)`` (the :class:`JobContext` with the processor's note and outputs)
-        or ``("failed", error)`` per job.
+        or ``("failed", error)`` per job, each followed by the stage times it recorded.
     parent -> child: ``("job", context)``; closing the pipe asks the process to exit.
 """
 
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from dicom_node.config import Config
+from dicom_node.ops.logs import setup_logging
+from dicom_node.ops.metrics import STAGE_SECONDS
 from dicom_node.worker import JobContext
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ class ChildSettings:
     """What a scoring process needs besides the config: its slot and the parent's log set-up."""
 
     slot: int
-    log_level: int
-    log_format: str | None
+    log_level: str
+    log_format: str
 
 
 def vm_mb(pid: int | str = "self", field: str = "VmSize") -> float | None:
@@ -85,9 +87,7 @@ def child_main(conn: Connection, cfg: Config, settings: ChildSettings) -> None:
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the supervisor decides when this process stops
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=settings.log_level, format=settings.log_format or logging.BASIC_FORMAT)
-    if settings.log_level > logging.DEBUG:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    setup_logging(settings.log_level, settings.log_format)  # the same filters as the parent's
     t0 = time.monotonic()
     from dicom_node.processing import ScoringProcessor
 
@@ -101,13 +101,47 @@ def child_main(conn: Connection, cfg: Config, settings: ChildSettings) -> None:
         except (EOFError, OSError):  # the supervisor closed the pipe or died
             return
         ctx = msg[1]
+        before = stage_totals()
         try:
             processor(ctx)
         except Exception as exc:  # noqa: BLE001 - every failure is that job's, not the process's
             log.debug("job %s traceback:\n%s", ctx.job_id, traceback.format_exc())
-            conn.send(("failed", job_error(exc, cfg.worker.max_memory_mb)))
+            conn.send(("failed", job_error(exc, cfg.worker.max_memory_mb),
+                       stage_deltas(before, stage_totals())))
             continue
-        conn.send(("done", ctx))
+        conn.send(("done", ctx, stage_deltas(before, stage_totals())))
+
+
+StageTimes = list[tuple[str, int, float]]
+
+
+def stage_totals() -> dict[str, tuple[int, float]]:
+    """(count, seconds) per stage in this process's stage histogram."""
+    totals: dict[str, tuple[int, float]] = {}
+    for metric in STAGE_SECONDS.collect():
+        for sample in metric.samples:
+            stage = sample.labels.get("stage", "")
+            n, total = totals.get(stage, (0, 0.0))
+            if sample.name.endswith("_count"):
+                totals[stage] = (int(sample.value), total)
+            elif sample.name.endswith("_sum"):
+                totals[stage] = (n, float(sample.value))
+    return totals
+
+
+def stage_deltas(before: dict[str, tuple[int, float]],
+                 after: dict[str, tuple[int, float]]) -> StageTimes:
+    """What one job timed: (stage, runs, seconds), for the supervisor to record in /metrics.
+
+    The serving process's metrics registry is not this process's, so the times travel back
+    with the job's outcome.
+    """
+    out: StageTimes = []
+    for stage, (n, total) in after.items():
+        n0, total0 = before.get(stage, (0, 0.0))
+        if n > n0:
+            out.append((stage, n - n0, total - total0))
+    return out
 
 
 _OUT_OF_MEMORY = ("MemoryError", "Unable to allocate", "bad_alloc", "Cannot allocate memory")

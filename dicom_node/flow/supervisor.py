@@ -24,6 +24,8 @@ from multiprocessing.process import BaseProcess
 from dicom_node.archive import Archive
 from dicom_node.config import Config
 from dicom_node.flow.scorer import ChildSettings, child_main, vm_mb
+from dicom_node.ops.logs import LEVELS, JsonFormatter
+from dicom_node.ops.metrics import record_job, record_stage
 from dicom_node.queue import Job, claim, mark_done, mark_failed
 from dicom_node.worker import JobContext
 
@@ -59,14 +61,17 @@ class _Slot:
         self.conn: Connection | None = None
         self.restart_delay = 1.0
         self.ready = False
+        self.last_error = ""
         self.thread = threading.Thread(target=self._loop, name=f"scoring-{index}", daemon=True)
 
     # -- the scoring process ---------------------------------------------------------------
     def _start_process(self) -> bool:
         """Start a scoring process and wait until its model is loaded; False if it died."""
         root = logging.getLogger()
-        fmt = next((getattr(h.formatter, "_fmt", None) for h in root.handlers if h.formatter), None)
-        settings = ChildSettings(slot=self.index, log_level=root.getEffectiveLevel(), log_format=fmt)
+        level = logging.getLevelName(root.getEffectiveLevel())
+        fmt = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+        settings = ChildSettings(slot=self.index, log_level=level if level in LEVELS else "INFO",
+                                 log_format=fmt)
         mp = multiprocessing.get_context("spawn")
         parent_conn, child_conn = mp.Pipe()
         proc = mp.Process(target=child_main, args=(child_conn, self.cfg, settings),
@@ -85,6 +90,7 @@ class _Slot:
                          pid, seconds)
                 self.restart_delay = 1.0
                 self.ready = True
+                self.last_error = ""
                 return True
             if not proc.is_alive():
                 break
@@ -92,8 +98,9 @@ class _Slot:
             self._end_process()
             return False
         proc.join(5)
-        log.error("scoring worker %d: %s while starting; restarting in %.0f s", self.index,
-                  death_cause(proc.exitcode), self.restart_delay)
+        self.last_error = f"{death_cause(proc.exitcode)} while starting"
+        log.error("scoring worker %d: %s; restarting in %.0f s", self.index, self.last_error,
+                  self.restart_delay)
         self._end_process()
         self.stop.wait(self.restart_delay)
         self.restart_delay = min(self.restart_delay * 2, _MAX_RESTART_DELAY)
@@ -153,11 +160,13 @@ class _Slot:
         done, error = self._watch()
         if done is not None:
             mark_done(self.archive, job, note=done.note)
+            record_job("done")
             log.info("job %s (study %s): done%s", job.id, job.study_uid,
                      f" ({done.note})" if done.note else "")
             return
         retried = mark_failed(self.archive, job, error,
                               retry_base_seconds=self.cfg.worker.retry_base_seconds)
+        record_job("retry" if retried else "failed")
         log.error("job %s (study %s): attempt %d/%d failed: %s; %s", job.id, job.study_uid,
                   job.attempts, job.max_attempts, error, "will retry" if retried else "giving up")
 
@@ -172,7 +181,10 @@ class _Slot:
         while True:
             if self.conn.poll(_WATCH_SECONDS):
                 try:
-                    tag, value = self.conn.recv()
+                    tag, value, stages = self.conn.recv()
+                    for stage, runs, seconds in stages:  # its metrics live in this process
+                        for _ in range(runs):
+                            record_stage(stage, seconds / runs)
                     return (value, "") if tag == "done" else (None, str(value))
                 except (EOFError, OSError):
                     gone = True
@@ -223,6 +235,13 @@ class Supervisor:
         """Process ids of the scoring processes that have loaded the model (status, tests)."""
         procs = [s.proc for s in self._slots if s.ready]
         return [p.pid for p in procs if p is not None and p.pid is not None]
+
+    def ready_check(self) -> tuple[bool, str]:
+        """For ``/readyz``: ready once any scoring process has its model loaded."""
+        if any(s.ready for s in self._slots):
+            return True, "loaded"
+        errors = [f"scoring worker {s.index}: {s.last_error}" for s in self._slots if s.last_error]
+        return False, "; ".join(errors) or "loading"
 
     def stop(self, timeout: float = _STOP_GRACE_SECONDS + 15) -> None:
         """Let running jobs finish (up to the grace period), then end every scoring process."""
