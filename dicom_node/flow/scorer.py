@@ -8,7 +8,8 @@ it here over a pipe and records the outcome, which is how a death mid-job is sti
 Messages (tuples over a ``multiprocessing`` pipe):
     child -> parent: ``("ready", pid, seconds)`` once the model is loaded, then one
         ``("done", context)`` (the :class:`JobContext` with the processor's note and outputs)
-        or ``("failed", error)`` per job, each followed by the stage times it recorded.
+        or ``("failed", error)`` per job, each followed by the stage times it recorded and
+        whether the failure is permanent (no retry).
     parent -> child: ``("job", context)``; closing the pipe asks the process to exit.
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from dicom_node.config import Config
+from dicom_node.errors import PermanentJobError
 from dicom_node.ops.logs import setup_logging
 from dicom_node.ops.metrics import STAGE_SECONDS
 from dicom_node.worker import JobContext
@@ -106,10 +108,11 @@ def child_main(conn: Connection, cfg: Config, settings: ChildSettings) -> None:
             processor(ctx)
         except Exception as exc:  # noqa: BLE001 - every failure is that job's, not the process's
             log.debug("job %s traceback:\n%s", ctx.job_id, traceback.format_exc())
+            # a PermanentJobError says the input can never succeed: no retry
             conn.send(("failed", job_error(exc, cfg.worker.max_memory_mb),
-                       stage_deltas(before, stage_totals())))
+                       stage_deltas(before, stage_totals()), isinstance(exc, PermanentJobError)))
             continue
-        conn.send(("done", ctx, stage_deltas(before, stage_totals())))
+        conn.send(("done", ctx, stage_deltas(before, stage_totals()), False))
 
 
 StageTimes = list[tuple[str, int, float]]

@@ -13,6 +13,7 @@ delivery loop run in the parent and never notice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import signal
@@ -157,7 +158,9 @@ class _Slot:
             self.conn.send(("job", ctx))
         except (BrokenPipeError, OSError):
             pass  # it died: _watch finds out and names the cause
-        done, error = self._watch()
+        done, error, permanent = self._watch()
+        if permanent:  # the input can never succeed: this attempt is the last
+            job = dataclasses.replace(job, max_attempts=job.attempts)
         if done is not None:
             mark_done(self.archive, job, note=done.note)
             record_job("done")
@@ -170,8 +173,9 @@ class _Slot:
         log.error("job %s (study %s): attempt %d/%d failed: %s; %s", job.id, job.study_uid,
                   job.attempts, job.max_attempts, error, "will retry" if retried else "giving up")
 
-    def _watch(self) -> tuple[JobContext | None, str]:
-        """Wait for the job's outcome: (its finished context, "") or (None, the failure reason).
+    def _watch(self) -> tuple[JobContext | None, str, bool]:
+        """Wait for the job's outcome: (its finished context, "", False) or (None, the failure
+        reason, whether it is permanent).
 
         Meanwhile enforce the limits: a process over one is killed and the limit is the reason.
         """
@@ -181,11 +185,11 @@ class _Slot:
         while True:
             if self.conn.poll(_WATCH_SECONDS):
                 try:
-                    tag, value, stages = self.conn.recv()
+                    tag, value, stages, permanent = self.conn.recv()
                     for stage, runs, seconds in stages:  # its metrics live in this process
                         for _ in range(runs):
                             record_stage(stage, seconds / runs)
-                    return (value, "") if tag == "done" else (None, str(value))
+                    return (value, "", False) if tag == "done" else (None, str(value), permanent)
                 except (EOFError, OSError):
                     gone = True
             if gone or not self.proc.is_alive():
@@ -196,12 +200,12 @@ class _Slot:
                 log.error("scoring worker %d (pid %s): %s during a job", self.index,
                           self.proc.pid, cause)
                 self._end_process()
-                return None, cause
+                return None, cause, False
             cause = self._limit_exceeded(time.monotonic() - t0)
             if cause:
                 log.error("scoring worker %d (pid %s): %s", self.index, self.proc.pid, cause)
                 self._end_process(kill=True)
-                return None, cause
+                return None, cause, False
 
     def _limit_exceeded(self, elapsed: float) -> str:
         assert self.proc is not None
