@@ -216,7 +216,8 @@ def test_poison_studies_fail_after_max_attempts_while_valid_ones_are_delivered(
         srs = [d for d in srs if d.Modality == "SR"]
         assert sorted(d.StudyInstanceUID for d in srs) == sorted(u for u, _f in valid)
         text = log_path.read_text()
-        assert text.count("scoring worker 0: ready") >= 3  # first start + one per abort
+        assert text.count("worker died: SIGABRT during a job") == 2
+        assert text.count("scoring worker 0: started") == 3  # first start + one per abort
         assert "POISON" not in text
     finally:
         archive.close()
