@@ -1,7 +1,8 @@
 """The ``dicom-node`` command line: one sub-command per job, heavy imports only where needed.
 
-Each sub-command is implemented by a ``*_command(args, cfg) -> int`` function in the module that
-owns that job; this file only declares the arguments and dispatches. Modules are imported lazily
+Each sub-command is implemented by a ``*_command(args, cfg) -> int`` function in the application
+module that owns that job (the library commands live in :mod:`dicom_node.commands`, which turns the
+namespace into typed calls); this file only declares the arguments and dispatches. Modules are imported lazily
 so that ``echo``, ``push`` and ``studies`` start in about a second (importing torch/monai takes
 10+ seconds on a 2-core machine).
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from dicom_node.config import Config, config_from_dict, load_config
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,11 @@ COMMANDS: dict[str, str] = {
     "studies": "dicom_node.service:studies_command",
     "echo": "dicom_node.scu:echo_command",
     "push": "dicom_node.scu:push_command",
-    "synth": "training.synthetic:synth_command",
-    "train": "training.run:train_command",
-    "evaluate": "training.run:evaluate_command",
-    "compare": "training.compare:compare_command",
-    "score": "inference.pipeline:score_command",
+    "synth": "dicom_node.commands.train:synth_command",
+    "train": "dicom_node.commands.train:train_command",
+    "evaluate": "dicom_node.commands.train:evaluate_command",
+    "compare": "dicom_node.commands.train:compare_command",
+    "score": "dicom_node.commands.score:score_command",
     "outbox": "dicom_node.sender:outbox_command",
     "resend": "dicom_node.sender:resend_command",
     "demo": "dicom_node.demo:demo_command",
@@ -169,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = _load(args)
-    except DicomNodeError as exc:
+    except USER_ERRORS as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or cfg.node.log_level)
     try:
         return int(_resolve(COMMANDS[args.command])(args, cfg))
-    except DicomNodeError as exc:
+    except USER_ERRORS as exc:
         log.error("%s", exc)
         print(f"dicom-node {args.command}: {exc}", file=sys.stderr)
         return 1

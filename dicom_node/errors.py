@@ -1,14 +1,49 @@
-"""Exception hierarchy for dicom-node.
+"""Exception hierarchy of the node application.
 
 Every error names the thing it is about (a config key, a UID, a path) so that an operator can act
-on the message alone. Catch :class:`DicomNodeError` at process boundaries (CLI, worker loop).
+on the message alone. The libraries own their errors (:mod:`inference.errors`,
+:mod:`training.errors`); they are re-exported here so application code has one place to import
+from. Catch :data:`USER_ERRORS` at process boundaries (CLI, worker loop).
 """
 
 from __future__ import annotations
 
+from inference.errors import (
+    InferenceConfigError,
+    InferenceError,
+    ModelArtifactError,
+    NoTissueRegionError,
+    ReaderError,
+    ScoringError,
+    SegmentationError,
+    UnsupportedTransferSyntaxError,
+)
+from training.errors import TrainConfigError, TrainingError
+
+__all__ = [
+    "USER_ERRORS",
+    "ArchiveError",
+    "ConfigError",
+    "DeliveryError",
+    "DicomNodeError",
+    "InferenceConfigError",
+    "InferenceError",
+    "ModelArtifactError",
+    "NoTissueRegionError",
+    "OutOfResourcesError",
+    "ReaderError",
+    "ResultsError",
+    "ScoringError",
+    "SegmentationError",
+    "TrainConfigError",
+    "TrainingError",
+    "UnsupportedTransferSyntaxError",
+    "ValidationError",
+]
+
 
 class DicomNodeError(Exception):
-    """Base class of every error dicom-node raises on purpose."""
+    """Base class of every error the node application raises on purpose."""
 
 
 class ConfigError(DicomNodeError):
@@ -36,35 +71,6 @@ class OutOfResourcesError(ArchiveError):
     """Disk space below the configured reserve (answered as 0xA700)."""
 
 
-class ReaderError(DicomNodeError):
-    """A DICOM object cannot be turned into an image/mask; names the SOP Instance UID and why."""
-
-    def __init__(self, sop_instance_uid: str | None, reason: str) -> None:
-        self.sop_instance_uid = sop_instance_uid
-        self.reason = reason
-        super().__init__(f"{sop_instance_uid or '<unknown SOP Instance UID>'}: {reason}")
-
-
-class UnsupportedTransferSyntaxError(ReaderError):
-    """Pixel data is compressed with a syntax no installed decoder handles."""
-
-
-class NoTissueRegionError(ReaderError):
-    """No 2D tissue region could be found in the image."""
-
-
-class SegmentationError(ReaderError):
-    """A DICOM-SEG has an unsupported layout or references nothing present."""
-
-
-class ModelArtifactError(DicomNodeError):
-    """A model directory (model.json + fold checkpoints) is missing or invalid."""
-
-
-class ScoringError(DicomNodeError):
-    """A study could not be scored; the message says which study and why."""
-
-
 class DeliveryError(DicomNodeError):
     """A C-STORE to a destination failed (association refused, non-success status, timeout)."""
 
@@ -73,5 +79,5 @@ class ResultsError(DicomNodeError):
     """SR/heat maps cannot be built for a study (e.g. no source header for any scored image)."""
 
 
-class TrainingError(DicomNodeError):
-    """Training data or settings do not allow a run (e.g. one class only, no usable studies)."""
+# Errors an operator can act on from the message alone: printed, not traced, at the CLI.
+USER_ERRORS: tuple[type[Exception], ...] = (DicomNodeError, InferenceError, TrainingError)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dicom_node.errors import ModelArtifactError
+from inference.errors import ModelArtifactError
 from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES
 from inference.types import ModelInfo
 

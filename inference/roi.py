@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
-from dicom_node.errors import SegmentationError
+from inference.errors import SegmentationError
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from dicom_node.errors import TrainingError
+from training.errors import TrainingError
 
 OOF_FILENAME = "oof.csv"
 OOF_COLUMNS: tuple[str, ...] = (

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from dicom_node.errors import TrainingError
 from inference.model import ModelSpec, create_model
 from inference.transforms import augment_transforms, finish_transforms
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node.commands.score import group_by_study
 from dicom_node.config import ReaderConfig, ScoringConfig
 from dicom_node.errors import ScoringError
-from inference.pipeline import ScoringPipeline, group_by_study
+from inference.pipeline import ScoringPipeline
 from inference.transforms import roi_box
 
 
