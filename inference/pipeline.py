@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from dicom_node.config import ReaderConfig, ScoringConfig
+from inference.config import ReaderConfig, ScoringConfig
 from inference.errors import ModelArtifactError, ScoringError
 from inference.types import ImageScore, ModelInfo, StudyScore, USFrame
 
