@@ -17,21 +17,19 @@ import numpy as np
 
 from inference.config import ReaderConfig, ScoringConfig
 from inference.errors import ModelArtifactError, ScoringError
+from inference.roi import RoiSource
 from inference.types import ImageScore, ModelInfo, StudyScore, USFrame
 
 if TYPE_CHECKING:
+    from inference.artifact import ModelCard
     from inference.reader import StudyRead
 
 log = logging.getLogger(__name__)
 
-ROI_SEG = "seg"
-ROI_WHOLE = "whole-region"
-
-
 @dataclass
 class _Usable:
     frame: USFrame
-    roi_source: str
+    roi_source: RoiSource
 
 
 class ScoringPipeline:
@@ -40,34 +38,32 @@ class ScoringPipeline:
     Args:
         model_dir: the artifact written by ``dicom-node train`` (model.json + fold files).
         scoring: device, threads, backend, CAM and study-rule settings.
-        reader: frame policy for cine loops.
+        reader: frame cap for cine loops; its frame/region policy, if set, must match the model.
+
+    Frame policy, region policy, study rule and threshold are the model's (model.json), so the
+    node scores exactly as training evaluated.
 
     Raises:
-        ModelArtifactError: the artifact is invalid or is not an image-only binary classifier
-            (the node has nothing but images to feed it).
+        ModelArtifactError: the artifact is invalid, is not an image-only binary classifier
+            (the node has nothing but images to feed it), or the config contradicts it.
     """
 
     def __init__(self, model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig) -> None:
+        from inference.artifact import load_artifact
         from inference.ensemble import FoldEnsemble
-        from inference.model import load_artifact
         from inference.transforms import eval_transforms
 
         self.scoring = scoring
         self.reader = reader
+        card = read_servable_card(Path(model_dir), scoring, reader)
+        self.policy = card.policy
         self.artifact = load_artifact(Path(model_dir), device="cpu")
         spec = self.artifact.spec
-        if tuple(spec.modalities) != ("image",):
-            raise ModelArtifactError(
-                f"{model_dir}: model uses {'+'.join(spec.modalities)}; the node only has the "
-                "images, so it can serve image-only models"
-            )
-        if spec.target != "binary":
-            raise ModelArtifactError(f"{model_dir}: target {spec.target!r} is not a binary classifier")
         # the crop margin comes from model.json, never from the node's config: it must match training
         self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin)
         try:
             self.ensemble = FoldEnsemble(
-                self.artifact.models,
+                list(self.artifact.models),
                 device=scoring.device,
                 threads=scoring.torch_threads,
                 backend=scoring.backend,
@@ -111,8 +107,8 @@ class ScoringPipeline:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         read = read_study(
-            [Path(p) for p in paths], frame_policy=self.reader.frame_policy,
-            max_frames=self.reader.max_frames, region_policy=self.reader.region_policy,
+            [Path(p) for p in paths], frame_policy=self.policy.frame_policy,
+            max_frames=self.reader.max_frames, region_policy=self.policy.region_policy,
         )
         timings["decode"] = _ms(t0)
         study_uid = _study_uid(read, paths)
@@ -120,9 +116,9 @@ class ScoringPipeline:
         unscored: list[USFrame] = []
         for frame in read.frames:
             if frame.mask is not None and bool(np.any(frame.mask)):
-                usable.append(_Usable(frame, ROI_SEG))
+                usable.append(_Usable(frame, RoiSource.SEG))
             elif allow_missing_seg:
-                usable.append(_Usable(frame, ROI_WHOLE))
+                usable.append(_Usable(frame, RoiSource.WHOLE_REGION))
             else:
                 unscored.append(frame)
         # The reader's problems, minus notes about images that were scored after all (e.g. "no
@@ -151,7 +147,7 @@ class ScoringPipeline:
         heatmaps: list[np.ndarray | None] = [None] * len(usable)
         if out.cams is not None:
             for i, u in enumerate(usable):
-                mask = u.frame.mask if u.roi_source == ROI_SEG else None
+                mask = u.frame.mask if u.roi_source == RoiSource.SEG else None
                 box = roi_box(mask, u.frame.image.shape, margin)
                 heatmaps[i] = cams_to_frame(out.cams[i], u.frame.image.shape, box)
         timings["cam"] = _ms(t0)
@@ -161,7 +157,7 @@ class ScoringPipeline:
         probs, spread = out.probability, out.spread
         for i, u in enumerate(usable):
             measurements = None
-            if u.roi_source == ROI_SEG:
+            if u.roi_source == RoiSource.SEG:
                 measurements = measure_roi(u.frame.image, u.frame.mask, u.frame.spacing_cm)
             images.append(ImageScore(
                 frame=u.frame,
@@ -174,13 +170,13 @@ class ScoringPipeline:
             ))
         timings["measurements"] = _ms(t0)
 
-        probability = study_probability([im.probability for im in images], self.scoring.study_rule)
+        probability = study_probability([im.probability for im in images], self.policy.study_rule)
         score = StudyScore(
             study_instance_uid=study_uid,
             patient_id=usable[0].frame.patient_id,
             probability=probability,
             positive=probability >= self.info.threshold,
-            rule=self.scoring.study_rule,
+            rule=self.policy.study_rule,
             images=images,
             model=self.info,
             skipped=skipped,
@@ -197,12 +193,40 @@ class ScoringPipeline:
     def _preprocess(self, u: _Usable) -> Any:
         """The shared eval transforms on one frame -> (C, S, S) tensor."""
         data: dict[str, Any] = {"image": np.asarray(u.frame.image, dtype=np.float32)[None]}
-        if u.roi_source == ROI_SEG:
+        if u.roi_source == RoiSource.SEG:
             data["mask"] = np.asarray(u.frame.mask, dtype=bool)[None]
         return self.transforms(data)["image"]
 
     def close(self) -> None:
         self.ensemble.close()
+
+
+def policy_conflicts(card: ModelCard, scoring: ScoringConfig, reader: ReaderConfig) -> list[str]:
+    """Config values that are set and disagree with the model, one phrase each (empty: none)."""
+    pairs = (("reader.frame_policy", reader.frame_policy, card.policy.frame_policy),
+             ("reader.region_policy", reader.region_policy, card.policy.region_policy),
+             ("scoring.study_rule", scoring.study_rule, card.policy.study_rule))
+    return [f"{key} = {ours!r} but the model was trained and thresholded with {theirs!r}"
+            for key, ours, theirs in pairs if ours is not None and ours != theirs]
+
+
+def read_servable_card(model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig) -> ModelCard:
+    """model.json + fold files checked, the model servable, and the config consistent with it.
+
+    Raises:
+        ModelArtifactError: naming both values when the config contradicts the model (remove the
+            key to use the model's value).
+    """
+    from inference.artifact import check_servable, read_card
+
+    card = read_card(model_dir)
+    check_servable(card, model_dir)
+    bad = policy_conflicts(card, scoring, reader)
+    if bad:
+        raise ModelArtifactError(
+            f"{model_dir}: the config contradicts the model: {'; '.join(bad)} "
+            "(remove the key from config.toml to use the model's value)")
+    return card
 
 
 def _ms(t0: float) -> float:

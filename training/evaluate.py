@@ -58,7 +58,7 @@ def evaluate_model(model_dir: Path, archive: Path, labels: Path, out: Path | Non
     Returns:
         (the output folder, a one-line summary of the participant-level result).
     """
-    from inference.model import load_artifact
+    from inference.artifact import load_artifact
     from training.oof import OOFTable, combination_name, write_oof
 
     art = load_artifact(Path(model_dir))

@@ -43,6 +43,12 @@ from training.trainer import (
 
 log = logging.getLogger(__name__)
 
+# How the decision threshold is chosen (cv_summary) and how the cohort is read (load_cohort);
+# both are written into model.json so the node serves exactly this.
+THRESHOLD_LEVEL = "participant"
+POOLING_RULE = "mean"
+TRAIN_REGION_POLICY = "largest"
+
 
 
 def _spec(cfg: TrainConfig, mods: tuple[str, ...], n_clin: int, n_lab: int) -> ModelSpec:
@@ -139,13 +145,13 @@ def cv_summary(table: Any, target: str, n_boot: int = 1000, seed: int = 0
         sub = table.select(modalities=combo)
         per_level = {}
         for level in ("participant", "image"):
-            agg = aggregate(sub, level, "mean")
+            agg = aggregate(sub, level, POOLING_RULE)
             if target == "regression":
                 per_level[level] = regression_metrics(agg.labels, agg.scores)
                 continue
-            if level == "participant":
+            if level == THRESHOLD_LEVEL:
                 thresholds[combo] = float(youden_threshold(agg.labels, agg.scores))
-            summ = evaluate_oof(sub, level, "mean", thresholds[combo], n_boot, seed)[combo]
+            summ = evaluate_oof(sub, level, POOLING_RULE, thresholds[combo], n_boot, seed)[combo]
             per_level[level] = summ.to_dict()
         metrics[combo] = per_level
     return thresholds, metrics
@@ -193,7 +199,12 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
     """Metrics, threshold, model.json, fold weights, oof.csv and the report, atomically."""
     from pydicom.uid import generate_uid
 
-    from training.artifact import build_model_json, write_artifact
+    from inference.artifact import (
+        Decision,
+        ServingPolicy,
+        build_model_json,
+        write_artifact,
+    )
     from training.oof import combination_name, write_oof
 
     table = _oof_table(cohort, fold_of, results)
@@ -215,6 +226,11 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
     model_json = build_model_json(
         spec=spec, fold_files=[f"fold_{k}.safetensors" for k in range(len(main.folds))],
         fold_meta=fold_meta, threshold=threshold, model_uid=generate_uid(),
+        decision=Decision(threshold=threshold,
+                          method="youden_j" if cfg.target == "binary" else "none",
+                          level=THRESHOLD_LEVEL, rule=POOLING_RULE),
+        policy=ServingPolicy(frame_policy=cfg.frame_policy, region_policy=TRAIN_REGION_POLICY,
+                             study_rule=POOLING_RULE),
         version=_dt_version(), cv_metrics=metrics,
         feature_scaling={"per_fold": True, "modalities": [m for m in main.modalities
                                                           if m != "image"]},

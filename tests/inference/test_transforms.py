@@ -6,7 +6,12 @@ import numpy as np
 import torch
 
 from dicom_node.config import TrainConfig
-from inference.transforms import eval_transforms, preprocess_transforms, roi_box, train_transforms
+from inference.transforms import (
+    eval_transforms,
+    preprocess_transforms,
+    roi_box,
+    train_transforms,
+)
 
 
 def _image_and_mask() -> tuple[np.ndarray, np.ndarray]:
