@@ -152,8 +152,9 @@ class ModelArtifact:
 # --------------------------------------------------------------------------------------------
 
 
-def _fold_files(raw: Mapping[str, Any], model_dir: Path) -> tuple[str, ...]:
-    """The fold file names, checked: a non-empty list of plain names that exist on disk."""
+def _fold_files(raw: Mapping[str, Any], model_dir: Path, *, on_disk: bool = True
+                ) -> tuple[str, ...]:
+    """The fold file names, checked: a non-empty list of plain names (that exist, if ``on_disk``)."""
     folds = raw["folds"]
     if not isinstance(folds, list) or not folds:
         raise ModelArtifactError(f"{model_dir / 'model.json'}: 'folds' must be a non-empty list")
@@ -166,7 +167,7 @@ def _fold_files(raw: Mapping[str, Any], model_dir: Path) -> tuple[str, ...]:
             raise ModelArtifactError(
                 f"{model_dir / 'model.json'}: folds[{i}].file {name!r} must be a plain file name")
         out.append(name)
-    absent = [f for f in out if not (model_dir / f).is_file()]
+    absent = [f for f in out if not (model_dir / f).is_file()] if on_disk else []
     if absent:
         raise ModelArtifactError(f"{model_dir}: fold file(s) missing: {', '.join(absent)}")
     return tuple(out)
@@ -213,8 +214,11 @@ def _choice(value: Any, allowed: Any, what: str, path: Path) -> Any:
     return value
 
 
-def read_card(model_dir: Path) -> ModelCard:
+def read_card(model_dir: Path, *, require_fold_files: bool = True) -> ModelCard:
     """model.json checked and frozen, fold files present; weights are not read.
+
+    ``require_fold_files=False`` reads a model.json kept without its weights (the reference runs
+    under docs/ are such).
 
     A schema-1 file has no "serving"/"decision" tables: its model was read with the middle frame
     (or its ``spec.frame_policy``) and the largest region, pooled by the mean, and its threshold
@@ -227,7 +231,7 @@ def read_card(model_dir: Path) -> ModelCard:
         spec = ModelSpec.from_dict({**raw["spec"], "threshold": float(raw["threshold"])})
     except (TypeError, ValueError) as exc:
         raise ModelArtifactError(f"{path} spec is invalid: {exc}") from exc
-    files = _fold_files(raw, model_dir)
+    files = _fold_files(raw, model_dir, on_disk=require_fold_files)
     serving = raw.get("serving") or {}
     policy = ServingPolicy(
         frame_policy=_choice(serving.get("frame_policy", spec.frame_policy), FramePolicy,
