@@ -278,7 +278,7 @@ def train_fold(
     """Train fold ``fold`` for ``cfg.epochs`` epochs and return the best-validation model.
 
     Args:
-        cfg: a :class:`dicom_node.config.TrainConfig` (epochs, lr, batch size, augmentation...).
+        cfg: a :class:`training.config.TrainConfig` (epochs, lr, batch size, augmentation...).
         work_dir: where the per-epoch checkpoints live (``fold_<k>/``).
         resume: continue from ``work_dir``'s last completed epoch of this fold, if any.
         on_epoch_end: called as ``fn(fold, epoch)`` after each epoch's checkpoint (tests use it

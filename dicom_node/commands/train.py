@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dicom_node.config import Config, TrainConfig
 
@@ -68,7 +68,7 @@ def compare_command(args: argparse.Namespace, cfg: Config) -> int:
     from training.oof import read_oof
 
     oof_a, oof_b = read_oof(args.run_a), read_oof(args.run_b)
-    level = args.level or "participant"
+    level: Literal["participant", "study", "image"] = args.level or "participant"
     results = compare_runs(oof_a, oof_b, args.a_combination, args.b_combination, level)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
