@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import Config
 from dicom_node.errors import ModelArtifactError
+from dicom_node.ops.metrics import record_pipeline_timings, timed
 from dicom_node.worker import JobContext, Processor
 from inference.roi import RoiSource
 
@@ -104,6 +105,7 @@ class ScoringProcessor:
         log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, reason %s)",
                  ids, len(ctx.paths), ctx.attempt, allow, ctx.payload.get("completion_reason", "?"))
         score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+        record_pipeline_timings(score.timings_ms)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
                  "positive" if score.positive else "negative", len(score.images), len(score.skipped))
         for uid, reason in score.skipped:
@@ -112,7 +114,8 @@ class ScoringProcessor:
         predecessor = find_predecessor(cfg.node.results_dir, ctx.study_uid)
         if predecessor is not None:
             log.info("%s: rescore; predecessor SR %s", ids, predecessor.SOPInstanceUID)
-        results = build_results(score, _sources(read), cfg.results, predecessor)
+        with timed("sr_build"):
+            results = build_results(score, _sources(read), cfg.results, predecessor)
         paths = write_results(results, cfg)
         log.info("%s: results archived (SR %s + %d heat map(s))", ids, results.sr.SOPInstanceUID,
                  len(results.heatmaps))
