@@ -98,6 +98,12 @@ def synth_command(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as exc:
         print(f"dicom-node synth: {exc}")
         return 2
+    n_other = int(args.non_muscle or 0)
+    if n_other > 0:  # the input gate's negatives (training.synth_nonmuscle)
+        from training.synth_nonmuscle import write_nonmuscle
+
+        write_nonmuscle(Path(args.out), n_other, args.seed, args.image_scale)
+        print(f"{n_other} non-muscle US objects -> {Path(args.out) / 'nonmuscle'}")
     print(f"{summary.participants} participants, {summary.studies} studies, "
           f"{summary.us_objects} US objects, {summary.seg_objects} SEG -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")
