@@ -19,7 +19,7 @@ import common  # noqa: F401  (sets sys.path)
 from common import node_config, save_result
 
 from bench.usdata import us_instances
-from dicom_node.demo_pacs import NodeProcess, StorescpPeer, storescu
+from testing.peers import NodeProcess, StorescpPeer, storescu
 
 
 def _node_count(db: Path) -> int:

@@ -62,7 +62,7 @@ def _time_backend(model_dir: Path, files: list[Path], backend: str, cam_method: 
 
 
 def _results_and_send(score, read, workdir: Path, repeats: int) -> dict:
-    from dicom_node.demo_pacs import StorescpPeer
+    from testing.peers import StorescpPeer
     from dicom_node.results import build_results
     from dicom_node.scu import store_files
 

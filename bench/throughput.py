@@ -23,7 +23,7 @@ from common import node_config, save_result
 
 from bench.model_fixture import untrained_artifact
 from bench.usdata import us_instances
-from dicom_node.demo_pacs import NodeProcess, StorescpPeer, storescu
+from testing.peers import NodeProcess, StorescpPeer, storescu
 
 IDLE_SECONDS = 2.0
 
