@@ -21,7 +21,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, UltrasoundImageSt
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import echo, store_files
 from tests.conftest import make_config
-from tests.dicom_node.node_data import (
+from tests.builders import (
     make_seg,
     make_tls_files,
     make_us,
