@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from testing.peers import free_port
+from testing.peers import free_port  # noqa: E402  (needs the sys.path line above)
 
 
 def node_config(data_dir: Path, *, scoring: dict | None = None, destinations: list | None = None,

@@ -145,7 +145,7 @@ def set_native(ds: Dataset, frames_rgb: np.ndarray, photometric: str,
         # A warm palette: index i -> (i, 0.8 i, 0.5 i); 16-bit LUT entries.
         lut = [ramp * 257, np.round(ramp * 0.8) .astype(np.uint16) * 257,
                np.round(ramp * 0.5).astype(np.uint16) * 257]
-        for name, tab in zip(("Red", "Green", "Blue"), lut):
+        for name, tab in zip(("Red", "Green", "Blue"), lut, strict=True):
             setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [256, 0, 16])
             setattr(ds, f"{name}PaletteColorLookupTableData", tab.astype("<u2").tobytes())
         ds.PixelData = g8.tobytes()

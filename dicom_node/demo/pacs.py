@@ -106,7 +106,8 @@ _BIND_SHIM = r"""
 #include <sys/socket.h>
 int bind(int fd, const struct sockaddr *addr, socklen_t len) {
   static int (*real_bind)(int, const struct sockaddr *, socklen_t);
-  if (!real_bind) real_bind = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "bind");
+  if (!real_bind)
+    real_bind = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "bind");
   if (addr && addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
     struct sockaddr_in a; memcpy(&a, addr, sizeof a);
     if (a.sin_addr.s_addr == htonl(INADDR_ANY)) {

@@ -48,7 +48,8 @@ def running_node(cfg: Config, *, processor: Processor | None = archive_only_proc
         archive.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.1) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
+             interval: float = 0.1) -> object:
     """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -79,7 +80,8 @@ class ServeProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "dicom_node.cli", "serve", "--config",
+                 str(self.config_path)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pydicom
 import pytest
 import tomli_w
+import tomllib
 
 from dicom_node.config import config_from_dict
 from dicom_node.demo.collect import summarize_sr
