@@ -52,6 +52,8 @@ def summarize_sr(path: Path | None) -> SrSummary:
     if path is None:
         raise DemoError("internal: SR path missing")
     content = hd.sr.srread(path).content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise DemoError(f"{path} is not a TID 1500 measurement report")
     images: list[Any] = list(content.get_planar_roi_measurement_groups())
     probability: float | None = None
     positive: bool | None = None

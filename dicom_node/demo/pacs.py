@@ -67,10 +67,13 @@ class PynetdicomPeer:
         ae = AE(ae_title=ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         ae.maximum_pdu_size = 131072
-        self._server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", self.port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, _nodelay)],
         )
+        if server is None:  # only a blocking server returns None
+            raise RuntimeError(f"pynetdicom SCP did not start on 127.0.0.1:{self.port}")
+        self._server = server
 
     def _on_store(self, event: Any) -> int:
         ds = event.dataset

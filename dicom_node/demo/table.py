@@ -25,8 +25,8 @@ def print_table(studies: list[DemoStudy], workdir: Path, console: Any) -> None:
     for st in studies:
         s = st.summary
         prob = "-" if s is None or s.probability is None else f"{s.probability:.2f}"
-        decision = {True: "sarcopenia", False: "no sarcopenia"}.get(
-            s.positive if s is not None else None, "?")
+        positive = s.positive if s is not None else None
+        decision = ("?" if positive is None else "sarcopenia" if positive else "no sarcopenia")
         correct += decision == st.truth
         errs = st.sr_errors
         check = "n/a" if errs is None else ("dciodvfy ok" if errs == 0 else f"{errs} errors")
