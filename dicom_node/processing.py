@@ -3,7 +3,7 @@
 ``dicom-node serve`` installs :func:`build_processor`'s result as the worker's processor when
 scoring is enabled. The model artifact is checked when the processor is built (so ``serve``
 refuses to start with a broken one) and its weights are loaded once, on the first job, then kept
-for the life of the process (a fresh process needs ~17 s before it can score, PERF_NOTES).
+for the life of the process (a fresh process needs ~17 s before it can score, measured).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Score one study: read -> MONAI transforms -> fold ensemble (+ Grad-CAM) -> measurements.
 
 :class:`ScoringPipeline` loads the model artifact once and is kept alive by the worker (a fresh
-process needs ~17 s of imports before it can score, PERF_NOTES). ``dicom-node score`` uses the same
+process needs ~17 s of imports before it can score, measured). ``dicom-node score`` uses the same
 pipeline offline and writes what the node would send: the SR and heat-map secondary captures,
 plus a summary (JSON + CSV) and PNG previews.
 """
