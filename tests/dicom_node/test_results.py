@@ -68,19 +68,17 @@ from pydicom.sr.codedict import codes  # noqa: E402
 
 from dicom_node import results as R  # noqa: E402
 from dicom_node.config import ResultsConfig  # noqa: E402
+from testing.validate import validate_files  # noqa: E402
 from tests.builders import us_series  # noqa: E402
 from tests.conftest import make_config  # noqa: E402
 
-VALIDATE = Path(__file__).resolve().parents[2] / ".." / "shared" / "tools" / "validate_dicom.sh"
-
 
 def validate(paths: list[Path]) -> str:
-    """Run validate_dicom.sh (dcmdump + dciodvfy + dsrdump); fail the test on any error."""
-    proc = subprocess.run(["bash", str(VALIDATE), "-v", *map(str, paths)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "dciodvfy: not installed" not in proc.stdout, "dciodvfy missing: IOD rules unchecked"
-    return proc.stdout
+    """Run dcmdump + dciodvfy + dsrdump (testing.validate); fail the test on any error."""
+    status, report = validate_files(paths, verbose=True)
+    assert status == 0, report
+    assert "dciodvfy: not installed" not in report, "dciodvfy missing: IOD rules unchecked"
+    return report
 
 
 def groups_by_source(sr: Dataset) -> tuple[dict[str, object], object]:
