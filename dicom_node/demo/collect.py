@@ -40,7 +40,8 @@ def collect(pacs: Peer, studies: dict[str, DemoStudy], seen: dict[Path, tuple[st
 def _values(group: Any, name: Any, derivation: Any = None) -> list[float]:
     """Values of the group's measurements named ``name`` with exactly this derivation."""
     return [float(m.value) for m in group.get_measurements(name=name)
-            if (m.derivation is None if derivation is None else m.derivation == derivation)]
+            if (m.derivation is None if derivation is None
+                else m.derivation is not None and m.derivation == derivation)]
 
 
 def summarize_sr(path: Path | None) -> SrSummary:

@@ -32,6 +32,26 @@ def test_demo_node_config_is_valid_toml_and_config(tmp_path: Path) -> None:
     assert cfg.node.host == "127.0.0.1" and not cfg.node.allow_any_calling_aet
 
 
+def test_summarize_sr_reads_what_the_node_writes(tmp_path: Path) -> None:
+    """The demo's table values come from the node's TID 1500 SR, read back with highdicom."""
+    from dicom_node import results as R
+    from tests.builders import us_series
+    from tests.conftest import make_config
+    from tests.dicom_node.test_results import make_score
+
+    sources = us_series(2, rows=96, cols=128)
+    score = make_score(sources, probs=(0.3, 0.2))
+    cfg = make_config(tmp_path / "node")
+    paths = R.write_results(R.build_results(score, {s.SOPInstanceUID: s for s in sources},
+                                            cfg.results), cfg)
+    summary = summarize_sr(paths[0])
+    assert summary.probability == pytest.approx(score.probability)
+    assert summary.positive is False and summary.images == 2
+    assert summary.spread == pytest.approx([im.fold_spread for im in score.images])
+    assert summary.csa == pytest.approx([3.21, 3.21])
+    assert summary.thickness == pytest.approx([1.23, 1.23])
+
+
 def _our_processes(marker: str) -> list[int]:
     """PIDs whose command line mentions ``marker`` (the demo's work dir)."""
     pids = []
