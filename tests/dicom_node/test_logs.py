@@ -207,8 +207,8 @@ def test_sr_build_with_fuzzed_names_logs_no_name(captured: io.StringIO) -> None:
 def test_scp_with_fuzzed_names_logs_no_name(captured: io.StringIO, tmp_path) -> None:
     """Instances with hostile Patient Names pushed over C-STORE to a real listener."""
     from dicom_node.scu import store_files
-    from tests.conftest import free_port
     from tests.builders import make_us
+    from tests.conftest import free_port
     from tests.dicom_node.node_harness import running_node
 
     names = fuzzed_names(seed=11)

@@ -20,7 +20,6 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, UltrasoundImageSt
 
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import echo, store_files
-from tests.conftest import make_config
 from tests.builders import (
     make_seg,
     make_tls_files,
@@ -29,6 +28,7 @@ from tests.builders import (
     write,
     write_study,
 )
+from tests.conftest import make_config
 from tests.dicom_node.node_harness import running_node
 
 pytestmark = pytest.mark.network

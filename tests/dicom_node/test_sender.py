@@ -14,8 +14,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from dicom_node import results as R
 from dicom_node import sender as S
 from dicom_node.config import DeliveryConfig, load_config
-from tests.conftest import free_port, make_config, require_tool
 from tests.builders import us_series
+from tests.conftest import free_port, make_config, require_tool
 from tests.dicom_node.test_results import make_score
 from tests.fixtures.orthanc import start_orthanc, stop_orthanc
 
