@@ -1,8 +1,8 @@
 """``dicom-node serve`` (listener + completion + worker + sender) and ``dicom-node studies``.
 
 ``serve`` wires the parts together and owns their life cycle: start-up sweeps temp files and
-counts jobs of dead processes as failed attempts, SIGTERM/SIGINT stop the listener first (no new instances),
-then completion, the worker (after its current job) and the sender.
+counts jobs of dead processes as failed attempts, SIGTERM/SIGINT stop the listener first (no new
+instances), then completion, the worker (after its current job) and the sender.
 """
 
 from __future__ import annotations
@@ -56,9 +56,13 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     worker: Worker | Supervisor | None = None
     delivery = None
     if cfg.worker.enabled:
-        processor = _processor(cfg)  # checks the model artifact now: a broken one stops serve
-        # scoring decodes untrusted pixel data: it runs in supervised processes, never in ours
-        worker = Supervisor(archive, cfg) if cfg.scoring.enabled else Worker(archive, processor, cfg.worker)
+        processor = _processor(cfg)  # the whole model check runs now: a broken one stops serve
+        if cfg.scoring.enabled:
+            # scoring decodes untrusted pixel data: supervised processes do it, never this one
+            del processor
+            worker = Supervisor(archive, cfg)
+        else:
+            worker = Worker(archive, processor, cfg.worker)
     if cfg.scoring.enabled and cfg.destinations:
         # another module's loop; import only if used
         from dicom_node.sender import DeliveryLoop

@@ -70,7 +70,8 @@ class _Slot:
         """Start a scoring process and wait until its model is loaded; False if it died."""
         root = logging.getLogger()
         level = logging.getLevelName(root.getEffectiveLevel())
-        fmt = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+        json_logs = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+        fmt = "json" if json_logs else "text"
         settings = ChildSettings(slot=self.index, log_level=level if level in LEVELS else "INFO",
                                  log_format=fmt)
         mp = multiprocessing.get_context("spawn")
