@@ -394,8 +394,8 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str, *, max_decoded_bytes: in
     if size > max_decoded_bytes:
         raise ValidationError(
             STATUS_OUT_OF_RESOURCES,
-            f"decoded pixel data would be {size / 2**20:.0f} MiB ({g.columns}x{g.rows}x{g.frames} "
-            f"x{g.samples} at {g.bits_allocated} bits), over node.max_decoded_mb",
+            f"decoded pixel data would be {size / 2**20:.0f} MiB ({g.columns}x{g.rows}, {g.frames} "
+            f"frames, {g.samples} samples of {g.bits_allocated} bits), over node.max_decoded_mb",
         )
     data = ds.PixelData
     if not isinstance(data, (bytes, bytearray)) or not data:
