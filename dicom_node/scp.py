@@ -262,6 +262,12 @@ def _on_end(event: Event, stats: _AssocStats) -> None:
              c.get("refused", 0), c.get("echo", 0))
 
 
+def _kind(exc: BaseException) -> str:
+    """The exception's class (module-qualified unless builtin); its message may carry values."""
+    cls = type(exc)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
+
+
 def handle_echo(event: Event, stats: _AssocStats) -> int:
     stats.add(event.assoc, "echo")
     return 0x0000
@@ -271,7 +277,7 @@ def handle_store(event: Event, archive: Archive, stats: _AssocStats, node: NodeC
     """Validate, archive durably, then answer; every failure has its own status, nothing raises."""
     try:
         return _store(event, archive, stats, node)
-    except Exception as exc:  # a bug here must still answer the modality, never abort
+    except Exception as exc:  # noqa: BLE001 - a bug here must still answer the modality
         log.exception("C-STORE handler failed")
         stats.add(event.assoc, "refused")
         log.warning("C-STORE refused 0x%04X: internal error %s", STATUS_CANNOT_UNDERSTAND,
@@ -287,7 +293,7 @@ def _store(event: Event, archive: Archive, stats: _AssocStats, node: NodeConfig)
     ts = str(event.context.transfer_syntax)
     try:
         raw: bytes | None = event.encoded_dataset(include_meta=True)
-    except Exception:  # e.g. a meta element cannot be encoded from a bad request UID
+    except Exception:  # noqa: BLE001 - e.g. a meta element cannot be encoded from a bad request UID
         raw = event.encoded_dataset(include_meta=False)
 
     def refuse(status: int, reason: str, keep: bool = True) -> int:
@@ -298,7 +304,7 @@ def _store(event: Event, archive: Archive, stats: _AssocStats, node: NodeConfig)
                 q = archive.quarantine(raw, reason=reason, status=status, calling_aet=calling,
                                        sop_class_uid=sop_class, sop_uid=sop_uid, transfer_syntax=ts)
                 where = f"; quarantined as {q.name}"
-            except Exception as exc:  # disk full etc.: still answer the specific status
+            except Exception as exc:  # noqa: BLE001 - disk full etc.: still answer the specific status
                 where = f"; could not quarantine: {type(exc).__name__}"
         log.warning("C-STORE from %s refused 0x%04X: %s%s", calling, status, reason, where)
         return status
@@ -314,13 +320,13 @@ def _store(event: Event, archive: Archive, stats: _AssocStats, node: NodeConfig)
                         transfer_syntax=ts, max_decoded_mb=node.max_decoded_mb)
     except ValidationError as exc:
         return refuse(exc.status, exc.reason)
-    except Exception as exc:  # pydicom could not parse the body at all
-        return refuse(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(exc).__name__}")
+    except Exception as exc:  # noqa: BLE001 - pydicom could not parse the body at all
+        return refuse(STATUS_CANNOT_UNDERSTAND, f"dataset cannot be decoded: {_kind(exc)}")
     try:
         outcome = archive.store(raw or b"", info, calling_aet=calling, transfer_syntax=ts)
     except OutOfResourcesError as exc:
         return refuse(STATUS_OUT_OF_RESOURCES, str(exc), keep=False)
-    except Exception as exc:  # could not write or index: the sender should retry later
+    except Exception as exc:  # noqa: BLE001 - could not write or index: the sender retries later
         log.exception("study %s: storing %s failed", info.study_uid, info.sop_uid)
         return refuse(STATUS_OUT_OF_RESOURCES, f"archive write failed: {type(exc).__name__}",
                       keep=False)

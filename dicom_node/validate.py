@@ -484,4 +484,6 @@ def validate(
     except ValidationError:
         raise
     except Exception as exc:  # lazily decoded elements raise on first access when malformed
-        raise _cannot(f"dataset cannot be decoded: {type(exc).__name__}") from exc
+        kind = type(exc).__name__ if type(exc).__module__ == "builtins" else \
+            f"{type(exc).__module__}.{type(exc).__name__}"
+        raise _cannot(f"dataset cannot be decoded: {kind}") from exc
