@@ -277,7 +277,7 @@ def handle_store(event: Event, archive: Archive, stats: _AssocStats, node: NodeC
     """Validate, archive durably, then answer; every failure has its own status, nothing raises."""
     try:
         return _store(event, archive, stats, node)
-    except Exception as exc:  # noqa: BLE001 - a bug here must still answer the modality
+    except Exception as exc:  # a bug here must still answer the modality
         log.exception("C-STORE handler failed")
         stats.add(event.assoc, "refused")
         log.warning("C-STORE refused 0x%04X: internal error %s", STATUS_CANNOT_UNDERSTAND,
@@ -326,7 +326,7 @@ def _store(event: Event, archive: Archive, stats: _AssocStats, node: NodeConfig)
         outcome = archive.store(raw or b"", info, calling_aet=calling, transfer_syntax=ts)
     except OutOfResourcesError as exc:
         return refuse(STATUS_OUT_OF_RESOURCES, str(exc), keep=False)
-    except Exception as exc:  # noqa: BLE001 - could not write or index: the sender retries later
+    except Exception as exc:  # could not write or index: the sender retries later
         log.exception("study %s: storing %s failed", info.study_uid, info.sop_uid)
         return refuse(STATUS_OUT_OF_RESOURCES, f"archive write failed: {type(exc).__name__}",
                       keep=False)
