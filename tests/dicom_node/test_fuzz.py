@@ -48,7 +48,8 @@ def _query(data_dir, sql, args=()):
         return [dict(r) for r in conn.execute(sql, args)]
 
 
-def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int) -> dict:
+def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int, files=None) -> dict:
+    """Fuzz a fresh ``serve``, then store ``files`` (default: 3 synthetic US) with storescu."""
     port = free_port()
     config = _config(tmp_path, port, scoring)
     node = ServeProcess(config, port, tmp_path / "node.log").start(timeout=120)
@@ -64,7 +65,7 @@ def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int) -> dict:
         controls = [(o, name) for o, name in report.outcomes.values() if name.split()[-1] == CONTROL]
         assert controls and {o for o, _ in controls} == {"0x0000"}, controls
         # a valid study afterwards, from a real modality stand-in: archived and processed to the end
-        files = write_study(tmp_path / "valid", 3, patient_id="AFTER")
+        files = files or write_study(tmp_path / "valid", 3, patient_id="AFTER")
         r = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "DICOMNODE",
                             "127.0.0.1", str(port), *map(str, files)],
                            check=False, capture_output=True, text=True, timeout=60)
@@ -74,10 +75,10 @@ def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int) -> dict:
         assert {r["sop_uid"] for r in _query(data, "SELECT sop_uid FROM instances WHERE "
                                              "study_uid = ?", (study,))} == \
             {str(dcmread(f).SOPInstanceUID) for f in files}
-        state = wait_for(lambda: next((r["state"] for r in _query(
-            data, "SELECT state FROM studies WHERE study_uid = ?", (study,))
-            if r["state"] not in _UNFINISHED), None), timeout=120)
-        summary["valid_study_state"] = state
+        row = wait_for(lambda: next((r for r in _query(
+            data, "SELECT state, note FROM studies WHERE study_uid = ?", (study,))
+            if r["state"] not in _UNFINISHED), None), timeout=600)
+        summary["valid_study_state"], summary["valid_study_note"] = row["state"], row["note"]
         assert node.proc.poll() is None
     finally:
         node.stop()
@@ -90,3 +91,17 @@ def test_fuzz_every_case_answered_node_stays_up(tmp_path):
     summary = _fuzz_then_valid_study(tmp_path, {"enabled": False}, CASES)
     assert summary["valid_study_state"] not in ("failed",)
     assert sum(summary["histogram"].values()) == CASES
+
+
+def test_fuzz_with_scoring_then_a_valid_study_is_scored(tmp_path, synth_cohort, tiny_model_dir):
+    """The same, with the tiny real model scoring every accepted case and a cohort study after."""
+    by_study: dict[str, list] = {}
+    for f in sorted(synth_cohort.dicom_dir.rglob("*.dcm")):
+        by_study.setdefault(str(dcmread(f, stop_before_pixels=True).StudyInstanceUID), []).append(f)
+    files = next(iter(by_study.values()))
+    cases = int(os.environ.get("DICOM_NODE_FUZZ_SCORED_CASES", "100"))
+    summary = _fuzz_then_valid_study(
+        tmp_path, {"enabled": True, "model_dir": str(tiny_model_dir), "device": "cpu",
+                   "torch_threads": 1}, cases, files)
+    assert summary["valid_study_state"] == "scored", summary
+    assert "archive-only" not in (summary["valid_study_note"] or "")

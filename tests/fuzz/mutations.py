@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,14 +55,20 @@ class Case:
 
 @contextmanager
 def lenient_pydicom() -> Iterator[None]:
-    """Let pydicom write the invalid values the mutations create."""
+    """Let pydicom write the invalid values the mutations create, without warning about each."""
     old = config.settings.writing_validation_mode, config.settings.reading_validation_mode
     config.settings.writing_validation_mode = config.IGNORE
     config.settings.reading_validation_mode = config.IGNORE
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         config.settings.writing_validation_mode, config.settings.reading_validation_mode = old
+        pydicom_log.setLevel(level)
 
 
 # ---------------------------------------------------------------- synthetic originals
@@ -269,7 +277,7 @@ def uids(rng: random.Random, ds: Dataset) -> str:
         _set(ds, "SOPClassUID", "UI", "1.2.3.4.5")
     else:
         _set(ds, keyword, "UI", value)
-        if keyword == "SOPInstanceUID" and rng.random() < 0.7:
+        if keyword == "SOPInstanceUID" and value and rng.random() < 0.7:
             _set(ds.file_meta, "MediaStorageSOPInstanceUID", "UI", value)
     return f"uid/{choice}"
 
@@ -432,7 +440,12 @@ def generate(n: int, seed: int = 0) -> Iterator[Case]:
                         parts.append(f"skipped:{mutate.__name__}:{type(exc).__name__}")
             else:
                 parts.append(CONTROL)
-        data = _encode(ds, str(original.file_meta.TransferSyntaxUID))
+        real_ts = str(original.file_meta.TransferSyntaxUID)
+        try:
+            data = _encode(ds, real_ts)
+        except Exception as exc:  # noqa: BLE001 - pydicom cannot write it: send the original
+            data = _encode(_fresh(original, rng), real_ts)
+            parts.append(f"encode-failed:{type(exc).__name__}")
         if index % 12 != 0 and rng.random() < 1 / 6:
             what, data = raw_bytes(rng, data)
             parts.append(what)
