@@ -13,7 +13,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.fuzz.mutations import Case
+from tests.fuzz.mutations import Case, lenient_pydicom
 
 #: Outcomes that mean the listener did not answer the case with a DIMSE status.
 NO_STATUS = ("no-response", "association-aborted", "association-not-established")
@@ -40,7 +40,8 @@ def raw_sending() -> Iterator[None]:
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.VALIDATORS["UI"] = lambda value: (True, "")
     try:
-        yield
+        with lenient_pydicom():
+            yield
     finally:
         _config.STORE_SEND_CHUNKED_DATASET, _config.VALIDATORS["UI"] = old
 
