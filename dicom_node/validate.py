@@ -26,6 +26,7 @@ from itertools import pairwise
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
@@ -165,6 +166,8 @@ def _cannot(reason: str) -> ValidationError:
 
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
+    if isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
     return "" if value is None else str(value).strip()
 
 
@@ -471,7 +474,8 @@ def validate(
             study_uid=study_uid,
             series_uid=series_uid,
             patient_id=_text(ds, "PatientID"),  # Type 2: may be empty
-            modality=_text(ds, "Modality")[:16] or _MODALITY_BY_CLASS.get(sop_class, "OT"),
+            modality=_text(ds, "Modality").split("\\")[0].strip().upper()[:16]
+            or _MODALITY_BY_CLASS.get(sop_class, "OT"),
             series_number=_int(ds, "SeriesNumber"),
             manufacturer=_text(ds, "Manufacturer"),
             model_name=_text(ds, "ManufacturerModelName"),
