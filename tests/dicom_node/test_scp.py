@@ -592,3 +592,51 @@ def test_idle_sockets_do_not_hold_up_a_real_storescu(tmp_path):
         finally:
             for s in idle:
                 s.close()
+
+
+def test_silent_connection_is_closed_after_the_pending_timeout(tmp_path):
+    """A socket that never sends A-ASSOCIATE-RQ is closed by the node (ARTIM), not kept for 30 s."""
+    import socket
+
+    cfg = make_config(tmp_path / "node", node={"pending_timeout_seconds": 0.5})
+    with running_node(cfg, completion=False):
+        s = socket.create_connection(("127.0.0.1", cfg.node.port), timeout=20)
+        try:
+            try:
+                assert s.recv(1) == b""  # closed by the node, long before our 20 s timeout
+            except ConnectionResetError:
+                pass
+        finally:
+            s.close()
+        assert echo("127.0.0.1", cfg.node.port, calling_aet="ECHOSCU", called_aet="DICOMNODE") == 0
+
+
+def test_peer_at_its_limit_with_only_busy_associations_gets_no_new_connection():
+    """The limiter closes the oldest idle connection first, and refuses only when none is idle."""
+    import socket
+
+    from dicom_node.scp import PeerLimiter
+
+    limiter = PeerLimiter(2)
+    a, b, c = (socket.socket() for _ in range(3))
+    done = threading.Event()
+    assoc_a, assoc_d = (threading.Thread(target=done.wait) for _ in range(2))  # association threads
+    assoc_a.start()
+    assoc_d.start()
+    try:
+        assert limiter.admit(a, "10.0.0.1") and limiter.admit(b, "10.0.0.1")
+        assert limiter.admit(c, "10.0.0.2")  # another peer is not affected
+        limiter.opened(assoc_a, a)
+        limiter.requested(assoc_a)
+        d = socket.socket()
+        assert limiter.admit(d, "10.0.0.1")  # b was idle: closed to make room
+        limiter.opened(assoc_d, d)
+        limiter.requested(assoc_d)
+        e = socket.socket()
+        assert not limiter.admit(e, "10.0.0.1")  # a and d are associated: no room
+        for s in (d, e):
+            s.close()
+    finally:
+        done.set()
+        for s in (a, b, c):
+            s.close()
