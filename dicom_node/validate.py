@@ -358,15 +358,21 @@ def _geometry(ds: Dataset, ts: str) -> _Geometry:
     bits = _int(ds, "BitsAllocated")
     if bits not in (1, 8, 16, 32, 64):
         raise _cannot(f"BitsAllocated {bits} is not 1, 8, 16, 32 or 64")
-    stored = _int(ds, "BitsStored") or bits
-    if not 0 < stored <= bits:
-        raise _cannot(f"BitsStored {stored} does not fit BitsAllocated {bits}")
+    stored = _int(ds, "BitsStored") if ds.get("BitsStored") not in (None, "") else bits
+    if stored is None or not 0 < stored <= bits:
+        raise _cannot(f"BitsStored {ds.get('BitsStored')} does not fit BitsAllocated {bits}")
+    if _int(ds, "PixelRepresentation") not in (None, 0, 1):
+        raise _cannot("PixelRepresentation is not 0 or 1")
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if photometric not in _PHOTOMETRIC_SAMPLES:
         raise _cannot(f"unknown PhotometricInterpretation {photometric[:20]!r}")
     if _PHOTOMETRIC_SAMPLES[photometric] != samples:
         raise _cannot(f"PhotometricInterpretation {photometric} needs "
                       f"{_PHOTOMETRIC_SAMPLES[photometric]} samples, SamplesPerPixel is {samples}")
+    if photometric == "PALETTE COLOR" and not all(
+            f"{c}PaletteColorLookupTableDescriptor" in ds for c in ("Red", "Green", "Blue")):
+        raise ValidationError(STATUS_DOES_NOT_MATCH, "PALETTE COLOR image without its palette "
+                              "color lookup tables")
     if samples == 3 and _int(ds, "PlanarConfiguration") not in (None, 0, 1):
         raise _cannot("PlanarConfiguration is not 0 or 1")
     if ts in DECODABLE_ENCAPSULATED:

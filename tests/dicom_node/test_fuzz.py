@@ -17,6 +17,7 @@ import subprocess
 import pytest
 from pydicom import dcmread
 
+from dicom_node.scu import push_files
 from tests.conftest import free_port
 from tests.dicom_node.node_data import write_study
 from tests.dicom_node.node_harness import ServeProcess, wait_for, write_toml
@@ -65,11 +66,16 @@ def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int, files=None) -> d
         controls = [(o, name) for o, name in report.outcomes.values() if name.split()[-1] == CONTROL]
         assert controls and {o for o, _ in controls} == {"0x0000"}, controls
         # a valid study afterwards, from a real modality stand-in: archived and processed to the end
-        files = files or write_study(tmp_path / "valid", 3, patient_id="AFTER")
-        r = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "DICOMNODE",
-                            "127.0.0.1", str(port), *map(str, files)],
-                           check=False, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
+        if files is None:  # a real modality stand-in: DCMTK storescu
+            files = write_study(tmp_path / "valid", 3, patient_id="AFTER")
+            r = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "DICOMNODE",
+                                "127.0.0.1", str(port), *map(str, files)],
+                               check=False, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        else:  # a cohort study (JPEG, RLE, SEG): the node's own push proposes what each file needs
+            outcomes = push_files("127.0.0.1", port, files, calling_aet="PYNETDICOM",
+                                  called_aet="DICOMNODE")
+            assert all(o.stored for o in outcomes), [o for o in outcomes if not o.stored]
         study = str(dcmread(files[0]).StudyInstanceUID)
         data = tmp_path / "data"
         assert {r["sop_uid"] for r in _query(data, "SELECT sop_uid FROM instances WHERE "

@@ -640,3 +640,17 @@ def test_peer_at_its_limit_with_only_busy_associations_gets_no_new_connection():
         done.set()
         for s in (a, b, c):
             s.close()
+
+
+def test_headers_the_decoder_rejects_are_refused_at_the_door(node):
+    """Found by the fuzz suite with scoring on: accepted, then undecodable in the worker."""
+    cfg, archive = node
+    rep = make_us()
+    rep.PixelRepresentation = 5
+    stored0 = make_us()
+    stored0.BitsStored = 0
+    palette = make_us()
+    palette.PhotometricInterpretation = "PALETTE COLOR"
+    results = _send(cfg, [rep, stored0, palette])
+    assert [s for _, s in results] == [0xC210, 0xC210, 0xA900]
+    assert archive.instance_count() == 0
