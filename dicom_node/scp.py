@@ -31,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node.archive import Archive
 from dicom_node.config import NodeConfig, TLSConfig
 from dicom_node.errors import OutOfResourcesError, ValidationError
+from dicom_node.ops.metrics import record_instance
 from dicom_node.scu import set_tcp_nodelay
 from dicom_node.validate import (
     DECODABLE_ENCAPSULATED,
@@ -307,6 +308,7 @@ def _store(event: Event, archive: Archive, stats: _AssocStats, node: NodeConfig)
             except Exception as exc:  # noqa: BLE001 - disk full etc.: still answer the specific status
                 where = f"; could not quarantine: {type(exc).__name__}"
         log.warning("C-STORE from %s refused 0x%04X: %s%s", calling, status, reason, where)
+        record_instance(status, calling)
         return status
 
     try:
@@ -333,6 +335,7 @@ def _store(event: Event, archive: Archive, stats: _AssocStats, node: NodeConfig)
     stats.add(event.assoc, outcome.kind)
     log.info("study %s: %s instance %s (%s, series %s) from %s", info.study_uid, outcome.kind,
              info.sop_uid, info.modality, info.series_uid, calling)
+    record_instance(0x0000, calling, len(raw or b""))
     return 0x0000
 
 

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Config, validate_ae_title
 from dicom_node.errors import ConfigError, DeliveryError
+from dicom_node.ops.netcheck import association_failure
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def store_files(
         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
     )
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        why = association_failure(assoc, host, port, timeout)
         raise DeliveryError(f"association to {called_aet}@{host}:{port} {why}")
     results: list[tuple[str, int]] = []
     try:
@@ -205,7 +206,7 @@ def echo(host: str, port: int, *, calling_aet: str, called_aet: str, timeout: fl
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        why = association_failure(assoc, host, port, timeout)
         raise DeliveryError(f"association to {called_aet}@{host}:{port} {why}")
     try:
         status = assoc.send_c_echo()
@@ -297,7 +298,7 @@ def _push_batch(host: str, port: int, batch: list[tuple[Path, Dataset]],
     assoc = ae.associate(host, port, ae_title=called_aet, max_pdu=max_pdu, tls_args=tls_args,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        why = association_failure(assoc, host, port, timeout)
         raise DeliveryError(f"association to {called_aet}@{host}:{port} {why}")
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     try:
