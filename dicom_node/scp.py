@@ -231,7 +231,7 @@ def _on_conn_open(event: Event, node: NodeConfig, limiter: PeerLimiter) -> None:
             sock.do_handshake()
             sock.settimeout(previous)
         except (ssl.SSLError, OSError) as exc:
-            log.warning("TLS handshake from %s failed: %s", event.address[0], exc)
+            log.warning("TLS handshake from %s failed: %s", getattr(event, "address", ("?",))[0], exc)
             try:
                 sock.close()
             except OSError:
