@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 
@@ -88,8 +89,18 @@ def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int, files=None) -> d
         assert node.proc.poll() is None
     finally:
         node.stop()
-    log = (tmp_path / "node.log").read_text(errors="replace")
-    summary["forged_log_lines"] = log.count(FORGED_LINE)
+    log = (tmp_path / "node.log").read_bytes()
+    summary["forged_log_lines"] = log.count(FORGED_LINE.encode())
+    # no patient name, no control byte, no forged or continuation line in the node's log
+    assert not [b for b in log if b < 32 and b not in b"\n\t"] and b"\x7f" not in log
+    for name in (b"Doe", b"Jane", b"Test^Patient", b"Yamada", b"DOEJANE"):
+        assert name not in log, name
+    lines = log.decode("utf-8", "replace").splitlines()
+    assert not [line for line in lines if line.startswith(FORGED_LINE[:10]) and "1.2.3.4" in line]
+    other = [line for line in lines if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line)]
+    summary["non_log_lines"] = other[:5]
+    # with scoring on, the C decoders (openjpeg, libjpeg) print their own complaints to stderr
+    assert not other or scoring.get("enabled"), other[:5]
     return summary
 
 
