@@ -60,8 +60,6 @@ def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int, files=None) -> d
                             alive=lambda: node.proc is not None and node.proc.poll() is None)
         assert node.proc is not None and node.proc.poll() is None, "the node died"
         summary = {"cases": cases, "seed": SEED, "histogram": report.histogram}
-        (tmp_path / "fuzz-report.json").write_text(json.dumps(summary, indent=1))
-        print(json.dumps(summary))
         assert not report.unanswered(), report.unanswered()[:20]
         assert not [o for o in report.outcomes.values() if o[0].startswith("not-sent")]
         controls = [(o, name) for o, name in report.outcomes.values() if name.split()[-1] == CONTROL]
@@ -86,11 +84,20 @@ def _fuzz_then_valid_study(tmp_path, scoring: dict, cases: int, files=None) -> d
             data, "SELECT state, note FROM studies WHERE study_uid = ?", (study,))
             if r["state"] not in _UNFINISHED), None), timeout=600)
         summary["valid_study_state"], summary["valid_study_note"] = row["state"], row["note"]
+        # no stuck study: every accepted case ends scored, not applicable or failed with a reason
+        wait_for(lambda: not _query(data, "SELECT 1 FROM studies WHERE state IN (?, ?, ?, ?)",
+                                    _UNFINISHED), timeout=600)
+        summary["study_states"] = {r["state"]: r["n"] for r in _query(
+            data, "SELECT state, count(*) AS n FROM studies GROUP BY state")}
+        assert not _query(data, "SELECT 1 FROM studies WHERE state = 'failed' AND "
+                                "coalesce(note, '') = ''")
         assert node.proc.poll() is None
     finally:
         node.stop()
     log = (tmp_path / "node.log").read_bytes()
     summary["forged_log_lines"] = log.count(FORGED_LINE.encode())
+    (tmp_path / "fuzz-report.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
     # no patient name, no control byte, no forged or continuation line in the node's log
     assert not [b for b in log if b < 32 and b not in b"\n\t"] and b"\x7f" not in log
     for name in (b"Doe", b"Jane", b"Test^Patient", b"Yamada", b"DOEJANE"):
