@@ -25,7 +25,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.archive import Archive
@@ -100,8 +100,8 @@ class _LazyHandshakeContext(ssl.SSLContext):
     would let one slow client block every other connection.
     """
 
-    def wrap_socket(self, sock: Any, server_side: bool = False, do_handshake_on_connect: bool = True,
-                    **kwargs: Any) -> ssl.SSLSocket:
+    def wrap_socket(self, sock: Any, server_side: bool = False,  # type: ignore[override]
+                    do_handshake_on_connect: bool = True, **kwargs: Any) -> ssl.SSLSocket:
         return super().wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False,
                                    **kwargs)
 
@@ -231,7 +231,8 @@ def _on_conn_open(event: Event, node: NodeConfig, limiter: PeerLimiter) -> None:
             sock.do_handshake()
             sock.settimeout(previous)
         except (ssl.SSLError, OSError) as exc:
-            log.warning("TLS handshake from %s failed: %s", getattr(event, "address", ("?",))[0], exc)
+            peer = getattr(event, "address", ("?",))[0]
+            log.warning("TLS handshake from %s failed: %s", peer, exc)
             try:
                 sock.close()
             except OSError:

@@ -36,7 +36,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AllStoragePresentationContexts
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedUSVolumeStorage,
     LabelMapSegmentationStorage,
     SegmentationStorage,
@@ -45,6 +45,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node.errors import ValidationError
+from inference.roi import referenced_frames
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -118,7 +119,8 @@ def is_valid_uid(value: Any) -> bool:
 
     Leading zeros in a component are tolerated (PS3.5 forbids them, but they are unambiguous).
     """
-    return isinstance(value, str) and 0 < len(value) <= UID_MAX_LENGTH and bool(_UID_RE.match(value))
+    return (isinstance(value, str) and 0 < len(value) <= UID_MAX_LENGTH
+            and bool(_UID_RE.match(value)))
 
 
 def uid_problem(value: str) -> str | None:
@@ -190,26 +192,8 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 def referenced_sop_uids(ds: Dataset) -> tuple[str, ...]:
-    """Source images a SEG refers to (Referenced Series Sequence and per-frame derivations)."""
-    found: list[str] = []
-
-    def add(item: Dataset) -> None:
-        uid = normalise_uid(item.get("ReferencedSOPInstanceUID", ""))
-        if is_valid_uid(uid) and uid not in found:
-            found.append(uid)
-
-    for series in ds.get("ReferencedSeriesSequence", []) or []:
-        for inst in series.get("ReferencedInstanceSequence", []) or []:
-            add(inst)
-    groups = list(ds.get("SharedFunctionalGroupsSequence", []) or [])
-    groups += list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
-    for group in groups:
-        for deriv in group.get("DerivationImageSequence", []) or []:
-            for src in deriv.get("SourceImageSequence", []) or []:
-                add(src)
-    for src in ds.get("SourceImageSequence", []) or []:
-        add(src)
-    return tuple(found)
+    """Source images a SEG covers: the same answer the scorer uses (:func:`referenced_frames`)."""
+    return tuple(uid for uid in referenced_frames(ds) if is_valid_uid(uid))
 
 
 def _explicit_chain(body: bytes) -> bool:
@@ -238,9 +222,11 @@ def check_encoding(body: bytes, transfer_syntax: str) -> None:
         return
     if transfer_syntax == ImplicitVRLittleEndian:
         if _explicit_chain(body):
-            raise _cannot("the body is explicit VR but the transfer syntax is implicit VR little endian")
+            raise _cannot("the body is explicit VR but the transfer syntax is implicit VR "
+                          "little endian")
     elif body[4:6] not in _VRS:
-        raise _cannot("the body is implicit VR but the transfer syntax is explicit VR little endian")
+        raise _cannot("the body is implicit VR but the transfer syntax is explicit VR "
+                      "little endian")
 
 
 def _fragments(data: bytes) -> list[bytes]:
@@ -346,7 +332,8 @@ def _geometry(ds: Dataset, ts: str) -> _Geometry:
     """Rows, Columns, frames, samples and bits, each in range and consistent with ``ts``."""
     rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
     if not rows or not columns or not (0 < rows <= 65535 and 0 < columns <= 65535):
-        raise _cannot(f"image geometry Rows={ds.get('Rows')} Columns={ds.get('Columns')} is not usable")
+        raise _cannot(f"image geometry Rows={ds.get('Rows')} Columns={ds.get('Columns')} "
+                      "is not usable")
     frames = 1
     if "NumberOfFrames" in ds and ds.NumberOfFrames not in (None, ""):
         frames = _int(ds, "NumberOfFrames") or 0
@@ -393,7 +380,8 @@ def decoded_size(g: _Geometry) -> int:
 
 def check_pixel_data(ds: Dataset, transfer_syntax: str, *, max_decoded_bytes: int) -> None:
     """Raise unless the pixel data can be decoded safely (see the module docstring)."""
-    for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation"):
+    for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
+                    "PhotometricInterpretation"):
         if keyword not in ds:
             raise ValidationError(STATUS_DOES_NOT_MATCH, f"required attribute {keyword} is missing")
     if "PixelData" not in ds:
@@ -467,7 +455,8 @@ def validate(
         sop_uid = _uid(ds, "SOPInstanceUID")
         if sop_uid != request_uid:
             raise ValidationError(
-                STATUS_DOES_NOT_MATCH, "SOP Instance UID differs from the request's Affected SOP Instance UID"
+                STATUS_DOES_NOT_MATCH,
+                "SOP Instance UID differs from the request's Affected SOP Instance UID",
             )
         study_uid = _uid(ds, "StudyInstanceUID")
         series_uid = _uid(ds, "SeriesInstanceUID")

@@ -12,8 +12,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 from dicom_node.cli import main
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import plan_contexts, store_files
+from tests.builders import make_seg, make_us, write, write_study
 from tests.conftest import free_port
-from tests.dicom_node.node_data import make_seg, make_us, write, write_study
 
 pytestmark = pytest.mark.network
 
@@ -49,7 +49,8 @@ def test_echo_and_push_commands_against_dcmtk_storescp(storescp, tmp_path, capsy
     us = dcmread(files[0])
     files.append(write(make_seg(us), tmp_path / "in" / "seg"))
     (tmp_path / "in" / "notes.txt").write_text("not dicom")
-    assert main(["push", str(tmp_path / "in"), "--to", f"127.0.0.1:{port}", "--aec", "STORESCP"]) == 0
+    argv = ["push", str(tmp_path / "in"), "--to", f"127.0.0.1:{port}", "--aec", "STORESCP"]
+    assert main(argv) == 0
     assert "5/5 stored" in capsys.readouterr().out
     received = {dcmread(p).SOPInstanceUID for p in out.iterdir()}
     assert received == {dcmread(f).SOPInstanceUID for f in files}
@@ -60,7 +61,8 @@ def test_store_files_returns_statuses_and_sends_compressed(storescp, tmp_path):
     ds = make_us(seed=4)
     ds.compress(RLELossless)
     plain = make_us(seed=5)
-    res = store_files("127.0.0.1", port, [ds, plain], calling_aet="DICOMNODE", called_aet="STORESCP")
+    res = store_files("127.0.0.1", port, [ds, plain], calling_aet="DICOMNODE",
+                      called_aet="STORESCP")
     assert res == [(ds.SOPInstanceUID, 0), (plain.SOPInstanceUID, 0)]
     by_uid = {dcmread(p).SOPInstanceUID: dcmread(p) for p in out.iterdir()}
     assert by_uid[ds.SOPInstanceUID].file_meta.TransferSyntaxUID == RLELossless
@@ -79,7 +81,8 @@ def test_store_files_context_not_accepted_raises_with_partial(storescp):
 
 def test_store_files_nobody_listening_raises():
     with pytest.raises(DeliveryError):
-        store_files("127.0.0.1", free_port(), [make_us()], calling_aet="A", called_aet="B", timeout=3)
+        store_files("127.0.0.1", free_port(), [make_us()], calling_aet="A", called_aet="B",
+                    timeout=3)
 
 
 def test_plan_contexts_minimal():

@@ -38,7 +38,7 @@ from pynetdicom.sop_class import (
     UltrasoundMultiFrameImageStorage,
 )
 
-from tests.dicom_node.node_data import make_seg, make_us
+from tests.builders import make_seg, make_us
 
 EXPLICIT, IMPLICIT, BIG = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 DEFLATED, JPEG_XL = "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.112"
@@ -96,14 +96,16 @@ def _multiframe(seed: int) -> Dataset:
     ds = make_us(seed=seed, size=32)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
     ds.NumberOfFrames, ds.FrameIncrementPointer, ds.FrameTime = 4, 0x00181063, 33.3
-    ds.PixelData = np.random.default_rng(seed).integers(0, 255, (4, 32, 32), dtype=np.uint8).tobytes()
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 255, (4, 32, 32), dtype=np.uint8).tobytes()
     return ds
 
 
 def _sixteen_bit(seed: int) -> Dataset:
     ds = make_us(seed=seed, size=32)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelData = np.random.default_rng(seed).integers(0, 4095, (32, 32), dtype=np.uint16).tobytes()
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 4095, (32, 32), dtype=np.uint16).tobytes()
     return ds
 
 
@@ -176,7 +178,8 @@ def geometry(rng: random.Random, ds: Dataset) -> str:
         ds.BitsStored = rng.choice([0, 9, 17, 33])
     elif choice == "photometric":
         _set(ds, "PhotometricInterpretation", "CS",
-             rng.choice(["GARBAGE", "", "RGB", "MONOCHROME2", "YBR_FULL_422", "PALETTE COLOR", "HSV"]))
+             rng.choice(["GARBAGE", "", "RGB", "MONOCHROME2", "YBR_FULL_422", "PALETTE COLOR",
+                         "HSV"]))
     elif choice == "planar":
         ds.PlanarConfiguration = rng.choice([1, 2, 7])
     else:
@@ -188,11 +191,13 @@ def lengths(rng: random.Random, ds: Dataset) -> str:
     data = bytes(ds.PixelData)
     encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
     choice = rng.choice(["truncate", "extend", "empty", "delete", "odd"]
-                        + (["drop-frame", "corrupt-frame", "bad-item", "split"] if encapsulated else []))
+                        + (["drop-frame", "corrupt-frame", "bad-item", "split"]
+                           if encapsulated else []))
     if choice == "truncate":
         ds.PixelData = data[: rng.randrange(0, max(len(data), 1))]
     elif choice == "extend":
-        ds.PixelData = data + bytes(rng.randrange(0, 256) for _ in range(rng.choice([2, 64, len(data)])))
+        extra = rng.choice([2, 64, len(data)])
+        ds.PixelData = data + bytes(rng.randrange(0, 256) for _ in range(extra))
     elif choice == "empty":
         ds.PixelData = b""
     elif choice == "delete":
@@ -327,7 +332,8 @@ def names(rng: random.Random, ds: Dataset) -> str:
         "latin1": "Müller^Jürgen",
     }.get(choice)
     if choice == "charset":
-        _set(ds, "SpecificCharacterSet", "CS", rng.choice(["ISO_IR 999", "GARBAGE", "ISO 2022 IR 87"]))
+        _set(ds, "SpecificCharacterSet", "CS",
+             rng.choice(["ISO_IR 999", "GARBAGE", "ISO 2022 IR 87"]))
         _set(ds, "PatientName", "PN", "Doe^Jane")
     elif choice == "latin1":
         _set(ds, "PatientName", "PN", value.encode("latin-1"))  # bytes without a character set
