@@ -154,7 +154,10 @@ class ScoringPipeline:
 
         t0 = time.perf_counter()
         images: list[ImageScore] = []
-        probs, spread = out.probability, out.spread
+        # each fold's calibrator on its own output, then the mean over folds: the scale on which
+        # model.json's threshold was chosen
+        fold_cal = self.artifact.card.calibrator.apply(out.fold_probabilities)
+        probs, spread = fold_cal.mean(axis=0), fold_cal.std(axis=0)
         for i, u in enumerate(usable):
             measurements = None
             if u.roi_source == RoiSource.SEG:
@@ -162,7 +165,7 @@ class ScoringPipeline:
             images.append(ImageScore(
                 frame=u.frame,
                 probability=float(probs[i]),
-                fold_probabilities=[float(p) for p in out.fold_probabilities[:, i]],
+                fold_probabilities=[float(p) for p in fold_cal[:, i]],
                 fold_spread=float(spread[i]),
                 heatmap=heatmaps[i],
                 measurements=measurements,
@@ -170,7 +173,9 @@ class ScoringPipeline:
             ))
         timings["measurements"] = _ms(t0)
 
-        probability = study_probability([im.probability for im in images], self.policy.study_rule)
+        rule = self.policy.study_rule
+        probability = study_probability([im.probability for im in images], rule)
+        per_fold = [study_probability(row, rule) for row in fold_cal]
         score = StudyScore(
             study_instance_uid=study_uid,
             patient_id=usable[0].frame.patient_id,
@@ -181,6 +186,7 @@ class ScoringPipeline:
             model=self.info,
             skipped=skipped,
             timings_ms=timings,
+            fold_spread=float(np.std(per_fold)),
         )
         log.info(
             "study %s: p=%.3f (%s, threshold %.3f) from %d image(s), %d skipped; ms %s",

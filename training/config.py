@@ -15,6 +15,8 @@ from inference.config import DeviceName, FramePolicy
 
 Modality = Literal["image", "clinical", "lab"]
 Target = Literal["binary", "regression"]
+Selection = Literal["nested", "optimistic"]
+CalibrationMethod = Literal["auto", "platt", "isotonic", "none"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class TrainConfig:
 
     backbone: str = "convnext_tiny"
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained: Path | None = None
+    # a local weights file, "timm" (timm's default tag for the backbone) or a hub tag
+    # ("hf-hub:org/name", "timm/<model>.<tag>"); see training.pretrained
+    pretrained: str | None = None
     input_size: int = 224
     in_chans: int = 3
     folds: int = 5
@@ -48,6 +52,11 @@ class TrainConfig:
     target: Target = "binary"
     regression_column: str = "asmi"
     seed: int = 42
+    # "nested": epochs are selected (and calibrators fitted) on an inner validation split of each
+    # outer training fold, so the outer predictions are untouched out-of-fold results;
+    # "optimistic": selected on the outer fold itself (the paper's way; reported as optimistic)
+    selection: Selection = "nested"
+    calibration: CalibrationMethod = "auto"
     num_workers: int = 0
     device: DeviceName = "auto"
     torch_threads: int = 2
@@ -74,5 +83,9 @@ def check_train_config(t: TrainConfig) -> None:
         raise TrainConfigError("lr", "must be > 0")
     if t.in_chans not in (1, 3):
         raise TrainConfigError("in_chans", "must be 1 or 3")
+    if t.selection not in ("nested", "optimistic"):
+        raise TrainConfigError("selection", "must be 'nested' or 'optimistic'")
+    if t.calibration not in ("auto", "platt", "isotonic", "none"):
+        raise TrainConfigError("calibration", "must be 'auto', 'platt', 'isotonic' or 'none'")
     if not t.modalities:
         raise TrainConfigError("modalities", "must name at least one of image, clinical, lab")

@@ -1,0 +1,77 @@
+"""The served decision is the operating point model.json describes (issue 13, "Done when").
+
+A study is scored through the real ScoringPipeline with the tiny trained model; the probability
+and the decision are recomputed by hand from the fold models' raw outputs, the calibrators and the
+threshold written in model.json (formulas spelled out here, not imported from the code under test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.config import ReaderConfig, ScoringConfig
+from inference.pipeline import ScoringPipeline
+from inference.transforms import eval_transforms
+
+from tests.inference.test_pipeline import study_files
+
+
+def _calibrate_by_hand(cal: dict, k: int, p: float) -> float:
+    if cal is None or cal["method"] == "none":
+        return p
+    f = cal["folds"][k]
+    if cal["method"] == "platt":
+        q = min(max(p, 1e-7), 1 - 1e-7)
+        return 1.0 / (1.0 + math.exp(-(f["a"] * math.log(q / (1 - q)) + f["b"])))
+    assert cal["method"] == "isotonic"
+    return float(np.interp(p, f["x"], f["y"]))
+
+
+def test_served_decision_equals_the_reports_operating_point(tiny_model_dir: Path,
+                                                            synth_cohort) -> None:  # noqa: ANN001
+    raw = json.loads((tiny_model_dir / "model.json").read_text())
+    cal, dec = raw["calibration"], raw["decision"]
+    assert cal is not None and cal["method"] in ("platt", "isotonic")
+    assert len(cal["folds"]) == len(raw["folds"])
+    assert dec["level"] == "study" and dec["rule"] == raw["serving"]["study_rule"] == "mean"
+    assert dec["predictions"].startswith("out-of-fold-calibrated")
+    exp = dec["expected"]
+    assert 0.0 <= exp["sensitivity"] <= 1.0 and 0.0 <= exp["specificity"] <= 1.0
+    threshold = raw["threshold"]
+    assert threshold == dec["threshold"]
+
+    pipe = ScoringPipeline(tiny_model_dir, ScoringConfig(model_dir=tiny_model_dir, torch_threads=1,
+                                                         device="cpu", cam_enabled=False),
+                           ReaderConfig())
+    try:
+        _, files = study_files(synth_cohort, "normal")
+        score, _ = pipe.score_study(files, allow_missing_seg=False)
+        art = pipe.artifact
+        tf = eval_transforms(art.spec.input_size, art.spec.in_chans, art.spec.roi_margin)
+        image_probs = []
+        study_fold = np.zeros(len(art.models))
+        for im in score.images:
+            x = tf({"image": im.frame.image[None], "mask": im.frame.mask[None]})["image"][None]
+            with torch.inference_mode():
+                raw_p = [float(torch.sigmoid(m(x))[0, 0]) for m in art.models]
+            cal_p = [_calibrate_by_hand(cal, k, p) for k, p in enumerate(raw_p)]
+            np.testing.assert_allclose(im.fold_probabilities, cal_p, atol=1e-5)
+            image_probs.append(float(np.mean(cal_p)))
+            study_fold += np.asarray(cal_p) / len(score.images)
+        by_hand = float(np.mean(image_probs))
+        assert score.probability == pytest.approx(by_hand, abs=1e-5)
+        assert score.positive == (by_hand >= threshold)
+        assert score.fold_spread == pytest.approx(float(np.std(study_fold)), abs=1e-5)
+        info = score.model
+        assert info.threshold == threshold and info.calibration == cal["method"]
+        assert info.expected_sensitivity == pytest.approx(exp["sensitivity"])
+        assert info.expected_specificity == pytest.approx(exp["specificity"])
+        assert info.image_threshold is None  # no image-level threshold: no per-image verdict
+    finally:
+        pipe.close()
