@@ -80,6 +80,13 @@ def test_evaluate_command_on_archive(archive_dir: Path, synth_cohort, tiny_model
         rows = list(csv.DictReader(fh))
     assert len(rows) == trained["n_samples"]
     assert "external validation" in (out / "report.md").read_text()
+    # the operating-point promise: CV's prediction next to what this cohort shows, pooled as served
+    op = ev["operating_point"]
+    assert op["predicted_by_cv"] == pytest.approx(trained["decision"]["expected"])
+    assert op["level"] == trained["decision"]["level"] and op["threshold"] == ev["threshold"]
+    assert 0.0 <= op["observed"]["sensitivity"] <= 1.0 and 0.0 <= op["observed"]["ece"] <= 1.0
+    assert op["calibration"] == trained["calibration"]["method"]
+    assert "predicted by CV" in (out / "operating_point.md").read_text()
 
 
 def test_header_fills_clinical_and_complete_cases(synth_cohort, tmp_path: Path) -> None:
