@@ -248,8 +248,9 @@ def load_cohort(
                                   f.frame_number, rec.label, f.manufacturer or vendor, rec.row,
                                   img))
     if complete_cases:
-        cols = [*(CLINICAL_FEATURES if "clinical" in modalities else ()),
-                *(LAB_FEATURES if "lab" in modalities else ())]
+        # as the paper: a participant missing any clinical or laboratory value is left out of
+        # every combination, the image-only one included, so all combinations share one cohort
+        cols = [*CLINICAL_FEATURES, *LAB_FEATURES]
         keep_idx, dropped = cc([r.row for r in kept], cols, [r.study_uid for r in kept])
         dropped_ids = {d[0] for d in dropped}
         excluded.extend(dropped)

@@ -115,6 +115,12 @@ def test_header_fills_clinical_and_complete_cases(synth_cohort, tmp_path: Path) 
             assert parse_value(c, s.row.get(c)) == parse_value(c, s.row.get(c)), c
     dropped = [e for e in cohort.excluded if e[1].startswith("complete cases")]
     assert dropped, "the synthetic cohort has missing lab values: some rows must be dropped"
+    # the image-only combination drops the same participants (the paper's complete-case cohort)
+    image_only = load_cohort(synth_cohort.dicom_dir, labels, input_size=32, roi_margin=0.1,
+                             modalities=("image",), complete_cases=True)
+    assert {e[0] for e in image_only.excluded if e[1].startswith("complete cases")} == \
+        {e[0] for e in dropped}
+    assert {s.study_uid for s in image_only.samples} <= {s.study_uid for s in cohort.samples}
 
 
 def test_interrupted_run_resumes_to_the_same_model(synth_cohort, tiny_model_dir: Path,
