@@ -140,12 +140,13 @@ def evaluate_model(model_dir: Path, archive: Path, labels: Path, out: Path | Non
                "metrics": metrics, "excluded_studies": [list(e) for e in cohort.excluded],
                "n_samples": len(cohort.samples), "n_studies": len(cohort.studies)}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=str))
-    _report_external(out, art, table, cohort)
+    _report_external(out, art, table, cohort, check)
     return out, (f"{name}: {format_metric(metrics[name]['participant'])} on "
                  f"{len(cohort.studies)} studies")
 
 
-def _report_external(out: Path, art: Any, table: Any, cohort: Cohort) -> None:
+def _report_external(out: Path, art: Any, table: Any, cohort: Cohort,
+                     check: dict[str, Any] | None = None) -> None:
     """The same report as training, on the external predictions (threshold from the model)."""
     try:
         from training.report import ReportData, write_report
@@ -162,6 +163,21 @@ def _report_external(out: Path, art: Any, table: Any, cohort: Cohort) -> None:
                       "backbone": art.spec.backbone, "threshold": art.spec.threshold,
                       "studies": len(cohort.studies), "samples": len(cohort.samples)},
             thresholds={name: art.spec.threshold}, primary=name, target=art.spec.target,
-            excluded=list(cohort.excluded)))
+            excluded=list(cohort.excluded), level="study" if check else "participant",
+            operating_point=None, notes=[_promise_sentence(check)] if check else ()))
     except Exception:  # noqa: BLE001 - metrics are already written
         log.exception("external validation report failed (metrics are in %s)", out)
+
+
+def _promise_sentence(check: dict[str, Any]) -> str:
+    pred, obs = check["predicted_by_cv"], check["observed"]
+
+    def f(d: dict[str, Any], k: str) -> str:
+        v = d.get(k)
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    return (f"Operating point (threshold {check['threshold']:.4f}, {check['level']} level, "
+            f"{check['calibration']} calibration): sensitivity {f(obs, 'sensitivity')} here vs "
+            f"{f(pred, 'sensitivity')} predicted by CV; specificity {f(obs, 'specificity')} vs "
+            f"{f(pred, 'specificity')}; ECE {f(obs, 'ece')} vs {f(pred, 'ece')}; Brier "
+            f"{f(obs, 'brier')} vs {f(pred, 'brier')} (n = {int(obs['n'])}).")

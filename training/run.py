@@ -349,7 +349,9 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
         _write_participant_oof(tmp, table)
         from training.run_report import write_run_report
 
-        write_run_report(tmp, table, cohort, fold_of, results, cfg, thresholds, n_boot)
+        write_run_report(tmp, table, cohort, fold_of, results, cfg, thresholds, n_boot,
+                         operating_point={**model_json["decision"]},
+                         calibration=model_json["calibration"])
 
     path = write_artifact(out_dir, fold_states=[r.best_state for r in main.folds],
                           model_json=model_json, populate=populate)
