@@ -311,6 +311,7 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
             "best_epoch": res.best_epoch + 1, "val_score": res.best_score,
             "val_metric": "neg_mae" if cfg.target == "regression" else "auc",
             "val_participants": sorted(set(pids[fold_of == k].tolist())),
+            "selection_participants": sorted(set(pids[main.selection_sets[k][0]].tolist())),
             "feature_scaling": scal, "target_scaling": res.target_scaling,
             "history": res.history,
         })
