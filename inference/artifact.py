@@ -48,6 +48,9 @@ REQUIRED_KEYS: tuple[str, ...] = (
 # How a crop is made (transforms.roi_box + eval_transforms); recorded so a reader can check it.
 CROP_SEMANTICS = "roi-box-plus-margin"
 INTENSITY = "0..1 (clipped); outside ROI zeroed; crop to ROI box + margin"
+# spec.fov_cm > 0: a fov_cm square around the ROI box centre, zero-padded, from the pixel spacing
+PHYSICAL_CROP_SEMANTICS = "physical-fov-around-roi"
+PHYSICAL_INTENSITY = "0..1 (clipped); outside ROI zeroed; fixed field of view in cm around the ROI"
 
 _PACKAGES = ("dicom-node", "torch", "timm", "monai", "numpy", "scikit-learn", "safetensors",
              "pydicom", "highdicom")
@@ -459,8 +462,9 @@ def build_model_json(
             "input_size": spec.input_size,
             "in_chans": spec.in_chans,
             "roi_margin": spec.roi_margin,
-            "crop": CROP_SEMANTICS,
-            "intensity": INTENSITY,
+            "crop": CROP_SEMANTICS if spec.fov_cm <= 0 else PHYSICAL_CROP_SEMANTICS,
+            "fov_cm": spec.fov_cm,
+            "intensity": INTENSITY if spec.fov_cm <= 0 else PHYSICAL_INTENSITY,
             "frame_policy": spec.frame_policy,
         },
         "folds": folds,

@@ -60,7 +60,8 @@ class ScoringPipeline:
         self.artifact = load_artifact(Path(model_dir), device="cpu")
         spec = self.artifact.spec
         # the crop margin comes from model.json, never from the node's config: it must match training
-        self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin)
+        self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin,
+                                          spec.fov_cm)
         try:
             self.ensemble = FoldEnsemble(
                 list(self.artifact.models),
@@ -102,7 +103,7 @@ class ScoringPipeline:
         from inference.ensemble import study_probability
         from inference.measurements import measure_roi
         from inference.reader import read_study
-        from inference.transforms import roi_box
+        from inference.transforms import fov_box, roi_box
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -114,7 +115,13 @@ class ScoringPipeline:
         study_uid = _study_uid(read, paths)
         usable: list[_Usable] = []
         unscored: list[USFrame] = []
+        physical = self.artifact.spec.fov_cm > 0
         for frame in read.frames:
+            if physical and not frame.spacing_cm:  # the model's input is sized in cm
+                read.problems.append((frame.sop_instance_uid,
+                                      f"frame {frame.frame_number}: no pixel spacing (US region "
+                                      "calibration) for the model's physically scaled input"))
+                continue
             if frame.mask is not None and bool(np.any(frame.mask)):
                 usable.append(_Usable(frame, RoiSource.SEG))
             elif allow_missing_seg:
@@ -148,7 +155,9 @@ class ScoringPipeline:
         if out.cams is not None:
             for i, u in enumerate(usable):
                 mask = u.frame.mask if u.roi_source == RoiSource.SEG else None
-                box = roi_box(mask, u.frame.image.shape, margin)
+                box = (fov_box(mask, u.frame.image.shape, u.frame.spacing_cm,
+                               self.artifact.spec.fov_cm) if physical
+                       else roi_box(mask, u.frame.image.shape, margin))
                 heatmaps[i] = cams_to_frame(out.cams[i], u.frame.image.shape, box)
         timings["cam"] = _ms(t0)
 
@@ -198,7 +207,8 @@ class ScoringPipeline:
 
     def _preprocess(self, u: _Usable) -> Any:
         """The shared eval transforms on one frame -> (C, S, S) tensor."""
-        data: dict[str, Any] = {"image": np.asarray(u.frame.image, dtype=np.float32)[None]}
+        data: dict[str, Any] = {"image": np.asarray(u.frame.image, dtype=np.float32)[None],
+                                "spacing_cm": u.frame.spacing_cm}
         if u.roi_source == RoiSource.SEG:
             data["mask"] = np.asarray(u.frame.mask, dtype=bool)[None]
         return self.transforms(data)["image"]

@@ -44,6 +44,9 @@ class TrainConfig:
     brightness: float = 0.2
     contrast: float = 0.2
     roi_margin: float = 0.1
+    # > 0: physically scaled input, a fixed field of view of fov_cm x fov_cm around the ROI
+    # (resampled from the US calibration, ROI masked); 0: the ROI box + roi_margin stretched
+    fov_cm: float = 0.0
     modalities: tuple[Modality, ...] = ("image",)
     mlp_hidden: int = 128
     mlp_dropout: float = 0.2
@@ -83,6 +86,8 @@ def check_train_config(t: TrainConfig) -> None:
         raise TrainConfigError("lr", "must be > 0")
     if t.in_chans not in (1, 3):
         raise TrainConfigError("in_chans", "must be 1 or 3")
+    if t.fov_cm < 0:
+        raise TrainConfigError("fov_cm", "must be >= 0 (0: ROI box crop)")
     if t.selection not in ("nested", "optimistic"):
         raise TrainConfigError("selection", "must be 'nested' or 'optimistic'")
     if t.calibration not in ("auto", "platt", "isotonic", "none"):

@@ -112,7 +112,7 @@ def evaluate_model(model_dir: Path, archive: Path, labels: Path, out: Path | Non
     cohort = load_cohort(Path(archive), Path(labels), input_size=spec.input_size,
                          roi_margin=spec.roi_margin, modalities=spec.modalities,
                          frame_policy=spec.frame_policy, target=spec.target,
-                         regression_column=regression_column)
+                         regression_column=regression_column, fov_cm=spec.fov_cm)
     prob = predict_artifact(art, cohort)
     name = combination_name(spec.modalities)
     table = OOFTable.from_records(

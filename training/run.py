@@ -58,6 +58,7 @@ def _spec(cfg: TrainConfig, mods: tuple[str, ...], n_clin: int, n_lab: int) -> M
         in_chans=cfg.in_chans, roi_margin=cfg.roi_margin, modalities=mods, target=cfg.target,
         n_clinical=n_clin, n_lab=n_lab, mlp_hidden=cfg.mlp_hidden, mlp_dropout=cfg.mlp_dropout,
         frame_policy=cfg.frame_policy, pretrained=str(cfg.pretrained) if cfg.pretrained else None,
+        fov_cm=float(cfg.fov_cm),
     )
 
 
@@ -257,7 +258,7 @@ def run_training(
     cohort = load_cohort(source, labels, input_size=cfg.input_size, roi_margin=cfg.roi_margin,
                          modalities=need, frame_policy=cfg.frame_policy, target=cfg.target,
                          regression_column=cfg.regression_column,
-                         complete_cases=cfg.complete_cases)
+                         complete_cases=cfg.complete_cases, fov_cm=cfg.fov_cm)
     y = np.asarray([s.label for s in cohort.samples])
     if cfg.target == "binary" and len(set(y.tolist())) < 2:
         raise TrainingError("the labelled cohort holds one class only; cannot train a classifier")

@@ -35,6 +35,31 @@ def _calibrate_by_hand(cal: dict, k: int, p: float) -> float:
 
 def test_served_decision_equals_the_reports_operating_point(tiny_model_dir: Path,
                                                             synth_cohort) -> None:  # noqa: ANN001
+    _check_served_decision(tiny_model_dir, synth_cohort)
+
+
+def test_physically_scaled_model_is_served_as_trained(synth_cohort, tmp_path: Path) -> None:  # noqa: ANN001
+    """fov_cm is recorded in model.json and the node crops the same field of view."""
+    import dataclasses
+
+    from tests.fixtures.model import TINY_TRAIN
+    from training.run import run_training
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = run_training(synth_cohort.dicom_dir, synth_cohort.labels_csv, tmp_path / "m",
+                           dataclasses.replace(TINY_TRAIN, fov_cm=6.0), n_boot=0)
+    finally:
+        torch.set_num_threads(threads)
+    raw = json.loads((out / "model.json").read_text())
+    assert raw["spec"]["fov_cm"] == 6.0
+    assert raw["preprocessing"]["crop"] == "physical-fov-around-roi"
+    _check_served_decision(out, synth_cohort)
+
+
+def _check_served_decision(model_dir: Path, synth_cohort) -> None:  # noqa: ANN001
+    tiny_model_dir = model_dir
     raw = json.loads((tiny_model_dir / "model.json").read_text())
     cal, dec = raw["calibration"], raw["decision"]
     assert cal is not None and cal["method"] in ("platt", "isotonic")
@@ -53,21 +78,25 @@ def test_served_decision_equals_the_reports_operating_point(tiny_model_dir: Path
         _, files = study_files(synth_cohort, "normal")
         score, _ = pipe.score_study(files, allow_missing_seg=False)
         art = pipe.artifact
-        tf = eval_transforms(art.spec.input_size, art.spec.in_chans, art.spec.roi_margin)
+        tf = eval_transforms(art.spec.input_size, art.spec.in_chans, art.spec.roi_margin,
+                             raw["spec"].get("fov_cm", 0.0))
         image_probs = []
         study_fold = np.zeros(len(art.models))
         for im in score.images:
-            x = tf({"image": im.frame.image[None], "mask": im.frame.mask[None]})["image"][None]
+            x = tf({"image": im.frame.image[None], "mask": im.frame.mask[None],
+                    "spacing_cm": im.frame.spacing_cm})["image"][None]
             with torch.inference_mode():
                 raw_p = [float(torch.sigmoid(m(x))[0, 0]) for m in art.models]
             cal_p = [_calibrate_by_hand(cal, k, p) for k, p in enumerate(raw_p)]
-            np.testing.assert_allclose(im.fold_probabilities, cal_p, atol=1e-5)
+            # channels-last vs default layout differ by ~1e-6 in the raw output; a steep isotonic
+            # segment can magnify that
+            np.testing.assert_allclose(im.fold_probabilities, cal_p, atol=2e-4)
             image_probs.append(float(np.mean(cal_p)))
             study_fold += np.asarray(cal_p) / len(score.images)
         by_hand = float(np.mean(image_probs))
-        assert score.probability == pytest.approx(by_hand, abs=1e-5)
+        assert score.probability == pytest.approx(by_hand, abs=2e-4)
         assert score.positive == (by_hand >= threshold)
-        assert score.fold_spread == pytest.approx(float(np.std(study_fold)), abs=1e-5)
+        assert score.fold_spread == pytest.approx(float(np.std(study_fold)), abs=2e-4)
         info = score.model
         assert info.threshold == threshold and info.calibration == cal["method"]
         assert info.expected_sensitivity == pytest.approx(exp["sensitivity"])
