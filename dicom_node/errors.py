@@ -12,6 +12,7 @@ from inference.errors import (
     InferenceConfigError,
     InferenceError,
     ModelArtifactError,
+    NothingToScoreError,
     NoTissueRegionError,
     ReaderError,
     ScoringError,
@@ -30,6 +31,8 @@ __all__ = [
     "InferenceError",
     "ModelArtifactError",
     "NoTissueRegionError",
+    "NothingToScoreError",
+    "PermanentJobError",
     "OutOfResourcesError",
     "ReaderError",
     "ResultsError",
@@ -77,6 +80,11 @@ class DeliveryError(DicomNodeError):
 
 class ResultsError(DicomNodeError):
     """SR/heat maps cannot be built for a study (e.g. no source header for any scored image)."""
+
+
+class PermanentJobError(DicomNodeError):
+    """The job's input can never succeed (bad input, not a passing fault): end it at once with
+    this reason instead of retrying. Transient faults (disk, network, PACS) stay other errors."""
 
 
 # Errors an operator can act on from the message alone: printed, not traced, at the CLI.

@@ -225,9 +225,9 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
         if k not in raw["spec"]:
             raise ModelArtifactError(f"{path} spec lacks required key {k!r}")
     thr = raw["threshold"]
-    if not isinstance(thr, (int, float)) or not 0.0 <= float(thr) <= 1.0:
-        if raw["spec"].get("target", "binary") == "binary":
-            raise ModelArtifactError(f"{path} threshold {thr!r} is not a probability in 0..1")
+    valid = isinstance(thr, (int, float)) and 0.0 <= float(thr) <= 1.0
+    if not valid and raw["spec"].get("target", "binary") == "binary":
+        raise ModelArtifactError(f"{path} threshold {thr!r} is not a probability in 0..1")
     return raw
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inference.config import ReaderConfig, ScoringConfig
-from inference.errors import ModelArtifactError, ScoringError
+from inference.errors import ModelArtifactError, NothingToScoreError, ScoringError
+from inference.gate import GateConfig, GateVerdict
 from inference.roi import RoiSource
 from inference.types import ImageScore, ModelInfo, StudyScore, USFrame
 
@@ -48,7 +50,8 @@ class ScoringPipeline:
             (the node has nothing but images to feed it), or the config contradicts it.
     """
 
-    def __init__(self, model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig) -> None:
+    def __init__(self, model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig,
+                 gate: GateConfig | None = None) -> None:
         from inference.artifact import load_artifact
         from inference.ensemble import FoldEnsemble
         from inference.transforms import eval_transforms
@@ -57,6 +60,7 @@ class ScoringPipeline:
         self.reader = reader
         card = read_servable_card(Path(model_dir), scoring, reader)
         self.policy = card.policy
+        self.gate = gate if gate is not None else GateConfig()
         self.artifact = load_artifact(Path(model_dir), device="cpu")
         spec = self.artifact.spec
         # the crop margin comes from model.json, never from the node's config: it must match training
@@ -81,7 +85,7 @@ class ScoringPipeline:
         return self.artifact.info
 
     def score_study(
-        self, paths: Sequence[Path], *, allow_missing_seg: bool
+        self, paths: Sequence[Path], *, allow_missing_seg: bool, calling_ae: str | None = None
     ) -> tuple[StudyScore, StudyRead]:
         """Score every usable frame of one study.
 
@@ -94,8 +98,12 @@ class ScoringPipeline:
             (StudyScore, StudyRead): the verdict and what the reader found (source headers are
             needed to build the SR).
 
+            calling_ae: the sender, for per-AE gate rules.
+
         Raises:
-            ScoringError: nothing in the study could be scored; the message lists why.
+            NothingToScoreError: no image may be scored (SEG-only study, every image stopped by
+                the input gate): terminal, the job ends as ``not-applicable``.
+            ScoringError: images the gate passed could not be scored (no SEG, undecodable).
         """
         import torch
 
@@ -106,6 +114,11 @@ class ScoringPipeline:
         from inference.transforms import fov_box, roi_box
 
         timings: dict[str, float] = {}
+        # --- input gate (inference.gate): images it stops are never read or scored ---------
+        t0 = time.perf_counter()
+        paths, verdicts, stopped = _gate_paths(paths, self.gate, calling_ae)
+        timings["gate"] = _ms(t0)
+        # --------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         read = read_study(
             [Path(p) for p in paths], frame_policy=self.policy.frame_policy,
@@ -132,6 +145,8 @@ class ScoringPipeline:
         # DICOM-SEG references this image" when scoring the whole region), plus frames left out.
         scored = {u.frame.sop_instance_uid for u in usable}
         skipped = [(str(u), str(r)) for u, r in read.problems if str(u) not in scored]
+        skipped += [(v.sop_instance_uid, f"not scored by the input gate: {v.summary}")
+                    for v in verdicts.values() if not v.passed]
         explained = {u for u, _ in skipped}
         for frame in unscored:
             if frame.sop_instance_uid not in explained:
@@ -139,7 +154,11 @@ class ScoringPipeline:
                                 f"frame {frame.frame_number}: no ROI segmentation (DICOM-SEG)"))
         if not usable:
             reasons = "; ".join(f"{u}: {r}" for u, r in skipped) or "no ultrasound images found"
-            raise ScoringError(f"study {study_uid}: nothing to score ({reasons})")
+            if any(v.passed for v in verdicts.values()):  # images the model may score failed
+                raise ScoringError(f"study {study_uid}: nothing to score ({reasons})")
+            if study_uid.startswith("<unknown"):  # e.g. a SEG-only study: ask the headers
+                study_uid = _header_study_uid(paths, stopped) or study_uid
+            raise NothingToScoreError(study_uid, skipped, list(verdicts.values()), stopped)
 
         t0 = time.perf_counter()
         margin = self.artifact.spec.roi_margin
@@ -179,6 +198,7 @@ class ScoringPipeline:
                 heatmap=heatmaps[i],
                 measurements=measurements,
                 roi_source=u.roi_source,
+                gate=verdicts.get(u.frame.sop_instance_uid),
             ))
         timings["measurements"] = _ms(t0)
 
@@ -195,6 +215,7 @@ class ScoringPipeline:
             model=self.info,
             skipped=skipped,
             timings_ms=timings,
+            gate=list(verdicts.values()),
             fold_spread=float(np.std(per_fold)),
         )
         log.info(
@@ -243,6 +264,57 @@ def read_servable_card(model_dir: Path, scoring: ScoringConfig, reader: ReaderCo
             f"{model_dir}: the config contradicts the model: {'; '.join(bad)} "
             "(remove the key from config.toml to use the model's value)")
     return card
+
+
+def _gate_paths(paths: Sequence[Path], cfg: GateConfig, calling_ae: str | None
+                ) -> tuple[list[Path], dict[str, GateVerdict], dict[str, Any]]:
+    """(paths to read, verdict per US image, headers of the images the gate stopped).
+
+    SEGs and objects that are not images pass through untouched (the reader reports them).
+    """
+    from pydicom import dcmread
+
+    from inference.gate import gate_dataset
+    from inference.roi import is_segmentation
+
+    keep: list[Path] = []
+    verdicts: dict[str, GateVerdict] = {}
+    stopped: dict[str, Any] = {}
+    for p in paths:
+        try:
+            ds = dcmread(p)
+        except Exception:  # noqa: BLE001 - the reader reports unreadable files
+            keep.append(Path(p))
+            continue
+        if is_segmentation(ds) or "PixelData" not in ds:
+            keep.append(Path(p))
+            continue
+        v = gate_dataset(ds, cfg, calling_ae)
+        verdicts[v.sop_instance_uid] = v
+        if v.passed:
+            keep.append(Path(p))
+        else:
+            del ds.PixelData
+            stopped[v.sop_instance_uid] = ds
+            log.info("image %s not scored: %s", v.sop_instance_uid, v.summary)
+    return keep, verdicts, stopped
+
+
+def _header_study_uid(paths: Sequence[Path], stopped: dict[str, Any]) -> str | None:
+    from pydicom import dcmread
+
+    for ds in stopped.values():
+        if ds.get("StudyInstanceUID"):
+            return str(ds.StudyInstanceUID)
+    for p in paths:
+        try:
+            uid = dcmread(p, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
+                "StudyInstanceUID")
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the reader
+            continue
+        if uid:
+            return str(uid)
+    return None
 
 
 def _ms(t0: float) -> float:

@@ -9,10 +9,14 @@ without the other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from inference.roi import RoiSource
+
+if TYPE_CHECKING:
+    from inference.gate import GateVerdict
 
 
 @dataclass
@@ -91,6 +95,7 @@ class ImageScore:
         measurements: muscle measurements; None when the frame has no ROI.
         roi_source: where the ROI came from (:class:`inference.roi.RoiSource`: SEG, AUTO or
             WHOLE_REGION when the tissue region was scored without one).
+        gate: the input gate's verdict on the source image (None when no gate ran).
     """
 
     frame: USFrame
@@ -100,6 +105,12 @@ class ImageScore:
     heatmap: np.ndarray | None = None
     measurements: MuscleMeasurements | None = None
     roi_source: RoiSource = RoiSource.SEG
+    gate: GateVerdict | None = None
+
+    @property
+    def site_established(self) -> bool:
+        """The thigh is established as finding site (by the header or the sender's rules)."""
+        return self.gate is not None and self.gate.site_established
 
 
 @dataclass
@@ -135,6 +146,7 @@ class StudyScore:
         model: identity of the model.
         skipped: (SOP Instance UID, reason) for objects that could not be used.
         timings_ms: per-stage wall time, for logs and benchmarks.
+        gate: the input gate's verdict on every US image of the study, scored or not.
     """
 
     study_instance_uid: str
@@ -146,4 +158,5 @@ class StudyScore:
     model: ModelInfo
     skipped: list[tuple[str, str]] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    gate: list[GateVerdict] = field(default_factory=list)
     fold_spread: float | None = None

@@ -16,7 +16,7 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 
 # How the decision threshold is chosen (cv_summary) and how the cohort is read (load_cohort);
 # both are written into model.json so the node serves exactly this.
-THRESHOLD_LEVEL = "study"  # the unit the node serves
-POOLING_RULE = "mean"
-TRAIN_REGION_POLICY = "largest"
+THRESHOLD_LEVEL: Final = "study"  # the unit the node serves
+POOLING_RULE: Final = "mean"
+TRAIN_REGION_POLICY: Final = "largest"
 
 
 

@@ -283,7 +283,7 @@ def train_fold(
         val: the data the epoch is selected on (nested selection: the inner validation split).
         test: data the selected model predicts but never looks at while training or selecting
             (nested selection: the outer fold, whose predictions become the OOF results).
-        cfg: a :class:`dicom_node.config.TrainConfig` (epochs, lr, batch size, augmentation...).
+        cfg: a :class:`training.config.TrainConfig` (epochs, lr, batch size, augmentation...).
         work_dir: where the per-epoch checkpoints live (``fold_<k>/``).
         resume: continue from ``work_dir``'s last completed epoch of this fold, if any.
         on_epoch_end: called as ``fn(fold, epoch)`` after each epoch's checkpoint (tests use it

@@ -123,7 +123,7 @@ def score_command(args: argparse.Namespace, cfg: Config) -> int:
         raise ScoringError(f"no DICOM files with a StudyInstanceUID under {', '.join(map(str, args.paths))}")
     from inference.pipeline import ScoringPipeline
 
-    pipeline = ScoringPipeline(Path(model_dir), cfg.scoring, cfg.reader)
+    pipeline = ScoringPipeline(Path(model_dir), cfg.scoring, cfg.reader, cfg.gate)
     allow_missing = cfg.completion.on_missing_seg == "score-whole-region"
     summary: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []

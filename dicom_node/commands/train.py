@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dicom_node.config import Config, TrainConfig
 
@@ -75,7 +75,7 @@ def compare_command(args: argparse.Namespace, cfg: Config) -> int:
     from training.oof import read_oof
 
     oof_a, oof_b = read_oof(args.run_a), read_oof(args.run_b)
-    level = args.level or "participant"
+    level: Literal["participant", "study", "image"] = args.level or "participant"
     results = compare_runs(oof_a, oof_b, args.a_combination, args.b_combination, level)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -105,6 +105,12 @@ def synth_command(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as exc:
         print(f"dicom-node synth: {exc}")
         return 2
+    n_other = int(args.non_muscle or 0)
+    if n_other > 0:  # the input gate's negatives (training.synth_nonmuscle)
+        from training.synth_nonmuscle import write_nonmuscle
+
+        write_nonmuscle(Path(args.out), n_other, args.seed, args.image_scale)
+        print(f"{n_other} non-muscle US objects -> {Path(args.out) / 'nonmuscle'}")
     print(f"{summary.participants} participants, {summary.studies} studies, "
           f"{summary.us_objects} US objects, {summary.seg_objects} SEG -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")

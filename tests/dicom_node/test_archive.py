@@ -12,7 +12,7 @@ from dicom_node.archive import SCHEMA, Archive
 from dicom_node.errors import ArchiveError, OutOfResourcesError
 from dicom_node.validate import is_valid_uid, validate
 from inference.durable import write_durable
-from tests.dicom_node.node_data import make_us
+from tests.builders import make_us
 
 
 def _raw_info(ds):

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from inference.artifact import SCHEMA_VERSION, Decision, ServingPolicy, load_artifact, read_card
+from inference.artifact import (
+    SCHEMA_VERSION,
+    Decision,
+    ServingPolicy,
+    load_artifact,
+    read_card,
+)
 from inference.config import ReaderConfig, ScoringConfig
 from inference.errors import ModelArtifactError
 from inference.pipeline import policy_conflicts, read_servable_card

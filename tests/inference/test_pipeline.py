@@ -1,8 +1,7 @@
-"""ScoringPipeline and ``dicom-node score`` on the synthetic cohort with the real tiny model."""
+"""ScoringPipeline on the synthetic cohort with the real tiny model."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.commands.score import group_by_study
 from dicom_node.config import ReaderConfig, ScoringConfig
 from dicom_node.errors import ScoringError
 from inference.pipeline import ScoringPipeline
@@ -61,7 +59,9 @@ def test_scores_a_segmented_study(pipeline: ScoringPipeline, synth_cohort) -> No
     probs = [im.probability for im in score.images]
     assert score.probability == pytest.approx(np.mean(probs))
     assert score.positive == (score.probability >= info.threshold)
-    assert set(score.timings_ms) == {"decode", "transforms", "ensemble", "cam", "measurements"}
+    assert set(score.timings_ms) == {"gate", "decode", "transforms", "ensemble", "cam", "measurements"}
+    assert score.gate and all(v.passed for v in score.gate)
+    assert all(im.gate is not None and im.gate.passed for im in score.images)
 
 
 def test_probabilities_equal_the_fold_models_applied_by_hand(pipeline, synth_cohort) -> None:  # noqa: ANN001
@@ -153,51 +153,6 @@ def test_gap_cam_and_onnx_backend_match_eager_torchcam(pipeline, tiny_model_dir,
             np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-3)
 
 
-def test_group_by_study(synth_cohort, tmp_path: Path) -> None:  # noqa: ANN001
-    (tmp_path / "notes.txt").write_text("not DICOM")
-    first = _studies(synth_cohort)[0]
-    one = Path(synth_cohort.out_dir) / first["files"][0]["path"]
-    groups = group_by_study([Path(synth_cohort.dicom_dir), tmp_path, one])
-    assert len(groups) == len(_studies(synth_cohort))
-    assert len(groups[first["study_uid"]]) == len(first["files"])  # named twice, read once
-    with pytest.raises(ScoringError):
-        group_by_study([tmp_path / "missing"])
-
-
-def test_score_command_writes_sr_heatmaps_and_summary(tiny_model_dir, synth_cohort, tmp_path) -> None:  # noqa: ANN001,E501
-    from pydicom import dcmread
-
-    from dicom_node.cli import main
-
-    study, files = study_files(synth_cohort, "late")
-    src = tmp_path / "in"
-    src.mkdir()
-    for f in files:
-        (src / f.name).write_bytes(f.read_bytes())
-    cfg = tmp_path / "config.toml"
-    cfg.write_text('[node]\nallow_any_calling_aet = true\n[scoring]\nenabled = false\n')
-    out = tmp_path / "out"
-    rc = main(["score", str(src), "--out", str(out), "--model", str(tiny_model_dir),
-               "--config", str(cfg)])
-    assert rc == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert [s["study_uid"] for s in summary] == [study["study_uid"]]
-    entry = summary[0]
-    assert entry["status"] == "scored" and 0 <= entry["probability"] <= 1
-    sr = dcmread(entry["outputs"]["sr"])
-    assert sr.Modality == "SR" and sr.StudyInstanceUID == study["study_uid"]
-    assert sr.PatientID == study["patient_id"]
-    scs = [dcmread(p) for p in entry["outputs"]["heatmaps"]]
-    n_us = sum(f["kind"] == "us" for f in study["files"])
-    assert len(scs) == n_us == len(entry["images"]) == len(entry["outputs"]["previews"])
-    assert all(sc.StudyInstanceUID == study["study_uid"] for sc in scs)
-    assert all(Path(p).stat().st_size > 0 for p in entry["outputs"]["previews"])
-    with (out / "summary.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == n_us and {r["roi_source"] for r in rows} == {"seg"}
-    assert all(float(r["csa_cm2"]) > 0 for r in rows if r["csa_cm2"])
-
-
 def test_bad_cam_layer_or_model_dir_is_a_clear_error(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
     from dicom_node.errors import ModelArtifactError
 
@@ -206,3 +161,35 @@ def test_bad_cam_layer_or_model_dir_is_a_clear_error(tiny_model_dir, tmp_path) -
         ScoringPipeline(tiny_model_dir, cfg, ReaderConfig())
     with pytest.raises(ModelArtifactError, match="does not exist"):
         ScoringPipeline(tmp_path / "none", ScoringConfig(model_dir=tmp_path), ReaderConfig())
+
+
+def test_seg_only_study_is_nothing_to_score(pipeline, synth_cohort) -> None:  # noqa: ANN001
+    from dicom_node.errors import NothingToScoreError
+
+    study, files = study_files(synth_cohort, "normal")
+    segs = [f for f in files if "SEG_" in Path(f).name]
+    assert segs
+    with pytest.raises(NothingToScoreError) as err:
+        pipeline.score_study(segs, allow_missing_seg=True)
+    assert err.value.study_instance_uid == study["study_uid"]
+    assert err.value.state.startswith("not-applicable: ")
+
+
+def test_gate_stops_non_muscle_images_and_records_why(pipeline, synth_cohort, tmp_path) -> None:  # noqa: ANN001,E501
+    import numpy as np
+
+    from dicom_node.errors import NothingToScoreError
+    from training.synth_nonmuscle import nonmuscle_object
+
+    study, files = study_files(synth_cohort, "normal")
+    doppler = nonmuscle_object("colour-doppler", np.random.default_rng(5), regions=True).dataset
+    doppler.StudyInstanceUID = study["study_uid"]
+    path = tmp_path / "doppler.dcm"
+    doppler.save_as(path, enforce_file_format=True)
+    score, _ = pipeline.score_study([*files, path], allow_missing_seg=False)
+    assert doppler.SOPInstanceUID not in {im.frame.sop_instance_uid for im in score.images}
+    why = dict(score.skipped)[doppler.SOPInstanceUID]
+    assert "colour-flow" in why
+    with pytest.raises(NothingToScoreError) as err:
+        pipeline.score_study([path], allow_missing_seg=True)
+    assert "colour-flow" in err.value.state and err.value.sources

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.config import TrainConfig
 from inference.model import ModelSpec, create_model
+from training.config import TrainConfig
 from training.trainer import (
     ArrayData,
     _epoch_indices,
