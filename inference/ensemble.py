@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class FoldCalibration:
     folds: tuple[dict[str, Any], ...] = ()
 
     @classmethod
-    def from_dict(cls, raw: Any, n_folds: int) -> "FoldCalibration":
+    def from_dict(cls, raw: Any, n_folds: int) -> FoldCalibration:
         """Parse and check ``model.json``'s ``calibration`` (None or method "none": identity)."""
         if raw is None:
             return cls()

@@ -85,7 +85,7 @@ def promise_check(table: Any, card: Any) -> dict[str, Any]:
 def promise_markdown(check: dict[str, Any]) -> str:
     """The check as a small table (the external report's operating-point section)."""
     pred, obs = check["predicted_by_cv"], check["observed"]
-    lines = [f"# Operating point: CV prediction vs this cohort\n",
+    lines = ["# Operating point: CV prediction vs this cohort\n",
              f"Threshold {check['threshold']:.4f} on {check['level']}-level {check['rule']}-pooled "
              f"probabilities (calibration: {check['calibration']}).\n",
              "| | predicted by CV | observed here |", "|---|---|---|"]

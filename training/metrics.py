@@ -62,7 +62,8 @@ class AUCResult:
     n_pos: int
     n_neg: int
     alpha: float = 0.95
-    ci_method: str = "delong"  # image level: "participant-cluster bootstrap" (images not independent)
+    # image level: "participant-cluster bootstrap" (images of one person are not independent)
+    ci_method: str = "delong"
 
 
 @dataclass(frozen=True)

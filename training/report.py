@@ -25,9 +25,10 @@ import base64
 import html
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -223,7 +224,6 @@ def write_report(run_dir: Path, data: ReportData) -> ReportOutput:
 def _classification_section(doc: _Doc, data: ReportData, combos: list[str]
                             ) -> tuple[dict[str, M.MetricsSummary], dict[str, M.MetricsSummary]]:
     import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
     from sklearn.metrics import roc_curve
 
     thr = dict(data.thresholds or {})
@@ -301,7 +301,8 @@ def _classification_section(doc: _Doc, data: ReportData, combos: list[str]
 
     prec, rec, _ = precision_recall_curve(agg.labels, agg.scores)
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(rec, prec, label=f"{primary} (AP {average_precision_score(agg.labels, agg.scores):.3f})")
+    ap = average_precision_score(agg.labels, agg.scores)
+    ax.plot(rec, prec, label=f"{primary} (AP {ap:.3f})")
     ax.axhline(float(agg.labels.mean()), color="k", ls="--", lw=1, label="prevalence")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision (PPV)")

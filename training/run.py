@@ -102,7 +102,8 @@ def train_combination(
         n_lab = feats["lab"].shape[1] if "lab" in feats else 0
         spec = _spec(cfg, mods, n_clin, n_lab)
         if cfg.selection == "nested":  # select (and calibrate) on participants the fold never sees
-            inner = inner_validation_mask(pids[tr], strata[tr], cfg.folds, cfg.seed + 7919 * (k + 1))
+            inner = inner_validation_mask(pids[tr], strata[tr], cfg.folds,
+                                          cfg.seed + 7919 * (k + 1))
             fit_idx, sel_idx = tr[~inner], tr[inner]
         else:  # optimistic: the outer fold selects its own epoch
             fit_idx, sel_idx = tr, va
@@ -153,7 +154,7 @@ def _oof_table(cohort: Cohort, fold_of: np.ndarray, combos: Sequence[ComboResult
 
 def calibrate_combination(combo: ComboResult, cohort: Cohort, fold_of: np.ndarray, method: str
                           ) -> tuple[np.ndarray, dict[str, Any] | None]:
-    """Fit each fold's calibrator on its selection set; return calibrated OOF and model.json's table.
+    """Fit each fold's calibrator on its selection set: (calibrated OOF, model.json's table).
 
     "auto" fits Platt and isotonic and keeps the one with the lower study-level Brier score of
     the calibrated out-of-fold predictions (both scores are recorded).
@@ -335,8 +336,8 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
         train_config=_jsonable(dataclasses.asdict(cfg)),
         extra={"thresholds": thresholds, "served_combination": main_name,
                "selection": {"mode": cfg.selection,
-                             "inner_split": "1/%d of each outer training fold's participants, "
-                                            "stratified, seeded" % cfg.folds
+                             "inner_split": f"1/{cfg.folds} of each outer training fold's "
+                                            "participants, stratified, seeded"
                              if cfg.selection == "nested" else None},
                "calibration_by_combination": {combination_name(c.modalities): cal[1]
                                               for c, cal in zip(results, calibs, strict=True)},

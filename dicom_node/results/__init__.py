@@ -58,8 +58,8 @@ THIGH = codes.SCT.Thigh  # 68367000
 # Private concepts: no standard code exists for these.
 ECHO_INTENSITY = Code("EI", PRIVATE_SCHEME, "Echo intensity (0-255 grey level)")
 DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the model")
-EXPECTED_SENSITIVITY = Code("SENS-CV", PRIVATE_SCHEME, "Sensitivity at threshold (cross-validation)")
-EXPECTED_SPECIFICITY = Code("SPEC-CV", PRIVATE_SCHEME, "Specificity at threshold (cross-validation)")
+EXPECTED_SENSITIVITY = Code("SENS-CV", PRIVATE_SCHEME, "Sensitivity at threshold (CV)")
+EXPECTED_SPECIFICITY = Code("SPEC-CV", PRIVATE_SCHEME, "Specificity at threshold (CV)")
 ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
 GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
 IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")

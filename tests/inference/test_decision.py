@@ -18,7 +18,6 @@ import torch
 from dicom_node.config import ReaderConfig, ScoringConfig
 from inference.pipeline import ScoringPipeline
 from inference.transforms import eval_transforms
-
 from tests.inference.test_pipeline import study_files
 
 
