@@ -103,3 +103,38 @@ def _check_served_decision(model_dir: Path, synth_cohort) -> None:  # noqa: ANN0
         assert info.image_threshold is None  # no image-level threshold: no per-image verdict
     finally:
         pipe.close()
+
+
+def test_sr_carries_fold_spread_and_operating_point(tmp_path: Path) -> None:
+    """The SR's study group: calibrated probability, its fold spread, threshold, expected
+    sensitivity/specificity; heat maps without an image threshold carry no per-image verdict."""
+    import dataclasses
+
+    from pydicom.sr.codedict import codes
+
+    from dicom_node import results as R
+    from tests.builders import us_series
+    from tests.conftest import make_config
+    from tests.dicom_node.test_results import groups_by_source, make_score, measurement
+
+    sources = us_series(2, patient_id="SYN0002", rows=96, cols=128)
+    score = make_score(sources)
+    score = dataclasses.replace(
+        score, fold_spread=0.07,
+        model=dataclasses.replace(score.model, expected_sensitivity=0.81,
+                                  expected_specificity=0.74, calibration="platt"))
+    cfg = make_config(tmp_path / "node")
+    import highdicom as hd
+
+    rs = R.build_results(score, {s.SOPInstanceUID: s for s in sources}, cfg.results)
+    paths = R.write_results(rs, cfg)
+    _, study = groups_by_source(hd.sr.srread(paths[0]))
+    assert measurement(study, R.PROBABILITY) == pytest.approx(score.probability)
+    assert measurement(study, R.PROBABILITY, codes.SCT.StandardDeviation) == pytest.approx(0.07)
+    assert measurement(study, R.DECISION_THRESHOLD) == pytest.approx(score.model.threshold)
+    assert measurement(study, R.EXPECTED_SENSITIVITY) == pytest.approx(0.81)
+    assert measurement(study, R.EXPECTED_SPECIFICITY) == pytest.approx(0.74)
+    im = score.images[0]
+    silent = R.render_heatmap(im, "research", None)
+    judged = R.render_heatmap(im, "research", 0.0)
+    assert silent.shape == judged.shape and not np.array_equal(silent, judged)  # verdict text
