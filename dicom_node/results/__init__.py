@@ -58,6 +58,8 @@ THIGH = codes.SCT.Thigh  # 68367000
 # Private concepts: no standard code exists for these.
 ECHO_INTENSITY = Code("EI", PRIVATE_SCHEME, "Echo intensity (0-255 grey level)")
 DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the model")
+EXPECTED_SENSITIVITY = Code("SENS-CV", PRIVATE_SCHEME, "Sensitivity at threshold (CV)")
+EXPECTED_SPECIFICITY = Code("SPEC-CV", PRIVATE_SCHEME, "Specificity at threshold (CV)")
 ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
 GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
 IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")
@@ -293,7 +295,13 @@ def build_sr(
         algorithm_id=algorithm,
         measurements=[m for m in (
             _measurement(PROBABILITY, score.probability, UNIT_PROBABILITY),
+            _measurement(PROBABILITY, score.fold_spread, UNIT_PROBABILITY, STANDARD_DEVIATION)
+            if score.fold_spread is not None else None,
             _measurement(DECISION_THRESHOLD, score.model.threshold, UNIT_PROBABILITY),
+            _measurement(EXPECTED_SENSITIVITY, score.model.expected_sensitivity, UNIT_PROBABILITY)
+            if score.model.expected_sensitivity is not None else None,
+            _measurement(EXPECTED_SPECIFICITY, score.model.expected_specificity, UNIT_PROBABILITY)
+            if score.model.expected_specificity is not None else None,
         ) if m is not None],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(SARCOPENIA, PRESENT if score.positive else ABSENT)
@@ -473,7 +481,7 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
 
 
-def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.ndarray:
+def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float | None) -> np.ndarray:
     """RGB image: overlay on the cropped grayscale source, colour bar, probability and warning.
 
     The crop is scaled up to at least 384 pixels wide so the burned-in text stays legible.
@@ -499,10 +507,12 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
     font = ImageFont.load_default()
     draw.text((ow + margin + bar_w + 2, 0), "1", fill=(255, 255, 255), font=font)
     draw.text((ow + margin + bar_w + 2, oh - 12), "0", fill=(255, 255, 255), font=font)
-    verdict = "positive" if img.probability >= threshold else "negative"
+    # a per-image verdict only when the model has an image-level threshold
+    verdict = "" if threshold is None else (
+        ", positive" if img.probability >= threshold else ", negative")
     draw.text(
         (4, oh + 4),
-        f"Sarcopenia p={img.probability:.2f} (+/-{img.fold_spread:.2f}, {verdict})",
+        f"Sarcopenia p={img.probability:.2f} (+/-{img.fold_spread:.2f}{verdict})",
         fill=(255, 255, 255), font=font,
     )
     draw.text((4, oh + 20), "Grad-CAM, fold average", fill=(200, 200, 200), font=font)
@@ -523,7 +533,7 @@ def build_heatmaps(
         if src is None:
             continue
         src = sanitize_source(src)
-        rgb = render_heatmap(img, cfg.burn_in_text, score.model.threshold)
+        rgb = render_heatmap(img, cfg.burn_in_text, score.model.image_threshold)
         kwargs: dict = {}
         photometric = "RGB"
         if cfg.heatmap_jpeg:
