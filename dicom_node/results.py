@@ -32,7 +32,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from dicom_node.config import ResultsConfig
-from dicom_node.durable import fsync_dir, write_durable
+from inference.durable import fsync_dir, write_durable
 from dicom_node.errors import ResultsError
 from inference.types import ImageScore, ModelInfo, StudyScore
 
