@@ -31,8 +31,8 @@ COMMANDS: dict[str, str] = {
     "evaluate": "training.run:evaluate_command",
     "compare": "training.compare:compare_command",
     "score": "inference.pipeline:score_command",
-    "outbox": "dicom_node.sender:outbox_command",
-    "resend": "dicom_node.sender:resend_command",
+    "outbox": "dicom_node.delivery.sender:outbox_command",
+    "resend": "dicom_node.delivery.sender:resend_command",
     "demo": "dicom_node.demo:demo_command",
 }
 

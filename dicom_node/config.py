@@ -159,6 +159,9 @@ class ResultsConfig:
     heatmap_jpeg: bool = False
 
 
+DESTINATION_KINDS = ("dimse",)
+
+
 @dataclass(frozen=True)
 class DestinationConfig:
     """One PACS that results are sent to with C-STORE."""
@@ -168,6 +171,8 @@ class DestinationConfig:
     host: str
     port: int
     tls: TLSConfig = field(default_factory=TLSConfig)
+    # which dicom_node.delivery implementation sends to it
+    kind: str = "dimse"
 
 
 @dataclass(frozen=True)
@@ -363,6 +368,8 @@ def _validate(cfg: Config) -> Config:
         if d.name in names:
             raise ConfigError(f"{key}.name", f"duplicate destination name {d.name!r}")
         names.add(d.name)
+        if d.kind not in DESTINATION_KINDS:
+            raise ConfigError(f"{key}.kind", f"unknown kind {d.kind!r} (known: {', '.join(DESTINATION_KINDS)})")
         _check_port(d.port, f"{key}.port")
         _check_tls(d.tls, f"{key}.tls", server=False)
         dests.append(dataclasses.replace(d, ae_title=validate_ae_title(d.ae_title, f"{key}.ae_title")))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -76,6 +77,14 @@ class ResultSet:
     @property
     def datasets(self) -> list[Dataset]:
         return [self.sr, *self.heatmaps]
+
+
+UidFactory = Callable[[str], str]
+
+
+def _new_uid(role: str) -> str:
+    """A fresh random UID (``role`` only matters to factories that derive UIDs)."""
+    return str(generate_uid())
 
 
 def _model_uid(model: ModelInfo) -> str:
@@ -235,6 +244,7 @@ def build_sr(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 SR for a scored study (see the module docstring for the tree)."""
     us_sources = _us_sources(score, sources)
@@ -273,7 +283,7 @@ def build_sr(
                                    score.study_instance_uid))
     study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"study ({score.rule} of {len(score.images)} images)"
+            uid=uid("sr-tracking"), identifier=f"study ({score.rule} of {len(score.images)} images)"
         ),
         finding_type=SARCOPENIA,
         algorithm_id=algorithm,
@@ -297,9 +307,9 @@ def build_sr(
     sr = hd.sr.ComprehensiveSR(
         evidence=unique,
         content=report[0],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uid("sr-series"),
         series_number=cfg.sr_series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uid("sr"),
         instance_number=1,
         manufacturer=cfg.manufacturer[:64],
         # COMPLETE only when every object of the study could be scored; never verified by a human.
@@ -378,10 +388,11 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
 
 
 def build_heatmaps(
-    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig
+    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig,
+    uid: UidFactory = _new_uid,
 ) -> list[hd.sc.SCImage]:
     """One Secondary Capture per scored image that has a heat map, all in one new series."""
-    series_uid = generate_uid()
+    series_uid = uid("sc-series")
     out: list[hd.sc.SCImage] = []
     for img in score.images:
         if img.heatmap is None:
@@ -407,7 +418,7 @@ def build_heatmaps(
             coordinate_system="PATIENT",
             series_instance_uid=series_uid,
             series_number=cfg.sc_series_number,
-            sop_instance_uid=generate_uid(),
+            sop_instance_uid=uid(f"sc-{len(out) + 1}"),
             instance_number=len(out) + 1,
             manufacturer=cfg.manufacturer[:64],
             patient_orientation=orientation or ("A", "F"),
@@ -442,6 +453,7 @@ def build_results(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
 ) -> ResultSet:
     """SR + heat maps for one scored study.
 
@@ -452,9 +464,12 @@ def build_results(
         cfg: identity of the algorithm and series numbering.
         predecessor: the SR of an earlier scoring of this study; the new SR lists it in
             PredecessorDocumentsSequence so a PACS can tell the rescore supersedes it.
+        uid: the UID of each new object by role (``sr``, ``sr-series``, ``sc-series``,
+            ``sc-1``...); the node derives them from the job's result key so a re-run
+            rebuilds the same objects.
     """
-    sr = build_sr(score, sources, cfg, predecessor)
-    heatmaps = build_heatmaps(score, sources, cfg)
+    sr = build_sr(score, sources, cfg, predecessor, uid)
+    heatmaps = build_heatmaps(score, sources, cfg, uid)
     log.info("study %s: built SR %s and %d heat map(s)",
              score.study_instance_uid, sr.SOPInstanceUID, len(heatmaps))
     return ResultSet(sr=sr, heatmaps=list(heatmaps))

@@ -1,7 +1,7 @@
 """The listener: a pynetdicom AE serving C-ECHO and C-STORE for US, SEG and SC objects.
 
 Handlers stay thin: :func:`handle_store` validates (:mod:`dicom_node.validate`), archives
-(:mod:`dicom_node.archive`) and maps every failure to a DIMSE status; a handler that raised
+(:mod:`dicom_node.store.archive`) and maps every failure to a DIMSE status; a handler that raised
 would make pynetdicom answer a generic 0xC211. Unknown callers are rejected at association by
 pynetdicom's ``require_calling_aet``; TLS wraps accepted sockets, with the handshake done in the
 association's own thread so a silent or plain-TCP client cannot stall the accept loop.
@@ -34,7 +34,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.archive import Archive
+from dicom_node.store.archive import Archive
 from dicom_node.config import NodeConfig, TLSConfig
 from dicom_node.errors import OutOfResourcesError, ValidationError
 from dicom_node.scu import set_tcp_nodelay

@@ -16,11 +16,12 @@ import threading
 import time
 from typing import Any
 
-from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
-from dicom_node.queue import requeue_orphans
 from dicom_node.scp import start_scp
+from dicom_node.store.archive import Archive
+from dicom_node.store.queue import requeue_orphans
+from dicom_node.store.studies import study_table
 from dicom_node.worker import Processor, Worker, archive_only_processor
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,12 @@ def _processor(cfg: Config) -> Processor:
 def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
     archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
+    # due at once (a node restart is rarely the job's fault), but counted: a job that keeps
+    # killing the process ends failed after worker.max_attempts
     n = requeue_orphans(archive)
     if n:
-        log.warning("re-queued %d jobs left running by a previous process", n)
+        log.warning("%d job(s) were left running by a previous process (counted as a failed "
+                    "attempt each)", n)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -57,7 +61,7 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
         worker = Worker(archive, _processor(cfg), cfg.worker)
     if cfg.scoring.enabled and cfg.destinations:
         # another module's loop; import only if used
-        from dicom_node.sender import DeliveryLoop
+        from dicom_node.delivery.sender import DeliveryLoop
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
@@ -81,44 +85,6 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
         archive.close()
         log.info("node stopped")
     return 0
-
-
-def study_table(archive: Archive) -> list[dict[str, Any]]:
-    """One dict per study: state, counts, latest job and (if a sender exists) delivery counts."""
-    studies = archive.query(
-        "SELECT s.*, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid) AS instances, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'US') AS us, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'SEG') AS seg "
-        "FROM studies s ORDER BY s.first_received"
-    )
-    jobs = archive.query(
-        "SELECT study_uid, id, state, attempts, last_error FROM jobs WHERE id IN "
-        "(SELECT max(id) FROM jobs GROUP BY study_uid)"
-    )
-    by_study = {j["study_uid"]: j for j in jobs}
-    has_outbox = archive.db()["outbox"].exists()
-    outbox: dict[str, dict[str, int]] = {}
-    if has_outbox and "study_uid" in archive.db()["outbox"].columns_dict:
-        sql = "SELECT study_uid, state, count(*) AS n FROM outbox GROUP BY study_uid, state"
-        for r in archive.query(sql):
-            outbox.setdefault(r["study_uid"], {})[str(r["state"])] = int(r["n"])
-    out = []
-    for s in studies:
-        j = by_study.get(s["study_uid"])
-        row = {
-            "study_uid": s["study_uid"], "patient_id": s["patient_id"], "state": s["state"],
-            "instances": s["instances"], "us": s["us"], "seg": s["seg"],
-            "first_received": s["first_received"], "last_received": s["last_received"],
-            "completion_reason": s["completion_reason"], "missing_seg": bool(s["missing_seg"]),
-            "reopen_count": s["reopen_count"], "note": s["note"] or "",
-            "job": None if j is None else {"id": j["id"], "state": j["state"],
-                                           "attempts": j["attempts"], "last_error": j["last_error"]},
-        }
-        if has_outbox:
-            row["delivery"] = outbox.get(s["study_uid"], {})
-        out.append(row)
-    return out
 
 
 def studies_command(args: argparse.Namespace, cfg: Config) -> int:

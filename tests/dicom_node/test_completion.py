@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from dicom_node.archive import Archive
 from dicom_node.completion import check_studies
 from dicom_node.config import CompletionConfig
-from dicom_node.queue import claim, jobs_for, mark_done
 from dicom_node.scu import store_files
+from dicom_node.store.archive import Archive
+from dicom_node.store.queue import claim, jobs_for, mark_done
 from dicom_node.validate import validate
 from tests.conftest import make_config
 from tests.dicom_node.node_data import make_seg, make_us

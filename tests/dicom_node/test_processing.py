@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.archive import Archive
+from dicom_node.store.archive import Archive
 from dicom_node.completion import check_studies
 from dicom_node.errors import ModelArtifactError
 from dicom_node.processing import build_processor, find_predecessor
-from dicom_node.queue import enqueue
+from dicom_node.store.queue import enqueue
 from dicom_node.validate import validate
 from dicom_node.worker import run_one
 from tests.conftest import make_config

@@ -9,9 +9,15 @@ import time
 
 import pytest
 
-from dicom_node.archive import Archive
 from dicom_node.config import WorkerConfig
-from dicom_node.queue import claim, enqueue, jobs_for, mark_failed, requeue_orphans
+from dicom_node.store.archive import Archive
+from dicom_node.store.queue import (
+    claim,
+    enqueue,
+    jobs_for,
+    mark_failed,
+    requeue_orphans,
+)
 from dicom_node.worker import JobContext, Worker, run_one
 
 
@@ -62,7 +68,7 @@ def test_claims_from_two_processes_never_overlap(archive, tmp_path):
     for i in range(30):
         _job(archive, f"2.{i}")
     code = (
-        "import sys; from dicom_node.archive import Archive; from dicom_node.queue import claim\n"
+        "import sys; from dicom_node.store.archive import Archive; from dicom_node.store.queue import claim\n"
         "a = Archive(sys.argv[1]).init(); ids = []\n"
         "while (j := claim(a)) is not None: ids.append(j.id)\n"
         "print(' '.join(map(str, ids)))"

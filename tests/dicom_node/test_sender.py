@@ -13,8 +13,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node import results as R
-from dicom_node import sender as S
 from dicom_node.config import DeliveryConfig, load_config
+from dicom_node.delivery import sender as S
 from tests.conftest import free_port, make_config, require_tool
 from tests.dicom_node.test_results import make_score, make_us
 from tests.fixtures.orthanc import start_orthanc, stop_orthanc
