@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -10,11 +11,16 @@ import time
 import pytest
 
 from dicom_node.config import WorkerConfig
+from dicom_node.loop import PollingLoop
 from dicom_node.store.archive import Archive
+from dicom_node.store.outbox import OutboxItem, add_items
 from dicom_node.store.queue import (
+    backoff_delay,
     claim,
     enqueue,
+    fail_job,
     jobs_for,
+    mark_done,
     mark_failed,
     requeue_orphans,
 )
@@ -150,3 +156,86 @@ def test_worker_survives_failing_processor_and_passes_context(archive, tmp_path)
 
 def test_run_one_returns_false_on_empty_queue(archive):
     assert run_one(archive, lambda ctx: None, WorkerConfig()) is False
+
+
+def test_a_dead_worker_counts_as_an_attempt_and_ends_failed(archive):
+    """Each death of the process running a job is one attempt: no endless re-queueing."""
+    _job(archive, "7.poison", max_attempts=2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first = claim(archive, pid=dead.pid)
+    assert first is not None and first.study_uid == "7.poison"
+    assert requeue_orphans(archive) == 1
+    row = jobs_for(archive, "7.poison")[0]
+    assert (row["state"], row["attempts"]) == ("queued", 1) and "died" in row["last_error"]
+    again = claim(archive, pid=dead.pid)
+    assert again is not None and again.id == first.id and again.attempts == 2
+    # a supervisor records the death by job id alone
+    assert fail_job(archive, again.id, "scoring process killed by SIGKILL",
+                    retry_base_seconds=1) is False
+    row = jobs_for(archive, "7.poison")[0]
+    assert (row["state"], row["attempts"]) == ("failed", 2) and "SIGKILL" in row["last_error"]
+    assert archive.study("7.poison")["state"] == "failed"
+    _job(archive, "7.next")
+    nxt = claim(archive)
+    assert nxt is not None and nxt.study_uid == "7.next"
+
+
+def test_mark_done_queues_the_results_in_the_same_transaction(archive):
+    _job(archive, "8.1")
+    job = claim(archive)
+    items = [OutboxItem("8.1", "pacs", f"results/x/{i}.dcm", f"9.{i}", "key") for i in range(3)]
+    mark_done(archive, job, note="ok", outbox=items)
+    rows = archive.query("SELECT destination, path, sop_uid, state, result_key FROM outbox")
+    assert [(r["sop_uid"], r["state"], r["result_key"]) for r in rows] == [
+        (f"9.{i}", "pending", "key") for i in range(3)]
+    # queueing the same files again (a re-run of the same study version) adds nothing
+    with archive.transaction() as conn:
+        add_items(conn, items)
+    assert len(archive.query("SELECT id FROM outbox")) == 3
+    # a failure inside the transaction leaves neither the rows nor the job done
+    _job(archive, "8.2")
+    job2 = claim(archive)
+    bad = [OutboxItem("8.2", "pacs", "results/y.dcm", "9.9"), None]
+    with pytest.raises(AttributeError):
+        mark_done(archive, job2, outbox=bad)  # type: ignore[list-item]
+    assert jobs_for(archive, "8.2")[0]["state"] == "running"
+    assert not archive.query("SELECT id FROM outbox WHERE study_uid = '8.2'")
+
+
+def test_backoff_delay_doubles_to_the_ceiling_with_bounded_jitter():
+    rng = random.Random(7)
+    assert [backoff_delay(a, 2.0) for a in range(1, 5)] == [2.0, 4.0, 8.0, 16.0]
+    assert backoff_delay(10, 2.0, 60.0) == 60.0
+    spread = [backoff_delay(3, 2.0, 60.0, 0.25, rng) for _ in range(200)]
+    assert all(6.0 <= d <= 10.0 for d in spread) and max(spread) - min(spread) > 1.0
+
+
+def test_polling_loop_survives_a_failing_pass_and_wakes_early():
+    calls: list[float] = []
+    done = threading.Event()
+
+    class Flaky(PollingLoop):
+        name = "flaky"
+
+        def poll(self) -> bool:
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise RuntimeError("first pass fails")
+            if len(calls) == 3:
+                done.set()
+            return False
+
+    loop = Flaky(poll_seconds=3600).start()  # without wake() the second pass would take an hour
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.wake()
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.wake()
+        assert done.wait(10)
+    finally:
+        loop.stop(timeout=5)
+    assert len(calls) == 3 and loop.stopping
