@@ -99,16 +99,16 @@ def open_db(db_path: Path) -> sqlite_utils.Database:
 def ensure_schema(db: sqlite_utils.Database) -> None:
     """Create missing tables/indexes (idempotent; columns are added, never renamed)."""
     for name, (columns, pk) in SCHEMA.items():
-        table = db[name]
+        table = db.table(name)
         if not table.exists():
             table.create(columns, pk=pk, not_null=_NOT_NULL[name] or None, if_not_exists=True)
         else:
-            existing = table.columns_dict  # type: ignore[union-attr]
+            existing = table.columns_dict
             for col, tp in columns.items():
                 if col not in existing:
-                    table.add_column(col, tp)  # type: ignore[union-attr]
+                    table.add_column(col, tp)
     for name, cols in _INDEXES:
-        db[name].create_index(cols, if_not_exists=True)  # type: ignore[union-attr]
+        db.table(name).create_index(cols, if_not_exists=True)
 
 
 class Index:

@@ -117,11 +117,12 @@ def make_due(index: Index, item_id: int | None = None, *, now: float | None = No
     """``dicom-node resend``: undelivered rows (or one of them) become pending and due now."""
     now = time.time() if now is None else now
     where, params = "state IN (?, ?)", [PENDING, EXPIRED]
+    params_: list[str | int] = list(params)
     if item_id is not None:
         where += " AND id = ?"
-        params.append(item_id)
+        params_.append(item_id)
     with index.transaction() as conn:
-        ids = [int(r[0]) for r in conn.execute(f"SELECT id FROM outbox WHERE {where}", params)]
+        ids = [int(r[0]) for r in conn.execute(f"SELECT id FROM outbox WHERE {where}", params_)]
         for rid in ids:
             conn.execute("UPDATE outbox SET state = ?, next_attempt_at = ? WHERE id = ?",
                          (PENDING, now, rid))

@@ -22,13 +22,6 @@ def completion_instances(index: Index, study_uid: str) -> list[dict[str, Any]]:
     )
 
 
-def instance_uids(index: Index, study_uid: str) -> list[str]:
-    """SOP Instance UIDs of a study, in arrival order (the same order as its paths)."""
-    rows = index.query("SELECT sop_uid FROM instances WHERE study_uid = ? "
-                       "ORDER BY received_at, sop_uid", (study_uid,))
-    return [r["sop_uid"] for r in rows]
-
-
 def apply_decision(index: Index, study_uid: str, *, state: str, reason: str, missing_seg: bool,
                    note: str, seen_last_received: float, now: float,
                    job_payload: dict[str, Any] | None, max_attempts: int) -> tuple[bool, int | None]:
