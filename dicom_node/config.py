@@ -188,6 +188,16 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The status server inside ``serve``: /healthz, /readyz, /metrics and a read-only page."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The paper's training protocol (Chen et al. 2025); defaults are the paper's values."""
 
@@ -238,6 +248,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     source_path: Path | None = None
 
 
@@ -373,6 +384,8 @@ def _validate(cfg: Config) -> Config:
         _check_port(d.port, f"{key}.port")
         _check_tls(d.tls, f"{key}.tls", server=False)
         dests.append(dataclasses.replace(d, ae_title=validate_ae_title(d.ae_title, f"{key}.ae_title")))
+    if not 0 <= cfg.http.port <= 65535:  # 0: any free port (tests)
+        raise ConfigError("http.port", f"{cfg.http.port} is not a TCP port (0-65535)")
     dl = cfg.delivery
     _check_positive(dl.retry_initial_seconds, "delivery.retry_initial_seconds")
     _check_positive(dl.retry_max_seconds, "delivery.retry_max_seconds")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import Config
 from dicom_node.errors import ModelArtifactError
+from dicom_node.ops.metrics import record_pipeline_timings, timed
 from dicom_node.worker import JobContext, Processor
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ class ScoringProcessor:
         log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, reason %s)",
                  ids, len(ctx.paths), ctx.attempt, allow, ctx.payload.get("completion_reason", "?"))
         score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+        record_pipeline_timings(score.timings_ms)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
                  "positive" if score.positive else "negative", len(score.images), len(score.skipped))
         for uid, reason in score.skipped:
@@ -154,8 +156,9 @@ class ScoringProcessor:
         predecessor = find_predecessor(cfg.node.results_dir, ctx.study_uid, exclude_key=key)
         if predecessor is not None:
             log.info("%s: rescore; predecessor SR %s", ids, predecessor.SOPInstanceUID)
-        results = build_results(score, _sources(read), cfg.results, predecessor,
-                                uid=lambda role: resultsets.uid_for(key, role))
+        with timed("sr_build"):
+            results = build_results(score, _sources(read), cfg.results, predecessor,
+                                    uid=lambda role: resultsets.uid_for(key, role))
         done = resultsets.publish(cfg.node.results_dir, ctx.study_uid, key, results.datasets,
                                   note=study_note(score),
                                   extra={"model_uid": self.model_uid, "job_id": ctx.job_id})

@@ -33,8 +33,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from dicom_node.config import ResultsConfig
-from inference.durable import fsync_dir, write_durable
 from dicom_node.errors import ResultsError
+from inference.durable import fsync_dir, write_durable
 from inference.types import ImageScore, ModelInfo, StudyScore
 
 if TYPE_CHECKING:

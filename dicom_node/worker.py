@@ -19,6 +19,7 @@ from typing import Any
 
 from dicom_node.config import WorkerConfig
 from dicom_node.loop import PollingLoop
+from dicom_node.ops.metrics import record_job
 from dicom_node.store.archive import Archive
 from dicom_node.store.outbox import OutboxItem
 from dicom_node.store.queue import Job, claim, mark_done, mark_failed
@@ -97,8 +98,10 @@ def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) ->
         log.error("job %s (study %s): attempt %d failed: %s; %s", job.id, job.study_uid,
                   job.attempts, error, "will retry" if retried else "giving up")
         log.debug("job %s traceback:\n%s", job.id, traceback.format_exc())
+        record_job("retry" if retried else "failed")
         return
     mark_done(archive, job, note=ctx.note, outbox=ctx.outbox)
+    record_job("done")
     log.info("job %s (study %s): done%s", job.id, job.study_uid, f" ({ctx.note})" if ctx.note else "")
 
 

@@ -12,6 +12,7 @@ All state lives in the index, so a restarted node carries on where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import time
@@ -25,6 +26,8 @@ from pydicom import dcmread
 from dicom_node.config import Config, DeliveryConfig, DestinationConfig
 from dicom_node.delivery import Destination, SendOutcome, make_destinations
 from dicom_node.loop import PollingLoop
+from dicom_node.ops.metrics import record_send
+from dicom_node.ops.status import human_time
 from dicom_node.store.db import Index
 from dicom_node.store.outbox import (
     ANY_DESTINATION,
@@ -156,6 +159,7 @@ class DeliveryLoop(PollingLoop):
             self._failed(missing, "result file missing", counts)
         if not present:
             return counts
+        t_send = time.perf_counter()
         try:
             outcome = dest.send([p for _, p in present])
         except Exception as exc:
@@ -165,6 +169,7 @@ class DeliveryLoop(PollingLoop):
         sent = [r for r, _ in present if outcome.stored(r["sop_uid"])]
         record_sent(self.index, sent, now=now, transaction_uid=outcome.transaction_uid)
         counts["sent"] += len(sent)
+        record_send(dest_name, [r for r, _ in present], sent, t_send)
         failed = [r for r, _ in present if not outcome.stored(r["sop_uid"])]
         if failed:
             reasons = [f"{r['sop_uid']}: status 0x{outcome.statuses[r['sop_uid']]:04X}"
@@ -196,20 +201,23 @@ class DeliveryLoop(PollingLoop):
 
 
 def _fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+    return human_time(t)
 
 
 def outbox_command(args: argparse.Namespace | None, cfg: Config) -> int:
     """``dicom-node outbox``: results not delivered yet (pending or expired) and why."""
     rows = outbox_rows(cfg.node.db_path)
+    if getattr(args, "json", False):  # machine times: epoch seconds as stored
+        print(json.dumps(rows, indent=2))
+        return 0
     if not rows:
         print("outbox: nothing waiting (every queued result was delivered)")
         return 0
-    print(f"{'id':>5} {'state':8} {'dest':10} {'tries':>5} {'next try':19}  study / error")
+    print(f"{'id':>5} {'state':8} {'dest':10} {'tries':>5} {'next try':25}  study / error")
     for r in rows:
         nxt = _fmt_time(r["next_attempt_at"]) if r["state"] == PENDING else "-"
         print(f"{r['id']:>5} {r['state']:8} {r['destination'][:10]:10} {r['attempts']:>5} "
-              f"{nxt:19}  {r['study_uid']}")
+              f"{nxt:25}  {r['study_uid']}")
         if r["last_error"]:
             print(f"{'':>5} last error: {r['last_error']}")
     n_exp = sum(r["state"] == EXPIRED for r in rows)

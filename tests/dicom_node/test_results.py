@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference.types import ImageScore, ModelInfo, MuscleMeasurements, StudyScore, USFrame
+from inference.types import (
+    ImageScore,
+    ModelInfo,
+    MuscleMeasurements,
+    StudyScore,
+    USFrame,
+)
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, UltrasoundImageSt
 
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import echo, store_files
+from dicom_node.store.archive import uid_name
 from tests.conftest import make_config
 from tests.dicom_node.node_data import (
     make_seg,
@@ -91,7 +92,8 @@ def test_pynetdicom_push_us_and_seg_indexed(node, tmp_path):
     assert json.loads(row["referenced_sop_uids"]) == [us.SOPInstanceUID]
     row = archive.query("SELECT * FROM instances WHERE sop_uid = ?", (us.SOPInstanceUID,))[0]
     assert (row["rows"], row["columns"], row["frames"], row["photometric"]) == (64, 64, 1, "MONOCHROME2")
-    assert row["path"] == f"archive/{us.StudyInstanceUID}/{us.SeriesInstanceUID}/{us.SOPInstanceUID}.dcm"
+    assert row["path"] == (f"archive/{uid_name(us.StudyInstanceUID)}/{uid_name(us.SeriesInstanceUID)}/"
+                           f"{uid_name(us.SOPInstanceUID)}.dcm")
     # re-send: idempotent (same hash -> no new row, still success)
     assert _send(cfg, [us]) == [(us.SOPInstanceUID, 0)]
     assert archive.instance_count() == 2
