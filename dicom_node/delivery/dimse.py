@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node.config import Config, DestinationConfig, TLSConfig
-from dicom_node.delivery import SendOutcome, register
+from dicom_node.delivery.base import SendOutcome, register
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import store_files
 
