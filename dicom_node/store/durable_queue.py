@@ -56,14 +56,17 @@ def record_failure(conn: sqlite3.Connection, spec: QueueSpec, row_id: int, *, at
     Returns:
         True if the row will be retried.
     """
-    extra = ", worker_pid = NULL, updated_at = ?" if spec is JOBS else ""
+    # jobs: a failed job keeps the pid of the process that ran its last attempt (the record names
+    # it); a re-queued one is nobody's until claimed again
     extra_params: tuple[float, ...] = (now,) if spec is JOBS else ()
     if retry_at is None:
+        extra = ", updated_at = ?" if spec is JOBS else ""
         conn.execute(
             f"UPDATE {spec.table} SET state = ?, attempts = ?, last_error = ?{extra} WHERE id = ?",
             (spec.dead, attempts, error[:2000], *extra_params, row_id),
         )
         return False
+    extra = ", worker_pid = NULL, updated_at = ?" if spec is JOBS else ""
     conn.execute(
         f"UPDATE {spec.table} SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?"
         f"{extra} WHERE id = ?",
