@@ -77,6 +77,8 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     status_server = start_status_server(
         cfg, worker.ready_check if isinstance(worker, Supervisor) else None)
     server = start_scp(cfg.node, archive)
+    if status_server is not None:
+        status_server.listener_started(server)
     monitor.start()
     if worker is not None:
         worker.start()
