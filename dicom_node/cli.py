@@ -33,8 +33,8 @@ COMMANDS: dict[str, str] = {
     "evaluate": "dicom_node.commands.train:evaluate_command",
     "compare": "dicom_node.commands.train:compare_command",
     "score": "dicom_node.commands.score:score_command",
-    "outbox": "dicom_node.sender:outbox_command",
-    "resend": "dicom_node.sender:resend_command",
+    "outbox": "dicom_node.delivery.sender:outbox_command",
+    "resend": "dicom_node.delivery.sender:resend_command",
     "demo": "dicom_node.demo:demo_command",
 }
 

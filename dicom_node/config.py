@@ -160,6 +160,9 @@ class ResultsConfig:
     not_assessable: Literal["none", "sr"] = "none"
 
 
+DESTINATION_KINDS = ("dimse",)
+
+
 @dataclass(frozen=True)
 class DestinationConfig:
     """One PACS that results are sent to with C-STORE."""
@@ -169,6 +172,8 @@ class DestinationConfig:
     host: str
     port: int
     tls: TLSConfig = field(default_factory=TLSConfig)
+    # which dicom_node.delivery implementation sends to it
+    kind: str = "dimse"
 
 
 @dataclass(frozen=True)
@@ -347,6 +352,8 @@ def _validate(cfg: Config) -> Config:
         if d.name in names:
             raise ConfigError(f"{key}.name", f"duplicate destination name {d.name!r}")
         names.add(d.name)
+        if d.kind not in DESTINATION_KINDS:
+            raise ConfigError(f"{key}.kind", f"unknown kind {d.kind!r} (known: {', '.join(DESTINATION_KINDS)})")
         _check_port(d.port, f"{key}.port")
         _check_tls(d.tls, f"{key}.tls", server=False)
         dests.append(dataclasses.replace(d, ae_title=validate_ae_title(d.ae_title, f"{key}.ae_title")))

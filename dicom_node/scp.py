@@ -1,7 +1,7 @@
 """The listener: a pynetdicom AE serving C-ECHO and C-STORE for US, SEG and SC objects.
 
 Handlers stay thin: :func:`handle_store` validates (:mod:`dicom_node.validate`), archives
-(:mod:`dicom_node.archive`) and maps every failure to a DIMSE status; a handler that raised
+(:mod:`dicom_node.store.archive`) and maps every failure to a DIMSE status; a handler that raised
 would make pynetdicom answer a generic 0xC211. Unknown callers are rejected at association by
 pynetdicom's ``require_calling_aet``; TLS wraps accepted sockets, with the handshake done in the
 association's own thread so a silent or plain-TCP client cannot stall the accept loop.
@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -28,11 +29,11 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.archive import Archive
 from dicom_node.config import NodeConfig, TLSConfig
 from dicom_node.errors import OutOfResourcesError, ValidationError
 from dicom_node.ops.metrics import record_instance
 from dicom_node.scu import set_tcp_nodelay
+from dicom_node.store.archive import Archive
 from dicom_node.validate import (
     DECODABLE_ENCAPSULATED,
     STATUS_CANNOT_UNDERSTAND,

@@ -59,7 +59,7 @@ def _load(item: str | Path | Dataset) -> Dataset:
     try:
         return dcmread(str(item))
     except (InvalidDicomError, OSError) as exc:
-        raise DeliveryError(f"{item}: not a readable DICOM file ({exc})") from exc
+        raise DeliveryError(f"{item}: not a readable DICOM file ({exc})", retryable=False) from exc
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -101,7 +101,8 @@ def plan_contexts(datasets: Iterable[Dataset]) -> list[tuple[str, tuple[str, ...
             out.append((sop, tuple(syntaxes)))
     if len(out) > _MAX_CONTEXTS:
         raise DeliveryError(
-            f"{len(out)} presentation contexts needed; at most 128 fit in one association")
+            f"{len(out)} presentation contexts needed; at most 128 fit in one association",
+            retryable=False)
     return out
 
 
@@ -157,15 +158,12 @@ def store_files(
             try:
                 status = assoc.send_c_store(ds)
             except ValueError as exc:  # no accepted context / cannot encode
-                err = DeliveryError(f"{sop_uid}: {exc}")
-                err.partial = results  # type: ignore[attr-defined]
-                raise err from exc
+                raise DeliveryError(f"{sop_uid}: {exc}", retryable=False, partial=results) from exc
             if not status or "Status" not in status:
-                err = DeliveryError(
-                    f"association to {called_aet}@{host}:{port} dropped while sending {sop_uid}"
+                raise DeliveryError(
+                    f"association to {called_aet}@{host}:{port} dropped while sending {sop_uid}",
+                    partial=results,
                 )
-                err.partial = results  # type: ignore[attr-defined]
-                raise err
             results.append((sop_uid, int(status.Status)))
     finally:
         if assoc.is_established:

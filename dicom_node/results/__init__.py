@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -85,6 +86,14 @@ class ResultSet:
     @property
     def datasets(self) -> list[Dataset]:
         return [d for d in (self.sr, *self.heatmaps) if d is not None]
+
+
+UidFactory = Callable[[str], str]
+
+
+def _new_uid(role: str) -> str:
+    """A fresh random UID (``role`` only matters to factories that derive UIDs)."""
+    return str(generate_uid())
 
 
 def _model_uid(model: ModelInfo) -> str:
@@ -246,6 +255,7 @@ def build_sr(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 SR for a scored study (see the module docstring for the tree)."""
     sources = {uid: sanitize_source(ds) for uid, ds in sources.items()}
@@ -289,7 +299,7 @@ def build_sr(
     groups.extend(_not_scored_groups(score, algorithm, evidence))
     study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"study ({score.rule} of {len(score.images)} images)"
+            uid=uid("sr-tracking"), identifier=f"study ({score.rule} of {len(score.images)} images)"
         ),
         finding_type=SARCOPENIA,
         algorithm_id=algorithm,
@@ -317,9 +327,9 @@ def build_sr(
     sr = hd.sr.ComprehensiveSR(
         evidence=unique,
         content=report[0],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uid("sr-series"),
         series_number=cfg.sr_series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uid("sr"),
         instance_number=1,
         manufacturer=cfg.manufacturer[:64],
         # COMPLETE only when every object of the study could be scored; never verified by a human.
@@ -394,6 +404,7 @@ def build_not_assessable_sr(
     sources: dict[str, Dataset],
     model: ModelInfo,
     cfg: ResultsConfig,
+    uid: UidFactory = _new_uid,
 ) -> hd.sr.ComprehensiveSR:
     """An SR saying the study is "not assessable" for sarcopenia, with the reason per image.
 
@@ -436,8 +447,8 @@ def build_not_assessable_sr(
         evidence.insert(0, headers[0])
     unique = _dedupe(evidence)
     sr = hd.sr.ComprehensiveSR(
-        evidence=unique, content=report[0], series_instance_uid=generate_uid(),
-        series_number=cfg.sr_series_number, sop_instance_uid=generate_uid(), instance_number=1,
+        evidence=unique, content=report[0], series_instance_uid=uid("sr-series"),
+        series_number=cfg.sr_series_number, sop_instance_uid=uid("sr"), instance_number=1,
         manufacturer=cfg.manufacturer[:64], is_complete=True, is_final=False, is_verified=False,
         institution_name=cfg.institution_name or None,
         contributing_equipment=[_contributing_equipment(model, cfg)])
@@ -521,10 +532,11 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float | None) 
 
 
 def build_heatmaps(
-    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig
+    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig,
+    uid: UidFactory = _new_uid,
 ) -> list[hd.sc.SCImage]:
     """One Secondary Capture per scored image that has a heat map, all in one new series."""
-    series_uid = generate_uid()
+    series_uid = uid("sc-series")
     out: list[hd.sc.SCImage] = []
     for img in score.images:
         if img.heatmap is None:
@@ -551,7 +563,8 @@ def build_heatmaps(
             coordinate_system="PATIENT",
             series_instance_uid=series_uid,
             series_number=cfg.sc_series_number,
-            sop_instance_uid=generate_uid(),
+            # named by its source frame: the same whether built alone or with the others
+            sop_instance_uid=uid(f"sc-{img.frame.sop_instance_uid}-{img.frame.frame_number}"),
             instance_number=len(out) + 1,
             manufacturer=cfg.manufacturer[:64],
             patient_orientation=orientation or ("A", "F"),
@@ -589,6 +602,7 @@ def build_results(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
 ) -> ResultSet:
     """SR + heat maps for one scored study.
 
@@ -599,6 +613,9 @@ def build_results(
         cfg: identity of the algorithm and series numbering.
         predecessor: the SR of an earlier scoring of this study; the new SR lists it in
             PredecessorDocumentsSequence so a PACS can tell the rescore supersedes it.
+        uid: the UID of each new object by role (``sr``, ``sr-series``, ``sr-tracking``,
+            ``sc-series``, ``sc-<source SOP UID>-<frame>``); the node derives them from the job's
+            result key so a re-run rebuilds the same objects.
 
     A failure to build one object (the SR, or one heat map) is recorded in ``errors`` and the
     others are still returned: a finished score is never lost to one bad object.
@@ -610,7 +627,7 @@ def build_results(
     errors: list[str] = []
     sr = None
     try:
-        sr = build_sr(score, sources, cfg, predecessor)
+        sr = build_sr(score, sources, cfg, predecessor, uid)
     except PermanentJobError:
         raise
     except (ValueError, TypeError, AttributeError, ResultsError) as exc:
@@ -620,7 +637,7 @@ def build_results(
     for img in score.images:
         one = StudyScore(**{**score.__dict__, "images": [img]})
         try:
-            built = build_heatmaps(one, sources, cfg)
+            built = build_heatmaps(one, sources, cfg, uid)
         except PermanentJobError:
             raise
         except (ValueError, TypeError, AttributeError) as exc:

@@ -17,7 +17,7 @@ from training.data import index_archive, match_studies, read_labels
 @pytest.fixture(scope="module")
 def archive_dir(synth_cohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic cohort stored through the node's own Archive (index.sqlite + files)."""
-    from dicom_node.archive import Archive
+    from dicom_node.store.archive import Archive
     from dicom_node.validate import validate
 
     data_dir = tmp_path_factory.mktemp("node") / "data"
