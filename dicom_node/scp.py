@@ -35,6 +35,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeConfig, TLSConfig
+from dicom_node.delivery.dimse import commitment_contexts, handle_commitment_report
 from dicom_node.errors import OutOfResourcesError, ValidationError
 from dicom_node.ops.metrics import record_instance
 from dicom_node.scu import set_tcp_nodelay
@@ -210,6 +211,8 @@ def build_ae(node: NodeConfig) -> AE:
     ae.add_supported_context(Verification)
     for sop_class in SUPPORTED_STORAGE:
         ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+    for cx in commitment_contexts():  # a PACS's storage commitment report on a new association
+        ae.add_supported_context(**cx)
     ae.require_calling_aet = [] if node.allow_any_calling_aet else list(node.allowed_calling_aets)
     ae.require_called_aet = node.require_called_aet
     ae.maximum_pdu_size = node.max_pdu
@@ -232,6 +235,7 @@ def start_scp(node: NodeConfig, archive: Archive) -> ThreadedAssociationServer:
         (evt.EVT_ABORTED, _on_end, [stats]),
         (evt.EVT_C_ECHO, handle_echo, [stats]),
         (evt.EVT_C_STORE, handle_store, [archive, stats]),
+        (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [archive]),
     ]
     server = ae.start_server(
         (node.host, node.port), block=False, evt_handlers=handlers,

@@ -2,9 +2,8 @@
 
 A destination takes result files and says what became of each (:class:`SendOutcome`). The
 implementation is chosen by ``kind`` in ``[[destinations]]``: ``"dimse"`` (C-STORE,
-:mod:`dicom_node.delivery.dimse`) today; a DICOMweb STOW-RS class registers under ``"stowrs"``
-the same way. The outbox, retries and the loop (:mod:`dicom_node.delivery.sender`) are shared by
-every kind.
+:mod:`dicom_node.delivery.dimse`) or ``"stowrs"`` (DICOMweb, :mod:`dicom_node.delivery.stowrs`).
+The outbox, retries and the loop (:mod:`dicom_node.delivery.sender`) are shared by every kind.
 """
 
 from __future__ import annotations
@@ -34,12 +33,15 @@ class SendOutcome:
         retryable: False when sending the same files again cannot succeed.
         transaction_uid: set by a destination that asked for storage commitment; the stored rows
             wait for its confirmation before they count as ``committed``.
+        committed: SOP Instance UIDs whose safekeeping the destination's answer itself confirmed
+            (listed one by one in a STOW-RS response); those rows are ``committed`` at once.
     """
 
     statuses: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     retryable: bool = True
     transaction_uid: str | None = None
+    committed: frozenset[str] = frozenset()
 
     def stored(self, sop_uid: str) -> bool:
         """True if the destination stored this instance."""
@@ -78,7 +80,7 @@ def make_destination(dest: DestinationConfig, cfg: Config) -> Destination:
     Raises:
         ConfigError: no implementation for its ``kind``.
     """
-    from dicom_node.delivery import dimse  # noqa: F401  (registers "dimse")
+    from dicom_node.delivery import dimse, stowrs  # noqa: F401  (register "dimse", "stowrs")
 
     factory = _KINDS.get(dest.kind)
     if factory is None:
