@@ -1,0 +1,218 @@
+"""Storage Commitment for DIMSE destinations: against a real Orthanc (its SCP reports on a new
+association to the node's listener) and a pynetdicom peer that reports on the sending one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+from dicom_node.config import Config
+from dicom_node.delivery import sender as S
+from dicom_node.delivery.dimse import STORAGE_COMMITMENT_INSTANCE, commitment_request
+from dicom_node.scp import start_scp
+from dicom_node.store.archive import Archive
+from dicom_node.store.outbox import outbox_summary, record_sent
+from tests.conftest import free_port, make_config, require_tool
+from tests.dicom_node.test_sender import _results
+from tests.fixtures.orthanc import OrthancServer, orthanc_binary, start_orthanc, stop_orthanc
+
+pytestmark = pytest.mark.network
+
+
+def _wait(cond, timeout: float = 60.0) -> None:
+    """Poll until ``cond()``; the bound only turns a hang into a failure."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory,
+         ) -> Iterator[tuple[OrthancServer, int]]:
+    """Orthanc that knows the node (AE DICOMNODE on ``node_port``) as a modality to report to."""
+    require_tool(orthanc_binary() is not None, "Orthanc")
+    node_port = free_port()
+    d = tmp_path_factory.mktemp("orthanc-commit")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ORTHANC_MODALITIES", f"NODE=DICOMNODE@{node_port}")
+    try:
+        server = start_orthanc(d, free_port(), free_port())
+    finally:
+        mp.undo()
+    try:
+        yield server, node_port
+    finally:
+        stop_orthanc(d)
+
+
+def _config(tmp_path: Path, node_port: int, host_port: int, aet: str, **dest) -> Config:
+    return make_config(
+        tmp_path / "node",
+        node={"port": node_port, "allowed_calling_aets": [aet]},
+        destinations=[{"name": "pacs", "ae_title": aet, "host": "127.0.0.1", "port": host_port,
+                       "storage_commitment": True, **dest}],
+        delivery={"retry_initial_seconds": 0.2, "retry_max_seconds": 1.0, "poll_seconds": 0.1,
+                  "timeout_seconds": 20},
+    )
+
+
+@pytest.fixture
+def listener(pacs, tmp_path: Path):
+    """The node's real listener (where Orthanc sends its N-EVENT-REPORT) and its config."""
+    server, node_port = pacs
+    cfg = _config(tmp_path, node_port, server.dicom_port, server.aet)
+    archive = Archive(cfg.node.data_dir, disk_reserve_mb=0).init()
+    scp = start_scp(cfg.node, archive)
+    try:
+        yield cfg, archive
+    finally:
+        scp.shutdown()
+        archive.close()
+
+
+def _states(cfg: Config) -> dict[str, int]:
+    got: dict[str, int] = {}
+    for r in S.outbox_rows(cfg.node.db_path, ("pending", "sent", "committed", "expired")):
+        got[r["state"]] = got.get(r["state"], 0) + 1
+    return got
+
+
+@pytest.mark.slow
+def test_cstore_with_commitment_is_committed_by_orthanc(pacs, listener, capsys) -> None:
+    server, _ = pacs
+    cfg, archive = listener
+    score, rs, paths = _results(cfg)
+    S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+    loop = S.DeliveryLoop(cfg)
+    assert loop.run_once() == {"sent": 3, "failed": 0, "expired": 0}
+    sent = S.outbox_rows(cfg.node.db_path, ("sent",))
+    assert len(sent) == 3 and len({r["transaction_uid"] for r in sent}) == 1
+    assert sent[0]["transaction_uid"]
+    # stored but not yet confirmed: the outbox lists them as waiting
+    held = server.instance_uids_in_study(score.study_instance_uid)
+    assert {ds.SOPInstanceUID for ds in rs.datasets} <= held
+    # Orthanc reports on a new association to the listener; the loop applies the report
+    _wait(lambda: bool(archive.query("SELECT id FROM commitment_reports")))
+    loop.run_once()
+    assert _states(cfg) == {"committed": 3}
+    assert outbox_summary(archive)[score.study_instance_uid] == {"committed": 3}
+    report = archive.query("SELECT * FROM commitment_reports")[0]
+    assert report["calling_aet"] == server.aet and report["transaction_uid"] == sent[0][
+        "transaction_uid"]
+    assert S.outbox_command(None, cfg) == 0
+    assert "3 committed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_orthanc_failed_sop_sends_the_item_again(pacs, listener) -> None:
+    """Orthanc answers a commitment request for an instance it does not hold with a
+    FailedSOPSequence; the row goes back to pending with that reason."""
+    server, _ = pacs
+    cfg, archive = listener
+    score, rs, paths = _results(cfg)
+    S.enqueue(cfg.node.db_path, score.study_instance_uid, paths[:1], ["pacs"])
+    rows = S.outbox_rows(cfg.node.db_path)
+    txn = generate_uid()
+    record_sent(archive, rows, now=time.time(), transaction_uid=txn)  # as if C-STOREd
+    ds = dcmread(paths[0], stop_before_pixels=True)
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.aet)
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(
+            commitment_request(txn, [(str(ds.SOPClassUID), str(ds.SOPInstanceUID))]), 1,
+            StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
+        assert status.Status == 0x0000
+    finally:
+        assoc.release()
+    _wait(lambda: bool(archive.query("SELECT id FROM commitment_reports")))
+    S.DeliveryLoop(cfg)._commitments(time.time())
+    (row,) = S.outbox_rows(cfg.node.db_path)
+    assert row["state"] == "pending" and row["transaction_uid"] is None
+    assert "storage commitment refused by ORTHANC: failure reason 0x" in row["last_error"]
+    # sent again for real: stored and this time committed
+    loop = S.DeliveryLoop(cfg)
+    assert loop.run_once(now=time.time() + 5)["sent"] == 1
+    _wait(lambda: len(archive.query("SELECT id FROM commitment_reports")) == 2)
+    loop.run_once()
+    assert _states(cfg) == {"committed": 1}
+
+
+def test_missing_report_times_out_and_is_sent_again(pacs, tmp_path: Path) -> None:
+    """No listener for Orthanc to report to: after the timeout the stored rows are pending
+    again (not silently 'sent' for ever), with the reason."""
+    server, _ = pacs
+    cfg = _config(tmp_path, free_port(), server.dicom_port, server.aet,
+                  storage_commitment_timeout_seconds=60)
+    score, _, paths = _results(cfg)
+    S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+    loop = S.DeliveryLoop(cfg)
+    t0 = time.time()
+    assert loop.run_once(now=t0)["sent"] == 3
+    loop.run_once(now=t0 + 30)
+    assert _states(cfg) == {"sent": 3}
+    loop._commitments(t0 + 120)
+    rows = S.outbox_rows(cfg.node.db_path)
+    assert len(rows) == 3 and all(r["state"] == "pending" for r in rows)
+    assert all("no storage commitment report within 60 s" in r["last_error"] for r in rows)
+    assert all(r["attempts"] == 1 for r in rows)
+
+
+def test_report_on_the_sending_association(tmp_path: Path) -> None:
+    """A peer that reports on the same association (PS3.4 J.3.3 allows both): one instance
+    committed at once, one refused and queued again with the peer's reason."""
+    actions: list[Dataset] = []
+    ae = AE(ae_title="COMMITSCP")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.add_supported_context(StorageCommitmentPushModel)
+
+    def on_action(event):
+        info = event.action_information
+        actions.append(info)
+        refs = list(info.ReferencedSOPSequence)
+
+        def report() -> None:
+            time.sleep(0.2)  # after the N-ACTION response, as a PACS would
+            ds = Dataset()
+            ds.TransactionUID = info.TransactionUID
+            ds.ReferencedSOPSequence = refs[:-1]
+            failed = Dataset()
+            failed.ReferencedSOPClassUID = refs[-1].ReferencedSOPClassUID
+            failed.ReferencedSOPInstanceUID = refs[-1].ReferencedSOPInstanceUID
+            failed.FailureReason = 0x0112
+            ds.FailedSOPSequence = [failed]
+            event.assoc.send_n_event_report(ds, 2, StorageCommitmentPushModel,
+                                            STORAGE_COMMITMENT_INSTANCE)
+
+        threading.Thread(target=report, daemon=True).start()
+        return 0x0000, None
+
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000),
+                                           (evt.EVT_N_ACTION, on_action)])
+    try:
+        cfg = _config(tmp_path, free_port(), port, "COMMITSCP",
+                      storage_commitment_wait_seconds=20)
+        score, rs, paths = _results(cfg)
+        S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+        counts = S.DeliveryLoop(cfg).run_once()
+    finally:
+        server.shutdown()
+    assert len(actions) == 1 and len(actions[0].ReferencedSOPSequence) == 3
+    assert counts == {"sent": 2, "failed": 1, "expired": 0}
+    assert _states(cfg) == {"committed": 2, "pending": 1}
+    (pending,) = S.outbox_rows(cfg.node.db_path)
+    assert "0x0112" in pending["last_error"]
