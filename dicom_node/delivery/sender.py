@@ -196,6 +196,11 @@ class DeliveryLoop(PollingLoop):
         if got["failed"] or got["expired"]:
             log.warning("storage commitment refused for %d item(s) (%d will be sent again)",
                         got["failed"] + got["expired"], got["failed"])
+        if got["committed"]:
+            log.info("storage commitment confirmed %d item(s)", got["committed"])
+        if got["unknown"]:
+            log.warning("%d storage commitment report(s) matched no item waiting for one "
+                        "(late, after a re-send, or not for this node)", got["unknown"])
         timeouts = {d.name: d.storage_commitment_timeout_seconds for d in self.cfg.destinations
                     if d.storage_commitment}
         late = overdue_commitments(self.index, timeouts, now=now, horizon_seconds=horizon,

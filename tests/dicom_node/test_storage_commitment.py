@@ -22,7 +22,12 @@ from dicom_node.store.archive import Archive
 from dicom_node.store.outbox import outbox_summary, record_sent
 from tests.conftest import free_port, make_config, require_tool
 from tests.dicom_node.test_sender import _results
-from tests.fixtures.orthanc import OrthancServer, orthanc_binary, start_orthanc, stop_orthanc
+from tests.fixtures.orthanc import (
+    OrthancServer,
+    orthanc_binary,
+    start_orthanc,
+    stop_orthanc,
+)
 
 pytestmark = pytest.mark.network
 
@@ -120,7 +125,7 @@ def test_orthanc_failed_sop_sends_the_item_again(pacs, listener) -> None:
     FailedSOPSequence; the row goes back to pending with that reason."""
     server, _ = pacs
     cfg, archive = listener
-    score, rs, paths = _results(cfg)
+    score, _rs, paths = _results(cfg)
     S.enqueue(cfg.node.db_path, score.study_instance_uid, paths[:1], ["pacs"])
     rows = S.outbox_rows(cfg.node.db_path)
     txn = generate_uid()
@@ -206,7 +211,7 @@ def test_report_on_the_sending_association(tmp_path: Path) -> None:
     try:
         cfg = _config(tmp_path, free_port(), port, "COMMITSCP",
                       storage_commitment_wait_seconds=20)
-        score, rs, paths = _results(cfg)
+        score, _rs, paths = _results(cfg)
         S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
         counts = S.DeliveryLoop(cfg).run_once()
     finally:

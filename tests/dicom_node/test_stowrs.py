@@ -21,7 +21,12 @@ from dicom_node.store.db import Index
 from dicom_node.store.outbox import outbox_summary
 from tests.conftest import free_port, make_config, require_tool
 from tests.dicom_node.test_sender import _results
-from tests.fixtures.orthanc import OrthancServer, orthanc_binary, start_orthanc, stop_orthanc
+from tests.fixtures.orthanc import (
+    OrthancServer,
+    orthanc_binary,
+    start_orthanc,
+    stop_orthanc,
+)
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -209,7 +214,7 @@ def test_orthanc_conflict_answer_maps_to_a_failure_reason(dicomweb: OrthancServe
     """A real 409 from Orthanc (instance posted under another study's URL) carries a
     FailedSOPSequence; its FailureReason becomes the instance's status."""
     cfg = _stow_config(tmp_path, dicomweb, dicomweb.password)
-    _, rs, paths = _results(cfg)
+    _, _rs, paths = _results(cfg)
     boundary = "b0undary"
     req = urllib.request.Request(f"{dicomweb.url}/dicom-web/studies/1.2.3.4",
                                  data=multipart_body([paths[0].read_bytes()], boundary),
