@@ -3,6 +3,7 @@ association to the node's listener) and a pynetdicom peer that reports on the se
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -221,3 +222,122 @@ def test_report_on_the_sending_association(tmp_path: Path) -> None:
     assert _states(cfg) == {"committed": 2, "pending": 1}
     (pending,) = S.outbox_rows(cfg.node.db_path)
     assert "0x0112" in pending["last_error"]
+
+
+@pytest.mark.slow
+def test_serve_delivers_by_stowrs_and_committed_cstore(synth_cohort, tiny_model_dir, tmp_path,
+                                                       tmp_path_factory) -> None:
+    """The whole node: storescu -> ``dicom-node serve`` (tiny model) -> one Orthanc reached two
+    ways, DICOMweb STOW-RS (basic auth, password from a file) and C-STORE with storage
+    commitment; every outbox row ends ``committed`` and Orthanc holds every result."""
+    import json
+    import os
+    import subprocess
+
+    from dicom_node.config import load_config
+    from tests.dicom_node.test_delivery_e2e import (
+        PUSHABLE,
+        STORESCU,
+        _node_ready,
+        _start_node,
+        _stop_node,
+    )
+    from tests.dicom_node.test_delivery_e2e import _wait as wait_node
+    from tests.dicom_node.test_stowrs import DICOMWEB_PLUGIN, _start_orthanc_dicomweb
+
+    require_tool(Path(STORESCU).exists(), "DCMTK (storescu)")
+    require_tool(orthanc_binary() is not None and DICOMWEB_PLUGIN.exists(),
+                 "Orthanc with its DICOMweb plugin")
+    manifest = json.loads(synth_cohort.manifest.read_text())
+    study = next(s for s in manifest["studies"]
+                 if any(f["kind"] == "seg" for f in s["files"])
+                 and not any(f["send_late"] for f in s["files"])
+                 and {f.get("transfer_syntax") for f in s["files"]} <= PUSHABLE)
+    files = [synth_cohort.out_dir / f["path"] for f in study["files"]]
+    node_port = free_port()
+    pacs_dir = tmp_path_factory.mktemp("orthanc-both")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ORTHANC_MODALITIES", f"NODE=DICOMNODE@{node_port}")
+    try:
+        pacs = _start_orthanc_dicomweb(pacs_dir)
+    finally:
+        mp.undo()
+    secret = tmp_path / "stow.secret"
+    secret.write_text(pacs.password + "\n")
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[node]
+ae_title = "DICOMNODE"
+port = {node_port}
+data_dir = "{tmp_path / 'node-data'}"
+allowed_calling_aets = ["STORESCU", "{pacs.aet}"]
+disk_reserve_mb = 0
+
+[completion]
+idle_seconds = 2
+max_wait_seconds = 30
+poll_seconds = 0.5
+
+[worker]
+poll_seconds = 0.5
+
+[scoring]
+enabled = true
+model_dir = "{tiny_model_dir}"
+torch_threads = 2
+device = "cpu"
+
+[[destinations]]
+name = "pacs"
+ae_title = "{pacs.aet}"
+host = "127.0.0.1"
+port = {pacs.dicom_port}
+storage_commitment = true
+
+[[destinations]]
+name = "web"
+kind = "stowrs"
+url = "{pacs.url}/dicom-web"
+auth = "basic"
+username = "{pacs.user}"
+secret_file = "{secret}"
+
+[delivery]
+retry_initial_seconds = 1
+retry_max_seconds = 2
+poll_seconds = 0.5
+timeout_seconds = 20
+""")
+    cfg = load_config(config)
+    log_path = tmp_path / "node.log"
+    node = _start_node(config, log_path)
+    try:
+        wait_node(lambda: _node_ready(node_port), 120, "node to answer C-ECHO", node, log_path)
+        push = subprocess.run(
+            [STORESCU, "-R", "-xy", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1",
+             str(node_port), *map(str, files)],
+            check=False, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "TCP_NODELAY": "1"})
+        assert push.returncode == 0, push.stderr
+
+        def all_committed() -> bool:
+            rows = S.outbox_rows(cfg.node.db_path, ("pending", "sent", "committed", "expired"))
+            return bool(rows) and all(r["state"] == "committed" for r in rows)
+
+        wait_node(all_committed, 300, "every outbox row committed", node, log_path)
+        rows = S.outbox_rows(cfg.node.db_path, ("committed",))
+        by_dest: dict[str, set[str]] = {}
+        for r in rows:
+            by_dest.setdefault(r["destination"], set()).add(r["sop_uid"])
+        assert set(by_dest) == {"pacs", "web"} and by_dest["pacs"] == by_dest["web"]
+        assert all(r["transaction_uid"] for r in rows if r["destination"] == "pacs")
+        assert by_dest["pacs"] <= pacs.instance_uids_in_study(study["study_uid"])
+        studies = subprocess.run(
+            [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main())",
+             "studies", "--config", str(config)], check=False, capture_output=True, text=True,
+            timeout=120)
+        assert f"committed {len(rows)}" in studies.stdout
+    finally:
+        _stop_node(node)
+        stop_orthanc(pacs_dir)
+    assert "Traceback" not in log_path.read_text(errors="replace")
