@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-scale", type=float, default=1.0,
                    help="scale every frame size (physical depth kept; 0.5 for quick tests)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
+    p.add_argument("--non-muscle", type=int, default=0, metavar="N",
+                   help="also write N non-muscle US objects (colour Doppler, sector, fluid, "
+                        "spectral) under OUT/nonmuscle/ for the input gate")
 
     p = add("train", "Train the fold ensemble on an archive or DICOM folder (paper's protocol).")
     p.add_argument("--archive", type=Path, default=None,

@@ -22,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dicom_node.errors import ConfigError
+from inference.gate import GateConfig, gate_config_from_dict
 
 # DICOM PS3.5 Table 6.2-1: AE is up to 16 characters of the default repertoire without backslash
 # or control characters; leading/trailing spaces are not significant and an all-space AE is invalid.
@@ -158,6 +159,8 @@ class ResultsConfig:
     sc_series_number: int = 9002
     burn_in_text: str = "RESEARCH USE ONLY - not for diagnosis"
     heatmap_jpeg: bool = False
+    # a study with no image the model may score: send nothing, or an SR saying "not assessable"
+    not_assessable: Literal["none", "sr"] = "none"
 
 
 DESTINATION_KINDS = ("dimse", "stowrs")
@@ -278,6 +281,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     source_path: Path | None = None
 
@@ -540,7 +544,12 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Conf
     dests = data.pop("destinations", [])
     if not isinstance(dests, list):
         raise ConfigError("destinations", "expected an array of tables ([[destinations]])")
-    cfg = _build(Config, data, "", base)
+    gate_table = data.pop("gate", {})
+    try:  # the gate parses its own section (per-AE sub-tables, ranges)
+        gate = gate_config_from_dict(gate_table if isinstance(gate_table, dict) else {})
+    except ValueError as exc:
+        raise ConfigError("gate", str(exc)) from None
+    cfg = dataclasses.replace(_build(Config, data, "", base), gate=gate)
     built = tuple(
         _build(DestinationConfig, d, f"destinations[{i}]", base) if isinstance(d, dict)
         else _raise(f"destinations[{i}]", "expected a table")

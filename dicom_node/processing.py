@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import Config
-from dicom_node.errors import ModelArtifactError
+from dicom_node.errors import ModelArtifactError, NothingToScoreError
 from dicom_node.ops.metrics import record_pipeline_timings, timed
 from dicom_node.worker import JobContext, Processor
 
@@ -115,7 +115,7 @@ class ScoringProcessor:
 
                 assert self.cfg.scoring.model_dir is not None
                 self._pipeline = ScoringPipeline(
-                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader
+                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader, self.cfg.gate
                 )
             return self._pipeline
 
@@ -133,10 +133,12 @@ class ScoringProcessor:
                      ids, key[:12])
         else:
             done = self._score(ctx, key, ids)
+            if done is None:  # not applicable, and no SR says so: nothing to deliver
+                return
         ctx.note = done.note
         self._queue(ctx, done, ids)
 
-    def _score(self, ctx: JobContext, key: str, ids: str) -> ResultSetFolder:
+    def _score(self, ctx: JobContext, key: str, ids: str) -> ResultSetFolder | None:
         from dicom_node.results import build_results
         from dicom_node.store import resultsets
 
@@ -146,7 +148,10 @@ class ScoringProcessor:
         ))
         log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, reason %s)",
                  ids, len(ctx.paths), ctx.attempt, allow, ctx.payload.get("completion_reason", "?"))
-        score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+        try:
+            score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+        except NothingToScoreError as exc:  # terminal: no retries, no sarcopenia verdict
+            return self._not_applicable(ctx, exc, ids, key)
         record_pipeline_timings(score.timings_ms)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
                  "positive" if score.positive else "negative", len(score.images), len(score.skipped))
@@ -162,9 +167,27 @@ class ScoringProcessor:
         done = resultsets.publish(cfg.node.results_dir, ctx.study_uid, key, results.datasets,
                                   note=study_note(score),
                                   extra={"model_uid": self.model_uid, "job_id": ctx.job_id})
-        log.info("%s: results archived (SR %s + %d heat map(s))", ids, results.sr.SOPInstanceUID,
+        log.info("%s: results archived (SR %s + %d heat map(s))", ids,
+                 results.sr.SOPInstanceUID if results.sr is not None else "not built",
                  len(results.heatmaps))
         return done
+
+    def _not_applicable(self, ctx: JobContext, exc: NothingToScoreError, ids: str,
+                        key: str) -> ResultSetFolder | None:
+        """Record ``not-applicable: <reason>``; by ``results.not_assessable`` publish an SR saying so."""
+        from dicom_node.results import build_not_assessable_sr
+        from dicom_node.store import resultsets
+
+        log.info("%s: %s", ids, exc.state)
+        ctx.note = (exc.state + "; " + "; ".join(f"{u}: {r}" for u, r in exc.reasons))[:_NOTE_LIMIT]
+        if self.cfg.results.not_assessable != "sr" or not exc.sources:
+            return None
+        sr = build_not_assessable_sr(ctx.study_uid, exc.state, exc.verdicts, exc.sources,
+                                     self.pipeline.info, self.cfg.results,
+                                     uid=lambda role: resultsets.uid_for(key, role))
+        return resultsets.publish(self.cfg.node.results_dir, ctx.study_uid, key, [sr],
+                                  note=ctx.note,
+                                  extra={"model_uid": self.model_uid, "job_id": ctx.job_id})
 
     def _queue(self, ctx: JobContext, done: ResultSetFolder, ids: str) -> None:
         """Hand the files to the worker, which queues them as it marks the job done."""

@@ -1,8 +1,9 @@
 """``dicom-node serve`` (listener + completion + worker + sender) and ``dicom-node studies``.
 
 ``serve`` wires the parts together and owns their life cycle: start-up sweeps temp files and
-re-queues jobs of dead processes, SIGTERM/SIGINT stop the listener first (no new instances),
-then completion, the worker (after its current job) and the sender.
+unpublished result folders and counts a job left running by a dead process as a failed attempt;
+SIGTERM/SIGINT stop the listener first (no new instances), then completion, the worker (after
+its current job) and the sender.
 """
 
 from __future__ import annotations

@@ -125,6 +125,7 @@ class DeliveryLoop(PollingLoop):
     def stop(self, timeout: float | None = None) -> None:
         """Finish the current send and stop."""
         super().stop(timeout if timeout is not None else self.cfg.delivery.timeout_seconds * 3 + 5)
+        self.index.close()
 
     def poll(self) -> bool:
         self.run_once()

@@ -147,3 +147,43 @@ def test_build_processor_refuses_a_broken_artifact(tiny_model_dir, tmp_path) -> 
     (broken / raw["folds"][-1]["file"]).unlink()
     with pytest.raises(ModelArtifactError, match=raw["folds"][-1]["file"]):
         build_processor(_config(tmp_path, broken))
+
+
+@pytest.mark.parametrize("not_assessable", ["none", "sr"])
+def test_nothing_to_score_ends_not_applicable_without_retry(tiny_model_dir, synth_cohort, tmp_path,
+                                                            not_assessable) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from training.synth_nonmuscle import nonmuscle_object
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = dataclasses.replace(cfg, results=dataclasses.replace(
+        cfg.results, not_assessable=not_assessable))
+    archive = Archive(cfg.node.data_dir).init()
+    try:
+        ds = nonmuscle_object("sector", np.random.default_rng(2), regions=True).dataset
+        path = tmp_path / "sector.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        uid = str(ds.StudyInstanceUID)
+        _store_study(archive, [path])
+        with archive.transaction() as conn:
+            conn.execute("UPDATE studies SET state = 'complete' WHERE study_uid = ?", (uid,))
+            enqueue(conn, uid, "score", {"allow_missing_seg": True}, max_attempts=3)
+        assert run_one(archive, build_processor(cfg), cfg.worker)
+        job = archive.query("SELECT state, attempts FROM jobs WHERE study_uid = ?", (uid,))[0]
+        assert job["state"] == "done" and job["attempts"] == 1
+        note = archive.study(uid)["note"]
+        assert note.startswith("not-applicable: ") and "sector-geometry" in note
+        srs = _sr_files(study_folder(cfg.node.results_dir, uid))
+        queued = archive.query("SELECT sop_uid FROM outbox WHERE study_uid = ?", (uid,))
+        if not_assessable == "none":
+            assert not srs and not queued
+        else:
+            assert len(srs) == 1
+            sr = dcmread(srs[0])
+            assert "Undetermined" in str(sr) and "Thigh" not in str(sr)
+            assert [r["sop_uid"] for r in queued] == [sr.SOPInstanceUID]
+    finally:
+        archive.close()
