@@ -18,6 +18,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 from dicom_node.config import Config
 from dicom_node.delivery import sender as S
 from dicom_node.delivery.dimse import STORAGE_COMMITMENT_INSTANCE, commitment_request
+from dicom_node.ops.metrics import exposition
 from dicom_node.scp import start_scp
 from dicom_node.store.archive import Archive
 from dicom_node.store.outbox import outbox_summary, record_sent
@@ -118,6 +119,8 @@ def test_cstore_with_commitment_is_committed_by_orthanc(pacs, listener, capsys) 
         "transaction_uid"]
     assert S.outbox_command(None, cfg) == 0
     assert "3 committed" in capsys.readouterr().out
+    scrape = exposition(cfg.node.db_path).decode()
+    assert 'dicom_node_outbox_items{destination="pacs",state="committed"} 3.0' in scrape
 
 
 @pytest.mark.slow

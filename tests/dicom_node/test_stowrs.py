@@ -17,6 +17,7 @@ from dicom_node.delivery import make_destination
 from dicom_node.delivery import sender as S
 from dicom_node.delivery.stowrs import multipart_body, outcome_from_response, stow_url
 from dicom_node.errors import ConfigError
+from dicom_node.ops.metrics import exposition
 from dicom_node.store.db import Index
 from dicom_node.store.outbox import outbox_summary
 from tests.conftest import free_port, make_config, require_tool
@@ -180,6 +181,8 @@ def test_study_delivered_by_stowrs_is_committed(dicomweb: OrthancServer, tmp_pat
         index.close()
     assert S.outbox_command(None, cfg) == 0
     assert "3 committed" in capsys.readouterr().out
+    scrape = exposition(cfg.node.db_path).decode()
+    assert 'dicom_node_outbox_items{destination="web",state="committed"} 3.0' in scrape
 
 
 @pytest.mark.network
