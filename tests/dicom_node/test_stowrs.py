@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import socketserver
+import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -108,8 +112,8 @@ def test_response_mapping_without_a_server() -> None:
 
 def _start_orthanc_dicomweb(d: Path) -> OrthancServer:
     """The shared loopback script writes the config and builds its bind() shim; we add the
-    DICOMweb plugin to that config and start Orthanc again under the same shim and pid file,
-    so the script's ``stop`` still ends it."""
+    DICOMweb plugin to that config and start Orthanc again under the
+    same shim and pid file, so the script's ``stop`` still ends it."""
     server = start_orthanc(d, free_port(), free_port())
     stop_orthanc(d)
     conf = json.loads((d / "orthanc.json").read_text())
@@ -236,3 +240,87 @@ def test_orthanc_conflict_answer_maps_to_a_failure_reason(dicomweb: OrthancServe
     out = outcome_from_response(err.value.code, "application/dicom+json", body, [sop], "w")
     assert err.value.code == 409
     assert out.statuses[sop] == 0x0110 and not out.stored(sop) and not out.committed
+
+
+class _TlsTerminator(socketserver.ThreadingTCPServer):
+    """A real TLS endpoint (stdlib ``ssl``) relaying bytes to Orthanc's plain HTTP port.
+
+    Orthanc 1.10 from Debian 12 crashes when its own ``SslEnabled`` is on, so HTTPS is put in
+    front of it the way a hospital's reverse proxy would.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, target: tuple[str, int], cert: Path, key: Path) -> None:
+        self.target = target
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        super().__init__(("127.0.0.1", 0), _Relay)
+
+
+class _Relay(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: _TlsTerminator = self.server  # type: ignore[assignment]
+        try:
+            tls = server.ctx.wrap_socket(self.request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return  # the client refused our certificate: nothing to relay
+        with tls, socket.create_connection(server.target, timeout=30) as up:
+            def pump(src: socket.socket, dst: socket.socket) -> None:
+                try:
+                    while data := src.recv(65536):
+                        dst.sendall(data)
+                except OSError:
+                    pass
+                finally:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+
+            back = threading.Thread(target=pump, args=(up, tls), daemon=True)
+            back.start()
+            pump(tls, up)
+            back.join(30)
+
+
+@pytest.fixture(scope="module")
+def dicomweb_tls(dicomweb: OrthancServer, tmp_path_factory: pytest.TempPathFactory):
+    """Orthanc's DICOMweb behind HTTPS with a self-signed certificate for 127.0.0.1."""
+    from tests.dicom_node.node_data import make_tls_files
+
+    cert, key = make_tls_files(tmp_path_factory.mktemp("stow-tls"))
+    port = int(dicomweb.url.rsplit(":", 1)[1])
+    proxy = _TlsTerminator(("127.0.0.1", port), cert, key)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{proxy.server_address[1]}", cert
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(("verify", "with_ca", "stored"), [
+    (True, True, True),  # private CA given: verified and delivered
+    (True, False, False),  # self-signed, no CA: refused, with the reason
+    (False, False, True),  # verification off (logged): delivered
+])
+def test_https_certificate_checks(dicomweb: OrthancServer, dicomweb_tls, tmp_path: Path,
+                                  verify: bool, with_ca: bool, stored: bool) -> None:
+    url, cert = dicomweb_tls
+    cfg = make_config(tmp_path / "node", destinations=[{
+        "name": "web", "kind": "stowrs", "url": f"{url}/dicom-web", "auth": "basic",
+        "username": dicomweb.user, "password": dicomweb.password, "tls_verify": verify,
+        **({"ca_file": str(cert)} if with_ca else {})}])
+    _, rs, paths = _results(cfg)
+    out = make_destination(cfg.destinations[0], cfg).send(paths)
+    uids = [str(ds.SOPInstanceUID) for ds in rs.datasets]
+    assert all(out.stored(u) for u in uids) is stored
+    if stored:
+        assert out.committed == frozenset(uids) and out.error is None
+        assert set(uids) <= dicomweb.instance_uids_in_study(str(rs.sr.StudyInstanceUID))
+    else:
+        assert not any(out.stored(u) for u in uids) and out.retryable
+        assert "CERTIFICATE_VERIFY_FAILED" in (out.error or "")
