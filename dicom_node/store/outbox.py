@@ -176,6 +176,9 @@ def apply_commitment_reports(index: Index, *, now: float, horizon_seconds: float
                     counts["failed" if retried else "expired"] += 1
             conn.execute("UPDATE commitment_reports SET applied_at = ? WHERE id = ?",
                          (now, rep["id"]))
+        # applied reports are only an audit trail: kept as long as an item may be retried
+        conn.execute("DELETE FROM commitment_reports WHERE applied_at IS NOT NULL AND "
+                     "applied_at < ?", (now - horizon_seconds,))
     return counts
 
 
