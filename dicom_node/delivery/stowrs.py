@@ -43,6 +43,8 @@ STATUS_UNSPECIFIED_FAILURE = 0xC000
 STATUS_NOT_REPORTED = 0x0110
 #: HTTP statuses where sending the same body again cannot succeed without an operator.
 _PERMANENT = {400, 401, 403, 404, 405, 406, 411, 413, 414, 415}
+#: A response is a small dataset; anything past this is not read (a hostile or broken server).
+_MAX_RESPONSE = 16 * 1024 * 1024
 
 _REFERENCED_SOP_SEQ, _FAILED_SOP_SEQ = "00081199", "00081198"
 _REFERENCED_SOP_UID, _FAILURE_REASON, _WARNING_REASON = "00081155", "00081197", "00081196"
@@ -122,7 +124,10 @@ def parse_response(content_type: str, data: bytes) -> tuple[dict[str, int], bool
                         if attr.get("tag", "").upper() == _REFERENCED_SOP_UID:
                             uid = (value or "").strip()
                         elif attr.get("tag", "").upper() == reason_tag and value:
-                            reason = int(value)
+                            try:
+                                reason = int(value)
+                            except ValueError:
+                                reason = None
                     if uid:
                         statuses[uid] = default if reason is None else reason
         return statuses, True
@@ -230,11 +235,12 @@ class StowRsDestination:
             req.add_header("Authorization", auth)
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
-                code, ctype, data = resp.status, resp.headers.get("Content-Type", ""), resp.read()
+                code, ctype = resp.status, resp.headers.get("Content-Type", "")
+                data = resp.read(_MAX_RESPONSE)
         except urllib.error.HTTPError as exc:
             code, ctype = exc.code, exc.headers.get("Content-Type", "") if exc.headers else ""
             try:
-                data = exc.read()
+                data = exc.read(_MAX_RESPONSE)
             except OSError:
                 data = b""
         except (urllib.error.URLError, OSError) as exc:

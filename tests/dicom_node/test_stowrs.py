@@ -105,6 +105,25 @@ def test_response_mapping_without_a_server() -> None:
     assert "redirect" in (moved.error or "")
 
 
+def test_native_dicom_xml_response() -> None:
+    """A server answering in PS3.19 XML: one stored with a warning, one failed, one unnamed."""
+    xml = b"""<?xml version="1.0" encoding="UTF-8"?>
+<NativeDicomModel>
+ <DicomAttribute tag="00081199" vr="SQ" keyword="ReferencedSOPSequence"><Item number="1">
+  <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.3</Value></DicomAttribute>
+  <DicomAttribute tag="00081196" vr="US"><Value number="1">45056</Value></DicomAttribute>
+ </Item></DicomAttribute>
+ <DicomAttribute tag="00081198" vr="SQ" keyword="FailedSOPSequence"><Item number="1">
+  <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.4</Value></DicomAttribute>
+  <DicomAttribute tag="00081197" vr="US"><Value number="1">not-a-number</Value></DicomAttribute>
+ </Item></DicomAttribute>
+</NativeDicomModel>"""
+    out = outcome_from_response(202, "application/dicom+xml", xml, ["1.2.3", "1.2.4", "1.2.5"],
+                                "w")
+    assert out.statuses == {"1.2.3": 0xB000, "1.2.4": 0xC000, "1.2.5": 0x0110}
+    assert out.committed == frozenset({"1.2.3"}) and "2 of 3" in (out.error or "")
+
+
 # ------------------------------------------------------------------------------------------
 # A real Orthanc with its DICOMweb plugin (loopback, basic auth on)
 # ------------------------------------------------------------------------------------------
