@@ -23,6 +23,7 @@ from dicom_node.ops.status import human_time
 from dicom_node.scp import start_scp
 from dicom_node.store.archive import Archive
 from dicom_node.store.queue import requeue_orphans
+from dicom_node.store.resultsets import sweep_temp
 from dicom_node.store.studies import study_table
 from dicom_node.worker import Processor, Worker, archive_only_processor
 
@@ -42,6 +43,7 @@ def _processor(cfg: Config) -> Processor:
 def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
     archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
+    sweep_temp(cfg.node.results_dir)  # result sets a crash left unpublished
     # due at once (a node restart is rarely the job's fault), but counted: a job that keeps
     # killing the process ends failed after worker.max_attempts
     n = requeue_orphans(archive)

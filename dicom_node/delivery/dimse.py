@@ -26,7 +26,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from dicom_node.config import Config, DestinationConfig, TLSConfig
-from dicom_node.delivery import SendOutcome, is_success, register
+from dicom_node.delivery.base import SendOutcome, is_success, register
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import store_files
 from dicom_node.store.db import Index

@@ -3,7 +3,7 @@
 Results are archived first and queued in the outbox (:mod:`dicom_node.store.outbox`) in the same
 transaction that ends their job. :class:`DeliveryLoop` sends each study's due rows for one
 destination in one :meth:`~dicom_node.delivery.Destination.send` (one association for DIMSE). A
-failed send is retried with :func:`~dicom_node.store.queue.backoff_delay` (exponential, jittered)
+failed send is retried with :func:`~dicom_node.store.durable_queue.backoff_delay` (exponential, jittered)
 until ``delivery.retry_horizon_hours`` after the row was created; then the row becomes
 ``expired`` but stays listed by ``dicom-node outbox`` and sendable with ``dicom-node resend``.
 All state lives in the index, so a restarted node carries on where it stopped.
@@ -24,11 +24,13 @@ from typing import Any
 from pydicom import dcmread
 
 from dicom_node.config import Config, DeliveryConfig, DestinationConfig
-from dicom_node.delivery import Destination, SendOutcome, make_destinations
+from dicom_node.delivery import make_destinations
+from dicom_node.delivery.base import Destination, SendOutcome
 from dicom_node.loop import PollingLoop
 from dicom_node.ops.metrics import record_send
 from dicom_node.ops.status import human_time
 from dicom_node.store.db import Index
+from dicom_node.store.durable_queue import backoff_delay
 from dicom_node.store.outbox import (
     ANY_DESTINATION,
     COMMITTED,
@@ -48,7 +50,6 @@ from dicom_node.store.outbox import (
 from dicom_node.store.outbox import (
     outbox_rows as _rows,
 )
-from dicom_node.store.queue import backoff_delay
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import Config, DestinationConfig
-from dicom_node.delivery import SendOutcome, register
+from dicom_node.delivery.base import SendOutcome, register
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def stow_url(url: str) -> str:
 
 
 def ssl_context(dest: DestinationConfig) -> ssl.SSLContext:
-    """Client TLS context: system CAs (or ``ca_file``); no verification if ``tls_verify = false``."""
+    """Client TLS context: system CAs (or ``ca_file``); none checked if ``tls_verify = false``."""
     ctx = ssl.create_default_context(cafile=str(dest.ca_file) if dest.ca_file else None)
     if not dest.tls_verify:
         ctx.check_hostname = False
@@ -178,7 +178,9 @@ def outcome_from_response(http_status: int, content_type: str, data: bytes,
                "destination)"
     elif 300 <= http_status < 400:
         hint = " (redirect not followed: set url to the final location)"
-    error = f"{where}: HTTP {http_status}{hint}" + (f": {snippet}" if snippet and not parsed else "")
+    error = f"{where}: HTTP {http_status}{hint}"
+    if snippet and not parsed:
+        error += f": {snippet}"
     return SendOutcome({u: STATUS_UNSPECIFIED_FAILURE for u in sop_uids}, error=error,
                        retryable=http_status not in _PERMANENT)
 

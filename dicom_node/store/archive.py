@@ -74,9 +74,6 @@ class Archive(Index):
                 removed += 1
         if removed:
             log.warning("removed %d temp files left by an interrupted write", removed)
-        from dicom_node.store.resultsets import sweep_temp
-
-        sweep_temp(self.results_dir)
         return self
 
     # ---------------------------------------------------------------- storing

@@ -1,11 +1,12 @@
 """The index database: one schema, one connection helper, per-thread connections.
 
 Every table the node keeps lives in ``node.data_dir/index.sqlite`` and is declared here:
-``patients``, ``studies``, ``series``, ``instances`` (the archive), ``jobs`` (scoring queue) and
-``outbox`` (delivery queue), ``commitment_reports`` (storage commitment answers). Connections use WAL, a busy timeout and ``synchronous=FULL`` so a
-committed row survives power loss and other processes (``dicom-node studies``, ``resend``) wait
-instead of failing. Writes in one process are serialised by one lock and use ``BEGIN IMMEDIATE``.
-Columns are only ever added, so an older index opens unchanged.
+``patients``, ``studies``, ``series``, ``instances`` (the archive), ``jobs`` (scoring queue),
+``outbox`` (delivery queue) and ``commitment_reports`` (storage commitment answers). Connections
+use WAL, a busy timeout and ``synchronous=FULL`` so a committed row survives power loss and
+other processes (``dicom-node studies``, ``resend``) wait instead of failing. Writes in one
+process are serialised by one lock and use ``BEGIN IMMEDIATE``. Columns are only ever added, so
+an older index opens unchanged.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The delivery outbox: one row per result file and destination, a :mod:`~dicom_node.store.queue`.
+"""The delivery outbox: one row per result file and destination, on :mod:`.durable_queue`.
 
 States: ``pending`` (waiting for its next try) -> ``sent`` (the destination stored it) ->
 ``committed`` (the PACS confirmed it keeps it: a storage commitment N-EVENT-REPORT for a DIMSE
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.store.db import Index, rows
-from dicom_node.store.queue import OUTBOX, due, record_failure
+from dicom_node.store.durable_queue import OUTBOX, due, record_failure
 
 PENDING, SENT, COMMITTED, EXPIRED = "pending", "sent", "committed", "expired"
 OUTBOX_STATES = (PENDING, SENT, COMMITTED, EXPIRED)

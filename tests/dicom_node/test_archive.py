@@ -13,7 +13,7 @@ from dicom_node.store.archive import Archive, uid_name
 from dicom_node.store.db import SCHEMA
 from dicom_node.validate import validate
 from inference.durable import write_durable
-from tests.dicom_node.node_data import make_us
+from tests.builders import make_us
 
 
 def _raw_info(ds):

@@ -21,8 +21,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, UltrasoundImageSt
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import echo, store_files
 from dicom_node.store.archive import uid_name
-from tests.conftest import make_config
-from tests.dicom_node.node_data import (
+from tests.builders import (
     make_seg,
     make_tls_files,
     make_us,
@@ -30,6 +29,7 @@ from tests.dicom_node.node_data import (
     write,
     write_study,
 )
+from tests.conftest import make_config
 from tests.dicom_node.node_harness import running_node
 
 pytestmark = pytest.mark.network
@@ -137,6 +137,7 @@ def _quarantine_reasons(archive):
     return [json.loads(p.read_text()) for p in sorted(archive.quarantine_dir.glob("*.json"))]
 
 
+@pytest.mark.lenient_pydicom
 def test_bad_inputs_get_specific_status_and_quarantine(node, tmp_path):
     cfg, archive = node
     cases = []

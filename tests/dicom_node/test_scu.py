@@ -12,8 +12,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 from dicom_node.cli import main
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import plan_contexts, store_files
+from tests.builders import make_seg, make_us, write, write_study
 from tests.conftest import free_port
-from tests.dicom_node.node_data import make_seg, make_us, write, write_study
 
 pytestmark = pytest.mark.network
 

@@ -12,7 +12,7 @@ from dicom_node.config import CompletionConfig
 from dicom_node.store.archive import Archive
 from dicom_node.store.outbox import OutboxItem, add_items
 from dicom_node.validate import validate
-from tests.dicom_node.node_data import make_seg, make_us
+from tests.builders import make_seg, make_us
 from tests.dicom_node.node_harness import write_toml
 
 

@@ -22,14 +22,9 @@ from dicom_node.ops.metrics import exposition
 from dicom_node.scp import start_scp
 from dicom_node.store.archive import Archive
 from dicom_node.store.outbox import outbox_summary, record_sent
+from testing.peers import TEST_CALLERS, OrthancServer, orthanc_binary
 from tests.conftest import free_port, make_config, require_tool
 from tests.dicom_node.test_sender import _results
-from tests.fixtures.orthanc import (
-    OrthancServer,
-    orthanc_binary,
-    start_orthanc,
-    stop_orthanc,
-)
 
 pytestmark = pytest.mark.network
 
@@ -44,23 +39,27 @@ def _wait(cond, timeout: float = 60.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
+def _knows_node(node_port: int) -> dict:
+    """Orthanc config: the node (AE DICOMNODE) as the modality its commitment reports go to."""
+    return {"DicomModalities": {"node": ["DICOMNODE", "127.0.0.1", node_port]}}
+
+
+# the node's AE is registered with its real port instead of the peers' default entry
+CALLERS = tuple(a for a in TEST_CALLERS if a != "DICOMNODE")
+
+
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory,
          ) -> Iterator[tuple[OrthancServer, int]]:
     """Orthanc that knows the node (AE DICOMNODE on ``node_port``) as a modality to report to."""
     require_tool(orthanc_binary() is not None, "Orthanc")
     node_port = free_port()
-    d = tmp_path_factory.mktemp("orthanc-commit")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ORTHANC_MODALITIES", f"NODE=DICOMNODE@{node_port}")
-    try:
-        server = start_orthanc(d, free_port(), free_port())
-    finally:
-        mp.undo()
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-commit"), callers=CALLERS,
+                           extra_config=_knows_node(node_port))
     try:
         yield server, node_port
     finally:
-        stop_orthanc(d)
+        server.stop()
 
 
 def _config(tmp_path: Path, node_port: int, host_port: int, aet: str, **dest) -> Config:
@@ -246,7 +245,7 @@ def test_serve_delivers_by_stowrs_and_committed_cstore(synth_cohort, tiny_model_
         _stop_node,
     )
     from tests.dicom_node.test_delivery_e2e import _wait as wait_node
-    from tests.dicom_node.test_stowrs import DICOMWEB_PLUGIN, _start_orthanc_dicomweb
+    from tests.dicom_node.test_stowrs import DICOMWEB_PLUGIN, start_orthanc_dicomweb
 
     require_tool(Path(STORESCU).exists(), "DCMTK (storescu)")
     require_tool(orthanc_binary() is not None and DICOMWEB_PLUGIN.exists(),
@@ -258,13 +257,8 @@ def test_serve_delivers_by_stowrs_and_committed_cstore(synth_cohort, tiny_model_
                  and {f.get("transfer_syntax") for f in s["files"]} <= PUSHABLE)
     files = [synth_cohort.out_dir / f["path"] for f in study["files"]]
     node_port = free_port()
-    pacs_dir = tmp_path_factory.mktemp("orthanc-both")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ORTHANC_MODALITIES", f"NODE=DICOMNODE@{node_port}")
-    try:
-        pacs = _start_orthanc_dicomweb(pacs_dir)
-    finally:
-        mp.undo()
+    pacs = start_orthanc_dicomweb(tmp_path_factory.mktemp("orthanc-both"), CALLERS,
+                                  _knows_node(node_port))
     secret = tmp_path / "stow.secret"
     secret.write_text(pacs.password + "\n")
     config = tmp_path / "config.toml"
@@ -342,5 +336,5 @@ timeout_seconds = 20
         assert f"committed {len(rows)}" in studies.stdout
     finally:
         _stop_node(node)
-        stop_orthanc(pacs_dir)
+        pacs.stop()
     assert "Traceback" not in log_path.read_text(errors="replace")

@@ -1,19 +1,19 @@
-"""STOW-RS delivery: config per kind, and results reaching a real Orthanc with its DICOMweb plugin."""
+"""STOW-RS delivery: config per kind; results reach a real Orthanc with its DICOMweb plugin."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import socketserver
 import ssl
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,14 +24,9 @@ from dicom_node.errors import ConfigError
 from dicom_node.ops.metrics import exposition
 from dicom_node.store.db import Index
 from dicom_node.store.outbox import outbox_summary
-from tests.conftest import free_port, make_config, require_tool
+from testing.peers import TEST_CALLERS, OrthancServer, orthanc_binary
+from tests.conftest import make_config, require_tool
 from tests.dicom_node.test_sender import _results
-from tests.fixtures.orthanc import (
-    OrthancServer,
-    orthanc_binary,
-    start_orthanc,
-    stop_orthanc,
-)
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -129,46 +124,27 @@ def test_native_dicom_xml_response() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _start_orthanc_dicomweb(d: Path) -> OrthancServer:
-    """The shared loopback script writes the config and builds its bind() shim; we add the
-    DICOMweb plugin to that config and start Orthanc again under the
-    same shim and pid file, so the script's ``stop`` still ends it."""
-    server = start_orthanc(d, free_port(), free_port())
-    stop_orthanc(d)
-    conf = json.loads((d / "orthanc.json").read_text())
-    conf["Plugins"] = [str(DICOMWEB_PLUGIN)]
-    conf["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
-    (d / "orthanc.json").write_text(json.dumps(conf, indent=1))
-    env = {**os.environ, "LD_PRELOAD": str(d / "bind_loopback.so")}
-    with (d / "orthanc.stdout").open("ab") as out:
-        proc = subprocess.Popen(
-            ["setsid", orthanc_binary() or "Orthanc", f"--logfile={d / 'orthanc.log'}",
-             str(d / "orthanc.json")],
-            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    (d / "orthanc.pid").write_text(str(proc.pid))
-    for _ in range(240):
-        try:
-            if "dicom-web" in server.get("/plugins"):
-                return server
-        except (urllib.error.URLError, OSError):
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.25)
-    stop_orthanc(d)
-    raise RuntimeError(f"Orthanc with DICOMweb did not start: see {d / 'orthanc.log'}")
+def start_orthanc_dicomweb(d: Path, callers: Sequence[str] = TEST_CALLERS,
+                           extra: Mapping[str, Any] | None = None) -> OrthancServer:
+    """A loopback Orthanc with its DICOMweb plugin at ``<url>/dicom-web`` (REST basic auth)."""
+    server = OrthancServer(d, callers=callers, extra_config={
+        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **(extra or {})})
+    if "dicom-web" not in server.get_json("/plugins"):
+        server.stop()
+        raise RuntimeError(f"Orthanc did not load {DICOMWEB_PLUGIN}")
+    return server
 
 
 @pytest.fixture(scope="module")
 def dicomweb(tmp_path_factory: pytest.TempPathFactory):
     require_tool(orthanc_binary() is not None and DICOMWEB_PLUGIN.exists(),
                  "Orthanc with its DICOMweb plugin (orthanc-dicomweb)")
-    d = tmp_path_factory.mktemp("orthanc-dicomweb")
-    server = _start_orthanc_dicomweb(d)
+    server = start_orthanc_dicomweb(tmp_path_factory.mktemp("orthanc-dicomweb"))
     try:
         yield server
     finally:
-        stop_orthanc(d)
+        server.stop()
 
 
 def _stow_config(tmp_path: Path, server: OrthancServer, password: str | None):

@@ -11,7 +11,7 @@ import pytest
 from dicom_node.errors import SegmentationError
 from inference.reader import read_study
 from inference.roi import choose_segment, load_segmentation, masks_for_sources, referenced_frames
-from tests.inference.us_builders import (
+from tests.builders import (
     TISSUE, base_us, build, make_cine_seg, make_seg, phantom, region_item, rf_mask, save, set_jpeg,
 )
 
