@@ -283,7 +283,7 @@ class _Relay(socketserver.BaseRequestHandler):
 @pytest.fixture(scope="module")
 def dicomweb_tls(dicomweb: OrthancServer, tmp_path_factory: pytest.TempPathFactory):
     """Orthanc's DICOMweb behind HTTPS with a self-signed certificate for 127.0.0.1."""
-    from tests.dicom_node.node_data import make_tls_files
+    from tests.builders import make_tls_files
 
     cert, key = make_tls_files(tmp_path_factory.mktemp("stow-tls"))
     port = int(dicomweb.url.rsplit(":", 1)[1])
