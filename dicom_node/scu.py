@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -24,7 +25,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, Association, evt
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
@@ -124,7 +126,7 @@ def store_files(
     max_pdu: int = 131072,
     timeout: float = 30.0,
     extra_contexts: Sequence[str] = (),
-    evt_handlers: Sequence[tuple] = (),
+    evt_handlers: Sequence[tuple[Any, ...]] = (),
     before_release: Callable[[Association, list[tuple[str, int]]], None] | None = None,
 ) -> list[tuple[str, int]]:
     """Send objects over ONE association and return ``[(sop_instance_uid, status), ...]``.
