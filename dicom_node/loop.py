@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Self
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+_L = TypeVar("_L", bound="PollingLoop")
 
 
 class PollingLoop:
@@ -35,7 +37,7 @@ class PollingLoop:
         """True once :meth:`stop` was called (a long pass may end early)."""
         return self._stop.is_set()
 
-    def start(self) -> Self:
+    def start(self: _L) -> _L:
         """Start the thread (idempotent)."""
         if self._thread is not None and self._thread.is_alive():
             return self

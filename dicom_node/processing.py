@@ -144,7 +144,8 @@ class ScoringProcessor:
             return self._not_applicable(ctx, exc, ids, key)
         record_pipeline_timings(score.timings_ms)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
-                 "positive" if score.positive else "negative", len(score.images), len(score.skipped))
+                 "positive" if score.positive else "negative", len(score.images),
+                 len(score.skipped))
         for uid, reason in score.skipped:
             log.info("%s: not used %s: %s", ids, uid, reason)
 
@@ -164,7 +165,8 @@ class ScoringProcessor:
 
     def _not_applicable(self, ctx: JobContext, exc: NothingToScoreError, ids: str,
                         key: str) -> ResultSetFolder | None:
-        """Record ``not-applicable: <reason>``; by ``results.not_assessable`` publish an SR saying so."""
+        """Record ``not-applicable: <reason>``; by ``results.not_assessable`` publish an SR
+        saying so."""
         from dicom_node.results import build_not_assessable_sr
         from dicom_node.store import resultsets
 

@@ -102,7 +102,8 @@ def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) ->
         return
     mark_done(archive, job, note=ctx.note, outbox=ctx.outbox)
     record_job("done")
-    log.info("job %s (study %s): done%s", job.id, job.study_uid, f" ({ctx.note})" if ctx.note else "")
+    log.info("job %s (study %s): done%s", job.id, job.study_uid,
+             f" ({ctx.note})" if ctx.note else "")
 
 
 class Worker(PollingLoop):
@@ -118,7 +119,8 @@ class Worker(PollingLoop):
 
     def start(self) -> Worker:
         log.info("worker started (pid %d)", os.getpid())
-        return super().start()
+        super().start()
+        return self
 
     def poll(self) -> bool:
         return run_one(self.archive, self.processor, self.cfg)

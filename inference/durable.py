@@ -45,7 +45,8 @@ def write_durable(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     end with :func:`fsync_dir`.
     """
     makedirs_durable(path.parent)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
+    unique = f"{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.{unique}.tmp"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

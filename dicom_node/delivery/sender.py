@@ -3,7 +3,8 @@
 Results are archived first and queued in the outbox (:mod:`dicom_node.store.outbox`) in the same
 transaction that ends their job. :class:`DeliveryLoop` sends each study's due rows for one
 destination in one :meth:`~dicom_node.delivery.Destination.send` (one association for DIMSE). A
-failed send is retried with :func:`~dicom_node.store.durable_queue.backoff_delay` (exponential, jittered)
+failed send is retried with :func:`~dicom_node.store.durable_queue.backoff_delay` (exponential,
+jittered)
 until ``delivery.retry_horizon_hours`` after the row was created; then the row becomes
 ``expired`` but stays listed by ``dicom-node outbox`` and sendable with ``dicom-node resend``.
 All state lives in the index, so a restarted node carries on where it stopped.
@@ -282,7 +283,8 @@ def resend_command(args: argparse.Namespace, cfg: Config) -> int:
     try:
         targets = make_due(loop.index, item_id, now=now)
         if not targets:
-            print("resend: nothing to send" + (f" (no undelivered item {item_id})" if item_id else ""))
+            which = f" (no undelivered item {item_id})" if item_id else ""
+            print(f"resend: nothing to send{which}")
             return 0 if item_id is None else 1
         counts = loop.run_once(now=now)
     finally:

@@ -78,7 +78,7 @@ class Archive(Index):
 
     # ---------------------------------------------------------------- storing
     def check_disk(self, incoming: int = 0) -> None:
-        """Raise :class:`OutOfResourcesError` if storing ``incoming`` bytes would dip into the reserve."""
+        """Raise :class:`OutOfResourcesError` if ``incoming`` bytes would dip into the reserve."""
         if self.disk_reserve_bytes <= 0:
             return
         free = shutil.disk_usage(self.data_dir).free
@@ -112,7 +112,8 @@ class Archive(Index):
         now = time.time()
         kind: StoreKind = "replaced" if old else "stored"
         with self.transaction() as conn:
-            reopened = self._index(conn, info, rel, digest, len(raw), calling_aet, transfer_syntax, now)
+            reopened = self._index(conn, info, rel, digest, len(raw), calling_aet,
+                                   transfer_syntax, now)
         if old and old[0]["path"] != str(rel):
             (self.data_dir / old[0]["path"]).unlink(missing_ok=True)
         if kind == "replaced":
@@ -127,7 +128,8 @@ class Archive(Index):
             "ON CONFLICT(patient_id) DO UPDATE SET last_seen = excluded.last_seen",
             (info.patient_id, now, now),
         )
-        row = conn.execute("SELECT state FROM studies WHERE study_uid = ?", (info.study_uid,)).fetchone()
+        row = conn.execute("SELECT state FROM studies WHERE study_uid = ?",
+                           (info.study_uid,)).fetchone()
         reopened = False
         if row is None:
             conn.execute(
@@ -137,7 +139,8 @@ class Archive(Index):
                 (info.study_uid, info.patient_id, now, now, now),
             )
         elif row[0] == "receiving":
-            conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?", (now, info.study_uid))
+            conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
+                         (now, info.study_uid))
         else:
             reopened = True
             conn.execute(
@@ -146,23 +149,27 @@ class Archive(Index):
                 "note = 're-opened by a new instance after state ' || state WHERE study_uid = ?",
                 (now, now, info.study_uid),
             )
-            # a job not yet started would score an incomplete view; the next completion queues a new one
+            # a job not yet started would score an incomplete view; the next completion queues
+            # a new one
             conn.execute(
                 "UPDATE jobs SET state = 'done', last_error = 'superseded: study re-opened before "
                 "the job ran', updated_at = ? WHERE study_uid = ? AND state = 'queued'",
                 (now, info.study_uid),
             )
-            log.info("study %s: re-opened (was %s) by instance %s", info.study_uid, row[0], info.sop_uid)
+            log.info("study %s: re-opened (was %s) by instance %s", info.study_uid, row[0],
+                     info.sop_uid)
         conn.execute(
             "INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, series_number) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
             "study_uid = excluded.study_uid, modality = excluded.modality, "
             "sop_class_uid = excluded.sop_class_uid, series_number = excluded.series_number",
-            (info.series_uid, info.study_uid, info.modality, info.sop_class_uid, info.series_number),
+            (info.series_uid, info.study_uid, info.modality, info.sop_class_uid,
+             info.series_number),
         )
         conn.execute(
             "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, "
-            "modality, path, sha256, size, transfer_syntax, calling_aet, received_at, manufacturer, "
+            "modality, path, sha256, size, transfer_syntax, calling_aet, received_at, "
+            "manufacturer, "
             "model_name, rows, columns, frames, photometric, referenced_sop_uids) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -203,7 +210,8 @@ class Archive(Index):
     def study_paths(self, study_uid: str) -> list[Path]:
         """Absolute paths of a study's instances, in arrival order."""
         rows = self.query(
-            "SELECT path FROM instances WHERE study_uid = ? ORDER BY received_at, sop_uid", (study_uid,)
+            "SELECT path FROM instances WHERE study_uid = ? ORDER BY received_at, sop_uid",
+            (study_uid,),
         )
         return [self.data_dir / r["path"] for r in rows]
 

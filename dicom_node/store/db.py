@@ -99,7 +99,8 @@ _INDEXES = (
 
 def open_db(db_path: Path) -> sqlite_utils.Database:
     """A connection in autocommit mode (transactions are explicit), WAL and a busy timeout."""
-    conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None,
+                           check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
@@ -169,15 +170,17 @@ class Index:
                 raise
             conn.execute("COMMIT")
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+    def query(self, sql: str,
+              params: tuple[Any, ...] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         """Rows as dicts (read-only helper)."""
         cur = self.db().conn.execute(sql, params)
         names = [c[0] for c in cur.description or ()]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def rows(conn: sqlite3.Connection, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
+def rows(conn: sqlite3.Connection, sql: str,
+         params: tuple[Any, ...] | list[Any] = ()) -> list[dict[str, Any]]:
     """Rows of a query on an open connection, as dicts."""
     cur = conn.execute(sql, params)
     names = [c[0] for c in cur.description or ()]
-    return [dict(zip(names, r)) for r in cur.fetchall()]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

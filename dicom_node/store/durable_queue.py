@@ -39,10 +39,10 @@ def backoff_delay(attempts: int, initial: float, maximum: float = math.inf, jitt
     ``[1 - jitter, 1 + jitter]`` so that many rows failing together (a PACS outage) do not all
     come back at the same instant.
     """
-    base = min(initial * 2 ** max(attempts - 1, 0), maximum)
+    base = float(min(initial * 2 ** max(attempts - 1, 0), maximum))
     if jitter <= 0:
         return base
-    return base * (rng or random).uniform(1.0 - jitter, 1.0 + jitter)
+    return base * float((rng or random).uniform(1.0 - jitter, 1.0 + jitter))
 
 
 def record_failure(conn: sqlite3.Connection, spec: QueueSpec, row_id: int, *, attempts: int,
@@ -57,7 +57,7 @@ def record_failure(conn: sqlite3.Connection, spec: QueueSpec, row_id: int, *, at
         True if the row will be retried.
     """
     extra = ", worker_pid = NULL, updated_at = ?" if spec is JOBS else ""
-    extra_params: tuple = (now,) if spec is JOBS else ()
+    extra_params: tuple[float, ...] = (now,) if spec is JOBS else ()
     if retry_at is None:
         conn.execute(
             f"UPDATE {spec.table} SET state = ?, attempts = ?, last_error = ?{extra} WHERE id = ?",
@@ -80,4 +80,4 @@ def due(conn: sqlite3.Connection, spec: QueueSpec, now: float,
         (spec.ready, now),
     )
     names = [c[0] for c in cur.description or ()]
-    return [dict(zip(names, r)) for r in cur.fetchall()]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

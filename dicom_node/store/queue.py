@@ -95,10 +95,12 @@ def mark_done(index: Index, job: Job, *, note: str = "",
     now = time.time()
     with index.transaction() as conn:
         add_items(conn, outbox, now=now)
-        conn.execute("UPDATE jobs SET state = 'done', last_error = NULL, updated_at = ? WHERE id = ?",
+        conn.execute("UPDATE jobs SET state = 'done', last_error = NULL, updated_at = ? "
+                     "WHERE id = ?",
                      (now, job.id))
         conn.execute(
-            "UPDATE studies SET state = 'scored', note = ? WHERE study_uid = ? AND state = 'scoring'",
+            "UPDATE studies SET state = 'scored', note = ? WHERE study_uid = ? "
+            "AND state = 'scoring'",
             (note, job.study_uid),
         )
 

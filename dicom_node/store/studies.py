@@ -1,4 +1,4 @@
-"""Named queries on studies: what completion reads and decides, what ``dicom-node studies`` shows."""
+"""Named queries on studies: what completion reads and decides, what ``studies`` shows."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def completion_instances(index: Index, study_uid: str) -> list[dict[str, Any]]:
 
 def apply_decision(index: Index, study_uid: str, *, state: str, reason: str, missing_seg: bool,
                    note: str, seen_last_received: float, now: float,
-                   job_payload: dict[str, Any] | None, max_attempts: int) -> tuple[bool, int | None]:
+                   job_payload: dict[str, Any] | None,
+                   max_attempts: int) -> tuple[bool, int | None]:
     """Move a receiving study to ``state`` and queue its job, in one transaction.
 
     Nothing happens if an instance arrived since ``seen_last_received`` (not quiet after all).
@@ -53,8 +54,10 @@ def study_table(index: Index) -> list[dict[str, Any]]:
     studies = index.query(
         "SELECT s.*, "
         "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid) AS instances, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'US') AS us, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'SEG') AS seg "
+        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid "
+        "AND i.modality = 'US') AS us, "
+        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid "
+        "AND i.modality = 'SEG') AS seg "
         "FROM studies s ORDER BY s.first_received"
     )
     jobs = index.query(
@@ -72,8 +75,9 @@ def study_table(index: Index) -> list[dict[str, Any]]:
             "first_received": s["first_received"], "last_received": s["last_received"],
             "completion_reason": s["completion_reason"], "missing_seg": bool(s["missing_seg"]),
             "reopen_count": s["reopen_count"], "note": s["note"] or "",
-            "job": None if j is None else {"id": j["id"], "state": j["state"],
-                                           "attempts": j["attempts"], "last_error": j["last_error"]},
+            "job": None if j is None else {
+                "id": j["id"], "state": j["state"], "attempts": j["attempts"],
+                "last_error": j["last_error"]},
             "delivery": outbox.get(s["study_uid"], {}),
         })
     return out

@@ -34,7 +34,8 @@ def archive(tmp_path):
 def test_store_layout_hash_and_contract_columns(archive):
     ds = make_us(patient_id="PX")
     raw, info = _raw_info(ds)
-    out = archive.store(raw, info, calling_aet="MOD", transfer_syntax=ds.file_meta.TransferSyntaxUID)
+    out = archive.store(raw, info, calling_aet="MOD",
+                        transfer_syntax=ds.file_meta.TransferSyntaxUID)
     assert out.kind == "stored"
     expected = (archive.archive_dir / uid_name(ds.StudyInstanceUID) / uid_name(ds.SeriesInstanceUID)
                 / f"{uid_name(ds.SOPInstanceUID)}.dcm")

@@ -47,7 +47,8 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path):
         "scoring": {"enabled": False},
     }, tmp_path / "config.toml")
     log = tmp_path / "serve.log"
-    studies = [write_study(tmp_path / f"s{i}", 80, patient_id=f"P{i}", seed=1000 * i) for i in range(3)]
+    studies = [write_study(tmp_path / f"s{i}", 80, patient_id=f"P{i}", seed=1000 * i)
+               for i in range(3)]
     db = data / "index.sqlite"
 
     node = ServeProcess(config, port, log).start()
@@ -118,7 +119,8 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path):
 STORESCP = "/usr/bin/storescp"
 # log lines of one job's way from scoring to the PACS, in order; a kill is aimed at a random
 # moment shortly after one of them
-MARKERS = (": scoring ", "results archived", "file(s) to queue", "): done", "result(s) delivered to")
+MARKERS = (": scoring ", "results archived", "file(s) to queue", "): done",
+           "result(s) delivered to")
 
 
 def _pacs_srs(pacs_dir: Path) -> dict[str, set[str]]:

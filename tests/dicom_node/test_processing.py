@@ -83,7 +83,8 @@ def test_processor_scores_archives_queues_and_notes(tiny_model_dir, synth_cohort
         outbox = archive.query("SELECT id, destination, state, path, sop_uid FROM outbox "
                                "WHERE study_uid = ?", (uid,))
         assert len(outbox) == len(written)
-        assert {r["destination"] for r in outbox} == {"pacs"} and {r["state"] for r in outbox} == {"pending"}
+        assert {r["destination"] for r in outbox} == {"pacs"}
+        assert {r["state"] for r in outbox} == {"pending"}
         assert all((cfg.node.data_dir / r["path"]).is_file() for r in outbox)
 
         # the same study version again (a crash before the job was marked done, or a re-run):
@@ -106,7 +107,8 @@ def test_processor_scores_archives_queues_and_notes(tiny_model_dir, synth_cohort
         srs = _sr_files(results)
         assert len(srs) == 2
         sr2 = dcmread(next(p for p in srs if dcmread(p).SOPInstanceUID != sr1.SOPInstanceUID))
-        ref = sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        series_ref = sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        ref = series_ref.ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == sr1.SOPInstanceUID
         assert find_predecessor(cfg.node.results_dir, uid).SOPInstanceUID == sr2.SOPInstanceUID
         new_set = set(results.glob("*/*.dcm")) - set(written)
@@ -117,7 +119,8 @@ def test_processor_scores_archives_queues_and_notes(tiny_model_dir, synth_cohort
         archive.close()
 
 
-def test_unusable_study_fails_the_job_with_the_reasons(tiny_model_dir, synth_cohort, tmp_path) -> None:
+def test_unusable_study_fails_the_job_with_the_reasons(tiny_model_dir, synth_cohort,
+                                                       tmp_path) -> None:
     cfg = _config(tmp_path, tiny_model_dir)
     archive = Archive(cfg.node.data_dir).init()
     try:

@@ -38,7 +38,8 @@ def _study(archive: Archive, uid: str, state: str = "complete") -> None:
     with archive.transaction() as conn:
         conn.execute(
             "INSERT INTO studies (study_uid, patient_id, state, first_received, last_received, "
-            "receiving_since, missing_seg, reopen_count, note) VALUES (?, 'P', ?, 0, 0, 0, 0, 0, '')",
+            "receiving_since, missing_seg, reopen_count, note) "
+            "VALUES (?, 'P', ?, 0, 0, 0, 0, 0, '')",
             (uid, state),
         )
 
@@ -74,7 +75,8 @@ def test_claims_from_two_processes_never_overlap(archive, tmp_path):
     for i in range(30):
         _job(archive, f"2.{i}")
     code = (
-        "import sys; from dicom_node.store.archive import Archive; from dicom_node.store.queue import claim\n"
+        "import sys; from dicom_node.store.archive import Archive\n"
+        "from dicom_node.store.queue import claim\n"
         "a = Archive(sys.argv[1]).init(); ids = []\n"
         "while (j := claim(a)) is not None: ids.append(j.id)\n"
         "print(' '.join(map(str, ids)))"
@@ -145,7 +147,8 @@ def test_worker_survives_failing_processor_and_passes_context(archive, tmp_path)
     finally:
         worker.stop()
     assert states == {"5.bad": "failed", "5.good": "done"}
-    assert archive.study("5.good")["state"] == "scored" and archive.study("5.good")["note"] == "scored ok"
+    good_row = archive.study("5.good")
+    assert good_row["state"] == "scored" and good_row["note"] == "scored ok"
     bad = archive.study("5.bad")
     assert bad["state"] == "failed" and "model exploded" in bad["note"]
     assert [c.attempt for c in seen if c.study_uid == "5.bad"] == [1, 2]

@@ -21,7 +21,8 @@ def _put(archive, ds):
     ds.save_as(buf, enforce_file_format=True)
     info = validate(ds, affected_sop_class=ds.SOPClassUID, affected_sop_instance=ds.SOPInstanceUID,
                     transfer_syntax=ds.file_meta.TransferSyntaxUID)
-    archive.store(buf.getvalue(), info, calling_aet="T", transfer_syntax=ds.file_meta.TransferSyntaxUID)
+    archive.store(buf.getvalue(), info, calling_aet="T",
+                  transfer_syntax=ds.file_meta.TransferSyntaxUID)
 
 
 def test_studies_json_and_table(tmp_path, capsys):
@@ -43,7 +44,8 @@ def test_studies_json_and_table(tmp_path, capsys):
     assert main(["studies", "--config", str(config), "--json"]) == 0
     rows = {r["study_uid"]: r for r in json.loads(capsys.readouterr().out)}
     a, b = rows[us.StudyInstanceUID], rows[other.StudyInstanceUID]
-    assert (a["state"], a["instances"], a["us"], a["seg"], a["missing_seg"]) == ("complete", 2, 1, 1, False)
+    assert (a["state"], a["instances"], a["us"], a["seg"], a["missing_seg"]) == (
+        "complete", 2, 1, 1, False)
     assert a["job"]["state"] == "queued" and a["patient_id"] == "PID1"
     assert b["state"] == "receiving" and b["job"] is None  # waits for its SEG
     assert a["delivery"] == {}  # nothing queued for delivery yet
