@@ -92,6 +92,9 @@ class NodeConfig:
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 60.0
     max_associations: int = 16
+    max_decoded_mb: int = 512
+    pending_timeout_seconds: float = 5.0
+    max_connections_per_peer: int = 8
     log_level: str = "INFO"
     tls: TLSConfig = field(default_factory=TLSConfig)
 
@@ -336,6 +339,10 @@ def _validate(cfg: Config) -> Config:
         _check_positive(getattr(node, k), f"node.{k}")
     if node.max_associations < 1:
         raise ConfigError("node.max_associations", "must be >= 1")
+    _check_positive(node.max_decoded_mb, "node.max_decoded_mb")
+    _check_positive(node.pending_timeout_seconds, "node.pending_timeout_seconds")
+    if node.max_connections_per_peer < 1:
+        raise ConfigError("node.max_connections_per_peer", "must be >= 1")
     if node.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("node.log_level", f"{node.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
     if not callers and not node.allow_any_calling_aet:
