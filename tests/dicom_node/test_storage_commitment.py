@@ -338,3 +338,24 @@ timeout_seconds = 20
         _stop_node(node)
         pacs.stop()
     assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+def test_pacs_without_storage_commitment_is_not_counted_delivered(tmp_path: Path) -> None:
+    """storage_commitment = true but the peer does not accept the Push Model context: the
+    stored instances stay pending with that reason instead of passing as delivered."""
+    ae = AE(ae_title="NOCOMMIT")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+    try:
+        cfg = _config(tmp_path, free_port(), port, "NOCOMMIT")
+        score, _, paths = _results(cfg)
+        S.enqueue(cfg.node.db_path, score.study_instance_uid, paths, ["pacs"])
+        counts = S.DeliveryLoop(cfg).run_once()
+    finally:
+        server.shutdown()
+    assert counts == {"sent": 0, "failed": 3, "expired": 0}
+    rows = S.outbox_rows(cfg.node.db_path)
+    assert len(rows) == 3
+    assert all("did not accept Storage Commitment" in r["last_error"] for r in rows)
