@@ -138,6 +138,10 @@ class WorkerConfig:
     max_attempts: int = 3
     retry_base_seconds: float = 30.0
     poll_seconds: float = 1.0
+    processes: int = 1
+    max_memory_mb: int = 3072
+    max_rss_mb: int = 0
+    job_timeout_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -359,6 +363,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("completion.max_wait_seconds", "must be >= completion.idle_seconds")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("worker.max_attempts", "must be >= 1")
+    if cfg.worker.processes < 1:
+        raise ConfigError("worker.processes", "must be >= 1")
+    for key in ("max_memory_mb", "max_rss_mb", "job_timeout_seconds"):
+        if getattr(cfg.worker, key) < 0:
+            raise ConfigError(f"worker.{key}", "must be >= 0 (0 = no limit)")
     s = cfg.scoring
     if s.enabled and s.model_dir is None:
         raise ConfigError(

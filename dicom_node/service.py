@@ -18,7 +18,8 @@ from typing import Any
 
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
-from dicom_node.ops.http import model_check, start_status_server
+from dicom_node.flow.supervisor import Supervisor
+from dicom_node.ops.http import start_status_server
 from dicom_node.ops.status import human_time
 from dicom_node.scp import start_scp
 from dicom_node.store.archive import Archive
@@ -44,12 +45,9 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
     archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
     sweep_temp(cfg.node.results_dir)  # result sets a crash left unpublished
-    # due at once (a node restart is rarely the job's fault), but counted: a job that keeps
-    # killing the process ends failed after worker.max_attempts
-    n = requeue_orphans(archive)
+    n = requeue_orphans(archive, retry_base_seconds=cfg.worker.retry_base_seconds)
     if n:
-        log.warning("%d job(s) were left running by a previous process (counted as a failed "
-                    "attempt each)", n)
+        log.warning("%d job(s) left running by a previous process counted as failed attempts", n)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -59,17 +57,25 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    worker: Worker | None = None
+    worker: Worker | Supervisor | None = None
     delivery = None
     if cfg.worker.enabled:
-        worker = Worker(archive, _processor(cfg), cfg.worker)
+        processor = _processor(cfg)  # the whole model check runs now: a broken one stops serve
+        if cfg.scoring.enabled:
+            # scoring decodes untrusted pixel data: supervised processes do it, never this one
+            del processor
+            worker = Supervisor(archive, cfg)
+        else:
+            worker = Worker(archive, processor, cfg.worker)
     if cfg.scoring.enabled and cfg.destinations:
         # another module's loop; import only if used
         from dicom_node.delivery.sender import DeliveryLoop
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
-    status_server = start_status_server(cfg, model_check(worker.processor) if worker else None)
+    # ready once a scoring process has its model loaded (archive-only: nothing to wait for)
+    status_server = start_status_server(
+        cfg, worker.ready_check if isinstance(worker, Supervisor) else None)
     server = start_scp(cfg.node, archive)
     monitor.start()
     if worker is not None:
