@@ -2,15 +2,14 @@
 
 A destination takes result files and says what became of each (:class:`SendOutcome`). The
 implementation is chosen by ``kind`` in ``[[destinations]]``: ``"dimse"`` (C-STORE,
-:mod:`dicom_node.delivery.dimse`) today; a DICOMweb STOW-RS class registers under ``"stowrs"``
-the same way. The outbox, retries and the loop (:mod:`dicom_node.delivery.sender`) are shared by
-every kind.
+:mod:`dicom_node.delivery.dimse`) or ``"stowrs"`` (DICOMweb, :mod:`dicom_node.delivery.stowrs`).
+The outbox, retries and the loop (:mod:`dicom_node.delivery.sender`) are shared by every kind.
 """
 
 from __future__ import annotations
 
 from dicom_node.config import Config, DestinationConfig
-from dicom_node.delivery import dimse  # noqa: F401 - registers kind "dimse"
+from dicom_node.delivery import dimse, stowrs  # noqa: F401 - register kinds "dimse", "stowrs"
 from dicom_node.delivery.base import (
     KINDS,
     Destination,

@@ -26,12 +26,16 @@ class SendOutcome:
         retryable: False when sending the same files again cannot succeed.
         transaction_uid: set by a destination that asked for storage commitment; the stored rows
             wait for its confirmation before they count as ``committed``.
+        committed: SOP Instance UIDs whose safekeeping the destination's answer itself confirmed
+            (listed one by one in a STOW-RS response, or a storage commitment report on the
+            sending association); those rows are ``committed`` at once.
     """
 
     statuses: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     retryable: bool = True
     transaction_uid: str | None = None
+    committed: frozenset[str] = frozenset()
 
     def stored(self, sop_uid: str) -> bool:
         """True if the destination stored this instance."""

@@ -34,13 +34,17 @@ from dicom_node.store.db import Index
 from dicom_node.store.durable_queue import backoff_delay
 from dicom_node.store.outbox import (
     ANY_DESTINATION,
+    COMMITTED,
     EXPIRED,
     PENDING,
+    SENT,
     OutboxItem,
     add_items,
+    apply_commitment_reports,
     due_items,
     expand_any,
     make_due,
+    overdue_commitments,
     record_failed,
     record_sent,
 )
@@ -134,6 +138,7 @@ class DeliveryLoop(PollingLoop):
         now = time.time() if now is None else now
         counts = {"sent": 0, "failed": 0, "expired": 0}
         expand_any(self.index, list(self.destinations))
+        self._commitments(now)
         groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for row in due_items(self.index, now):
             groups[(row["study_uid"], row["destination"])].append(row)
@@ -170,7 +175,8 @@ class DeliveryLoop(PollingLoop):
             outcome = SendOutcome({}, error=f"{type(exc).__name__}: {exc}")
         now = time.time()
         sent = [r for r, _ in present if outcome.stored(r["sop_uid"])]
-        record_sent(self.index, sent, now=now, transaction_uid=outcome.transaction_uid)
+        record_sent(self.index, sent, now=now, transaction_uid=outcome.transaction_uid,
+                    committed=outcome.committed)
         counts["sent"] += len(sent)
         record_send(dest_name, [r for r, _ in present], sent, t_send)
         failed = [r for r, _ in present if not outcome.stored(r["sop_uid"])]
@@ -181,6 +187,30 @@ class DeliveryLoop(PollingLoop):
         log.info("study %s: %d/%d result(s) delivered to %s%s", study_uid, len(sent), len(rows),
                  dest_name, f" ({outcome.error})" if outcome.error else "")
         return counts
+
+    def _commitments(self, now: float) -> None:
+        """Apply storage commitment reports; re-send rows whose report is overdue."""
+        horizon = self.cfg.delivery.retry_horizon_hours * 3600.0
+
+        def delay(attempts: int) -> float:
+            return retry_delay(attempts, self.cfg.delivery, self._rng)
+
+        got = apply_commitment_reports(self.index, now=now, horizon_seconds=horizon, delay=delay)
+        if got["failed"] or got["expired"]:
+            log.warning("storage commitment refused for %d item(s) (%d will be sent again)",
+                        got["failed"] + got["expired"], got["failed"])
+        if got["committed"]:
+            log.info("storage commitment confirmed %d item(s)", got["committed"])
+        if got["unknown"]:
+            log.warning("%d storage commitment report(s) matched no item waiting for one "
+                        "(late, after a re-send, or not for this node)", got["unknown"])
+        timeouts = {d.name: d.storage_commitment_timeout_seconds for d in self.cfg.destinations
+                    if d.storage_commitment}
+        late = overdue_commitments(self.index, timeouts, now=now, horizon_seconds=horizon,
+                                   delay=delay)
+        if late["failed"] or late["expired"]:
+            log.warning("%d item(s) got no storage commitment report in time (%d will be sent "
+                        "again)", late["failed"] + late["expired"], late["failed"])
 
     def _failed(self, rows: list[dict[str, Any]], why: str,
                 counts: dict[str, int]) -> dict[str, int]:
@@ -208,24 +238,41 @@ def _fmt_time(t: float | None) -> str:
 
 
 def outbox_command(args: argparse.Namespace | None, cfg: Config) -> int:
-    """``dicom-node outbox``: results not delivered yet (pending or expired) and why."""
-    rows = outbox_rows(cfg.node.db_path)
+    """``dicom-node outbox``: results not delivered yet (pending or expired) and why, results
+    stored but still waiting for a storage commitment report, and how many are done."""
+    rows = [r for r in outbox_rows(cfg.node.db_path, (PENDING, EXPIRED, SENT))
+            if r["state"] != SENT or r["transaction_uid"]]
     if getattr(args, "json", False):  # machine times: epoch seconds as stored
         print(json.dumps(rows, indent=2))
         return 0
+    done = _delivered_counts(cfg)
+    tail = f"; delivered: {done[SENT]} sent, {done[COMMITTED]} committed"
     if not rows:
-        print("outbox: nothing waiting (every queued result was delivered)")
+        print("outbox: nothing waiting (every queued result was delivered)" + tail)
         return 0
     print(f"{'id':>5} {'state':8} {'dest':10} {'tries':>5} {'next try':25}  study / error")
     for r in rows:
         nxt = _fmt_time(r["next_attempt_at"]) if r["state"] == PENDING else "-"
         print(f"{r['id']:>5} {r['state']:8} {r['destination'][:10]:10} {r['attempts']:>5} "
               f"{nxt:25}  {r['study_uid']}")
-        if r["last_error"]:
+        if r["state"] == SENT:
+            print(f"{'':>5} stored {_fmt_time(r['sent_at'])}, waiting for storage commitment "
+                  f"{r['transaction_uid']}")
+        elif r["last_error"]:
             print(f"{'':>5} last error: {r['last_error']}")
     n_exp = sum(r["state"] == EXPIRED for r in rows)
-    print(f"outbox: {len(rows) - n_exp} pending, {n_exp} expired (dicom-node resend retries now)")
+    n_wait = sum(r["state"] == SENT for r in rows)
+    print(f"outbox: {len(rows) - n_exp - n_wait} pending, {n_exp} expired (dicom-node resend "
+          f"retries now), {n_wait} waiting for commitment{tail}")
     return 0
+
+
+def _delivered_counts(cfg: Config) -> dict[str, int]:
+    """Rows in ``sent`` (stored, no commitment asked or still waiting) and ``committed``."""
+    got = {SENT: 0, COMMITTED: 0}
+    for r in outbox_rows(cfg.node.db_path, (SENT, COMMITTED)):
+        got[r["state"]] += 1
+    return got
 
 
 def resend_command(args: argparse.Namespace, cfg: Config) -> int:

@@ -1,11 +1,12 @@
 """The index database: one schema, one connection helper, per-thread connections.
 
 Every table the node keeps lives in ``node.data_dir/index.sqlite`` and is declared here:
-``patients``, ``studies``, ``series``, ``instances`` (the archive), ``jobs`` (scoring queue) and
-``outbox`` (delivery queue). Connections use WAL, a busy timeout and ``synchronous=FULL`` so a
-committed row survives power loss and other processes (``dicom-node studies``, ``resend``) wait
-instead of failing. Writes in one process are serialised by one lock and use ``BEGIN IMMEDIATE``.
-Columns are only ever added, so an older index opens unchanged.
+``patients``, ``studies``, ``series``, ``instances`` (the archive), ``jobs`` (scoring queue),
+``outbox`` (delivery queue) and ``commitment_reports`` (storage commitment answers). Connections
+use WAL, a busy timeout and ``synchronous=FULL`` so a committed row survives power loss and
+other processes (``dicom-node studies``, ``resend``) wait instead of failing. Writes in one
+process are serialised by one lock and use ``BEGIN IMMEDIATE``. Columns are only ever added, so
+an older index opens unchanged.
 """
 
 from __future__ import annotations
@@ -69,11 +70,18 @@ SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
         },
         "id",
     ),
+    # storage commitment N-EVENT-REPORTs as received (the delivery loop applies them to outbox)
+    "commitment_reports": (
+        {"id": int, "transaction_uid": str, "calling_aet": str, "received_at": float,
+         "committed": str, "failed": str, "applied_at": float},
+        "id",
+    ),
 }
 _NOT_NULL: dict[str, set[str]] = {
     "patients": {"patient_id"}, "studies": {"study_uid"}, "series": {"series_uid"},
     "instances": {"sop_uid"}, "jobs": set(),
     "outbox": {"study_uid", "destination", "path", "state"},
+    "commitment_reports": {"transaction_uid"},
 }
 _INDEXES = (
     ("instances", ["study_uid"]),
@@ -84,6 +92,8 @@ _INDEXES = (
     ("outbox", ["state", "next_attempt_at"]),
     ("outbox", ["study_uid"]),
     ("outbox", ["sop_uid", "destination"]),
+    ("outbox", ["transaction_uid"]),
+    ("commitment_reports", ["applied_at"]),
 )
 
 

@@ -1,7 +1,10 @@
 """The delivery outbox: one row per result file and destination, on :mod:`.durable_queue`.
 
 States: ``pending`` (waiting for its next try) -> ``sent`` (the destination stored it) ->
-``committed`` (storage commitment confirmed it; only for destinations that ask for it);
+``committed`` (the PACS confirmed it keeps it: a storage commitment N-EVENT-REPORT for a DIMSE
+destination with ``storage_commitment = true``, or the per-instance success a STOW-RS response
+lists). A ``sent`` row waiting on a commitment transaction that is refused or not answered within
+``storage_commitment_timeout_seconds`` goes back to ``pending`` and is sent again;
 ``expired`` once ``delivery.retry_horizon_hours`` passed without success (kept, listed by
 ``dicom-node outbox``, sendable again with ``dicom-node resend``). ``destination = "*"`` means
 "every configured destination" and is expanded by the delivery loop. Paths are relative to
@@ -11,10 +14,11 @@ job whose results exist) is a no-op.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,15 +85,118 @@ def due_items(index: Index, now: float) -> list[dict[str, Any]]:
 
 
 def record_sent(index: Index, sent: Sequence[dict[str, Any]], *, now: float,
-                transaction_uid: str | None = None) -> None:
-    """Rows the destination stored (attempt counted); a commitment transaction if one was asked."""
+                transaction_uid: str | None = None,
+                committed: Collection[str] = ()) -> None:
+    """Rows the destination stored (attempt counted).
+
+    Args:
+        transaction_uid: the storage commitment transaction the rows now wait on (``sent``
+            until :func:`apply_commitment_reports` sees the PACS's answer).
+        committed: SOP Instance UIDs already confirmed (a STOW-RS ``ReferencedSOPSequence``, or
+            an N-EVENT-REPORT that came on the sending association): ``committed`` at once.
+    """
     with index.transaction() as conn:
         for r in sent:
+            done = r["sop_uid"] in committed
             conn.execute(
                 "UPDATE outbox SET state = ?, sent_at = ?, last_error = '', attempts = ?, "
-                "transaction_uid = ? WHERE id = ?",
-                (SENT, now, int(r["attempts"] or 0) + 1, transaction_uid, r["id"]),
+                "transaction_uid = ?, committed_at = ? WHERE id = ?",
+                (COMMITTED if done else SENT, now, int(r["attempts"] or 0) + 1, transaction_uid,
+                 now if done else None, r["id"]),
             )
+
+
+# ------------------------------------------------------------------------------------------
+# Storage commitment
+# ------------------------------------------------------------------------------------------
+
+
+def save_commitment_report(index: Index, transaction_uid: str, committed: Sequence[str],
+                           failed: Mapping[str, int], *, calling_aet: str = "",
+                           now: float | None = None) -> int:
+    """Keep one N-EVENT-REPORT durably (the listener or the sending association received it).
+
+    Applying it is left to the delivery loop (:func:`apply_commitment_reports`), so a report
+    that arrives before the sender wrote the transaction UID on its rows is not lost.
+    """
+    now = time.time() if now is None else now
+    with index.transaction() as conn:
+        cur = conn.execute(
+            "INSERT INTO commitment_reports (transaction_uid, calling_aet, received_at, committed, "
+            "failed, applied_at) VALUES (?, ?, ?, ?, ?, NULL)",
+            (transaction_uid, calling_aet, now, json.dumps(list(committed)),
+             json.dumps({k: int(v) for k, v in failed.items()})),
+        )
+    return int(cur.lastrowid or 0)
+
+
+def _uncommit(conn: sqlite3.Connection, r: dict[str, Any], why: str, *, now: float,
+              horizon_seconds: float, delay: Callable[[int], float]) -> bool:
+    """A ``sent`` row the PACS did not commit: pending again after backoff, or ``expired``.
+
+    The attempt was already counted when it was sent. Returns True if it will be retried.
+    """
+    attempts = int(r["attempts"] or 0)
+    deadline = float(r["created_at"]) + horizon_seconds
+    retry_at = None if now >= deadline else min(now + delay(attempts), deadline)
+    retried = record_failure(conn, OUTBOX, r["id"], attempts=attempts, error=why,
+                             retry_at=retry_at, now=now)
+    conn.execute("UPDATE outbox SET transaction_uid = NULL WHERE id = ?", (r["id"],))
+    return retried
+
+
+def apply_commitment_reports(index: Index, *, now: float, horizon_seconds: float,
+                             delay: Callable[[int], float]) -> dict[str, int]:
+    """Apply every unapplied report to the ``sent`` rows of its transaction.
+
+    Committed instances become ``committed``; failed ones go back to ``pending`` (backoff) with
+    the PACS's failure reason, or ``expired`` past the horizon. Instances a report does not name
+    stay ``sent`` until :func:`overdue_commitments` gives up on them.
+    """
+    counts = {"committed": 0, "failed": 0, "expired": 0, "unknown": 0}
+    with index.transaction() as conn:
+        for rep in rows(conn, "SELECT * FROM commitment_reports WHERE applied_at IS NULL "
+                              "ORDER BY id"):
+            waiting = {r["sop_uid"]: r for r in rows(
+                conn, "SELECT * FROM outbox WHERE transaction_uid = ? AND state = ?",
+                (rep["transaction_uid"], SENT))}
+            if not waiting:
+                counts["unknown"] += 1
+            for uid in json.loads(rep["committed"] or "[]"):
+                for r in [waiting.pop(uid)] if uid in waiting else []:
+                    conn.execute("UPDATE outbox SET state = ?, committed_at = ? WHERE id = ?",
+                                 (COMMITTED, now, r["id"]))
+                    counts["committed"] += 1
+            for uid, reason in json.loads(rep["failed"] or "{}").items():
+                if uid in waiting:
+                    why = (f"storage commitment refused by {rep['calling_aet'] or 'the PACS'}: "
+                           f"failure reason 0x{int(reason):04X}")
+                    retried = _uncommit(conn, waiting.pop(uid), why, now=now,
+                                        horizon_seconds=horizon_seconds, delay=delay)
+                    counts["failed" if retried else "expired"] += 1
+            conn.execute("UPDATE commitment_reports SET applied_at = ? WHERE id = ?",
+                         (now, rep["id"]))
+        # applied reports are only an audit trail: kept as long as an item may be retried
+        conn.execute("DELETE FROM commitment_reports WHERE applied_at IS NOT NULL AND "
+                     "applied_at < ?", (now - horizon_seconds,))
+    return counts
+
+
+def overdue_commitments(index: Index, timeouts: Mapping[str, float], *, now: float,
+                        horizon_seconds: float, delay: Callable[[int], float]) -> dict[str, int]:
+    """``sent`` rows whose commitment report did not come within their destination's timeout
+    go back to ``pending`` (sent again under a new transaction) or ``expired``."""
+    counts = {"failed": 0, "expired": 0}
+    with index.transaction() as conn:
+        for dest, timeout in timeouts.items():
+            for r in rows(conn, "SELECT * FROM outbox WHERE destination = ? AND state = ? AND "
+                                "transaction_uid IS NOT NULL AND sent_at <= ?",
+                          (dest, SENT, now - timeout)):
+                why = f"no storage commitment report within {timeout:g} s; sending again"
+                retried = _uncommit(conn, r, why, now=now, horizon_seconds=horizon_seconds,
+                                    delay=delay)
+                counts["failed" if retried else "expired"] += 1
+    return counts
 
 
 def record_failed(index: Index, failed: Sequence[dict[str, Any]], why: str, *, now: float,
