@@ -58,7 +58,8 @@ def validate_ae_title(value: Any, key: str) -> str:
     """Return the AE title stripped of padding, or raise naming ``key``."""
     if not isinstance(value, str) or not _AE_TITLE_RE.match(value) or not value.strip():
         raise ConfigError(
-            key, f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
+            key,
+            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)",
         )
     return value.strip()
 

@@ -8,7 +8,8 @@ Two exact ways to get last-stage Grad-CAM (Selvaraju et al.) for a fold model:
 * :func:`gap_cam_forward` uses the fact that a global-average-pooling head makes the Grad-CAM
   channel weights equal to ``d logit / d pooled`` / (h*w). For a LayerNorm + Linear head (timm
   ConvNeXt) or a plain Linear head that derivative has a closed form, so the heat map is a few
-  forward operations: no autograd at all (works under ``inference_mode``, exports to ONNX, compiles).
+  forward operations: no autograd at all (works under ``inference_mode``, exports to ONNX,
+  compiles).
 
 Both return (model output, min-max normalised CAM) from one forward; the tests check they agree.
 """
@@ -16,8 +17,9 @@ Both return (model output, min-max normalised CAM) from one forward; the tests c
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +79,8 @@ def resolve_target_layer(
 
     found = locate_candidate_layer(model, input_shape)
     if not found:
-        raise ValueError("could not find a spatial feature layer for Grad-CAM; set cam_target_layer")
+        raise ValueError(
+            "could not find a spatial feature layer for Grad-CAM; set cam_target_layer")
     return found
 
 
@@ -101,7 +104,8 @@ def gradcam_forward(model: nn.Module, x: Tensor, layer: str) -> tuple[Tensor, Te
     from torchcam.methods import GradCAM
 
     if any(p.requires_grad for p in model.parameters()):
-        raise RuntimeError("parameter gradients must be off for Grad-CAM (call requires_grad_(False))")
+        raise RuntimeError(
+            "parameter gradients must be off for Grad-CAM (call requires_grad_(False))")
     module = dict(model.named_modules())[layer]
 
     def _start_graph(_: nn.Module, _inp: Any, out: Tensor) -> Tensor:

@@ -160,7 +160,7 @@ def _iter_gray(ds: Dataset, indices: Sequence[int]) -> Iterator[tuple[int, np.nd
             yield indices[0], _gray_from(arr, ds, meta)
             return
         frames = decoder.iter_array(ds, indices=indices, raw=True, decoding_plugin=plugin, **opts)
-        for i, (arr, meta) in zip(indices, frames):
+        for i, (arr, meta) in zip(indices, frames, strict=True):
             yield i, _gray_from(arr, ds, meta)
 
     try:

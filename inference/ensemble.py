@@ -225,13 +225,16 @@ class FoldEnsemble:
             m.eval()
             m.requires_grad_(False)  # parameter gradients never computed (3.2x measured)
             self.models.append(m.to(self.device, memory_format=torch.channels_last))
-        self.cam_layers = [resolve_target_layer(m, cam_layer, self.input_shape) for m in self.models]
+        self.cam_layers = [
+            resolve_target_layer(m, cam_layer, self.input_shape) for m in self.models]
         self._gap_heads = [gap_head(m) for m in self.models]
         gap_ok = all(supports_gap_cam(m) for m in self.models) and all(
-            gh is not None and gh.layer == layer for gh, layer in zip(self._gap_heads, self.cam_layers)
+            gh is not None and gh.layer == layer
+            for gh, layer in zip(self._gap_heads, self.cam_layers, strict=True)
         )
         if cam_method == "gap" and not gap_ok:
-            log.warning("cam_method 'gap' needs a GAP->Linear head and the last stage; using torchcam")
+            log.warning(
+                "cam_method 'gap' needs a GAP->Linear head and the last stage; using torchcam")
         self.cam_method = "gap" if cam_method == "gap" and gap_ok else "torchcam"
         self._gap_ok = gap_ok
         self.backend = "eager"
@@ -287,7 +290,7 @@ class FoldEnsemble:
     def _eager(self, x: Tensor, cam: bool) -> tuple[np.ndarray, np.ndarray | None]:
         x = self._prepare(x)
         logits, fold_cams = [], []
-        for model, layer, gh in zip(self.models, self.cam_layers, self._gap_heads):
+        for model, layer, gh in zip(self.models, self.cam_layers, self._gap_heads, strict=True):
             if not cam:
                 with torch.inference_mode():
                     out = model(x)

@@ -12,7 +12,10 @@ class InferenceError(Exception):
 
 
 class InferenceConfigError(InferenceError):
-    """A scoring setting cannot be honoured (unknown device, no such CAM layer); names the setting."""
+    """A scoring setting cannot be honoured (unknown device, no such CAM layer).
+
+    The message names the setting.
+    """
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key

@@ -185,7 +185,8 @@ class FusionNet(nn.Module):
                  lab: torch.Tensor | None = None) -> torch.Tensor:
         """The concatenated feature vector the head sees (used for SHAP per modality)."""
         parts = []
-        for name, x, branch in (("image", image, self.backbone), ("clinical", clinical, self.clinical),
+        for name, x, branch in (("image", image, self.backbone),
+                                ("clinical", clinical, self.clinical),
                                 ("lab", lab, self.lab)):
             if name not in self.modalities:
                 continue

@@ -6,7 +6,8 @@ cropped, resized and scaled identically in both places (no train/serve skew). Ev
 ``{"image": torch.float32 (C, S, S)}``.
 
 The deterministic part (:func:`preprocess_transforms`) is split from the channel expansion so the
-trainer can cache preprocessed (1, S, S) frames once and only run the random augmentations per epoch.
+trainer can cache preprocessed (1, S, S) frames once and only run the random augmentations per
+epoch.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def preprocess_transforms(input_size: int, roi_margin: float, fov_cm: float = 0.
         [
             MaskAndCropROId(margin=roi_margin, fov_cm=fov_cm),
             Resized(keys="image", spatial_size=(input_size, input_size), mode="area"),
-            ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+            ScaleIntensityRanged(
+                keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
         ]
     )
 
@@ -152,7 +154,8 @@ def finish_transforms(in_chans: int) -> Compose:
     steps: list[Any] = []
     if in_chans > 1:
         steps.append(RepeatChanneld(keys="image", repeats=in_chans))
-    steps.append(EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False))
+    steps.append(
+        EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
 
@@ -178,7 +181,8 @@ def augment_transforms(train_cfg: Any) -> Compose:
         ),
     ]
     if train_cfg.brightness > 0:
-        steps.append(RandScaleIntensityd(keys="image", factors=float(train_cfg.brightness), prob=0.5))
+        steps.append(
+            RandScaleIntensityd(keys="image", factors=float(train_cfg.brightness), prob=0.5))
     if train_cfg.contrast > 0:
         steps.append(
             RandScaleIntensityFixedMeand(keys="image", factors=float(train_cfg.contrast), prob=0.5)

@@ -1,4 +1,4 @@
-"""The floors hold: ``inference`` < ``training`` < ``dicom_node``, and no module imports in a circle.
+"""The floors hold: ``inference`` < ``training`` < ``dicom_node``; no module imports in a circle.
 
 Every import counts, wherever it is written (module top, inside a function, under
 ``TYPE_CHECKING``): a lazy import is still a dependency, and a circle through one still means two

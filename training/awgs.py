@@ -22,8 +22,9 @@ API::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from training.errors import TrainingError
 

@@ -76,7 +76,8 @@ def subset_data(samples: Sequence[Sample], idx: np.ndarray, feats: dict[str, np.
 def format_metric(m: dict[str, Any]) -> str:
     a = m.get("auc")
     if isinstance(a, dict):
-        return f"AUC {a.get('auc', float('nan')):.3f} ({a.get('ci_low', 0):.3f}-{a.get('ci_high', 0):.3f})"
+        return (f"AUC {a.get('auc', float('nan')):.3f} "
+                f"({a.get('ci_low', 0):.3f}-{a.get('ci_high', 0):.3f})")
     if "ccc" in m:
         return f"MAPE {m['mape']:.1f}% CCC {m['ccc']:.3f}"
     return "n/a"

@@ -84,7 +84,8 @@ def compare_runs(oof_a: OOFTable, oof_b: OOFTable, combination_a: str | None = N
             xb = np.array([ib[k] for k in common])
             y = ga.labels[xa]
             if not np.array_equal(y, gb.labels[xb]):
-                bad = [k for k, i, j in zip(common, xa, xb) if ga.labels[i] != gb.labels[j]]
+                bad = [k for k, i, j in zip(common, xa, xb, strict=True)
+                       if ga.labels[i] != gb.labels[j]]
                 raise TrainingError(f"labels differ between the runs for {len(bad)} {level}(s), "
                                     f"e.g. {bad[0]}: not the same reference standard")
             test = M.delong_test_paired(y, ga.scores[xa], gb.scores[xb])

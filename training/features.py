@@ -32,8 +32,9 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ class FeaturePreprocessor:
     def n_out(self) -> int:
         return len(self.output_names)
 
-    def fit(self, rows: Sequence[Mapping[str, Any]]) -> "FeaturePreprocessor":
+    def fit(self, rows: Sequence[Mapping[str, Any]]) -> FeaturePreprocessor:
         """Learn the parameters from training rows only; returns self."""
         if not rows:
             raise TrainingError("cannot fit feature preprocessing on zero rows")
@@ -196,7 +197,7 @@ class FeaturePreprocessor:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FeaturePreprocessor":
+    def from_dict(cls, d: Mapping[str, Any]) -> FeaturePreprocessor:
         """Inverse of :meth:`to_dict`."""
         return cls(
             columns=tuple(d["columns"]), clip_z=d.get("clip_z"), mean=list(d["mean"]),

@@ -27,8 +27,9 @@ Thresholds are applied as ``probability >= threshold`` -> positive, everywhere i
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from scipy import stats

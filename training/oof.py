@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class OOFTable:
         return len(self.records)
 
     @classmethod
-    def from_records(cls, rows: Iterable[Mapping[str, Any] | OOFRecord]) -> "OOFTable":
+    def from_records(cls, rows: Iterable[Mapping[str, Any] | OOFRecord]) -> OOFTable:
         """Build from dicts (keys = OOF_COLUMNS; unknown keys go to ``extra``) or OOFRecords."""
         out: list[OOFRecord] = []
         for i, r in enumerate(rows):
@@ -127,7 +128,7 @@ class OOFTable:
         return list(dict.fromkeys(r.modalities for r in self.records))
 
     def select(self, *, modalities: str | None = None, fold: int | None = None,
-               vendor: str | None = None) -> "OOFTable":
+               vendor: str | None = None) -> OOFTable:
         """Rows matching every given filter."""
         return OOFTable([
             r for r in self.records
@@ -150,7 +151,7 @@ class OOFTable:
 
 
 def write_oof(path: Path, table: OOFTable) -> Path:
-    """Write ``table`` as CSV atomically (:func:`inference.durable.write_durable`); returns the path."""
+    """Write ``table`` as CSV atomically (``inference.durable.write_durable``); returns the path."""
     path = Path(path)
     if path.is_dir():
         path = path / OOF_FILENAME

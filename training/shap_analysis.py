@@ -26,8 +26,10 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from itertools import pairwise
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -105,7 +107,7 @@ def modality_shap(head: nn.Module, background: torch.Tensor, explained: torch.Te
     d = int(explained.shape[1])
     ranges = {m: _as_slice(s) for m, s in blocks.items()}
     cover = sorted(ranges.values())
-    if cover[0][0] != 0 or cover[-1][1] != d or any(a[1] != b[0] for a, b in zip(cover, cover[1:])):
+    if cover[0][0] != 0 or cover[-1][1] != d or any(a[1] != b[0] for a, b in pairwise(cover)):
         raise ValueError(f"blocks {ranges} must tile columns 0..{d} without gaps or overlap")
     names = list(feature_names) if feature_names is not None else [
         f"{m}_{i - a}" for m, (a, b) in ranges.items() for i in range(a, b)]

@@ -208,8 +208,8 @@ def _dataset(frames: list[np.ndarray], layout: Layout, rng: np.random.Generator,
     def uid() -> str:  # deterministic per seed, like the rest of the generator
         return str(generate_uid(entropy_srcs=[str(int(rng.integers(2**62)))]))
 
-    patient = {"PatientID": f"NM{int(rng.integers(1_000_000)):06d}", "PatientName": "SYNTH^NONMUSCLE",
-               "PatientSex": "O", "PatientBirthDate": ""}
+    patient = {"PatientID": f"NM{int(rng.integers(1_000_000)):06d}",
+               "PatientName": "SYNTH^NONMUSCLE", "PatientSex": "O", "PatientBirthDate": ""}
     ds = build_us(frames, profile=PROFILES[vendor], layout=layout,
                   model=PROFILES[vendor].models[0], patient=patient,
                   uids={"study": uid(), "series": uid(), "sop": uid(), "accession": "NM1"},

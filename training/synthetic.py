@@ -16,9 +16,10 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.uid import generate_uid

@@ -127,9 +127,8 @@ class FoldDataset(Dataset):
         if d.images is not None:
             item = {"image": d.images[i]}
             if self.augment is not None:
-                self.augment.set_random_state(
-                    seed=int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-                )
+                seq = np.random.SeedSequence([self.seed, self.epoch, i])
+                self.augment.set_random_state(seed=int(seq.generate_state(1)[0]))
                 item = self.augment(item)
             out["image"] = self.finish(item)["image"]
         if d.clinical is not None:
@@ -294,7 +293,8 @@ def train_fold(
     ck = _Checkpoints(work_dir, fold)
     regression = spec.target == "regression"
     y_train = np.asarray(train.y, dtype=np.float64)
-    t_mean, t_std = (float(y_train.mean()), float(y_train.std() or 1.0)) if regression else (0.0, 1.0)
+    t_mean, t_std = (
+        (float(y_train.mean()), float(y_train.std() or 1.0)) if regression else (0.0, 1.0))
     y_train_fit = (y_train - t_mean) / t_std
     train_fit = ArrayData(y_train_fit, train.images, train.clinical, train.lab)
 

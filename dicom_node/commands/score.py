@@ -120,7 +120,8 @@ def score_command(args: argparse.Namespace, cfg: Config) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     studies = group_by_study(args.paths)
     if not studies:
-        raise ScoringError(f"no DICOM files with a StudyInstanceUID under {', '.join(map(str, args.paths))}")
+        where = ", ".join(map(str, args.paths))
+        raise ScoringError(f"no DICOM files with a StudyInstanceUID under {where}")
     from inference.pipeline import ScoringPipeline
 
     pipeline = ScoringPipeline(Path(model_dir), cfg.scoring, cfg.reader, cfg.gate)
@@ -158,7 +159,8 @@ def score_command(args: argparse.Namespace, cfg: Config) -> int:
         pipeline.close()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     _write_csv(out_dir / "summary.csv", summary, rows)
-    print(f"{len(summary) - failures} scored, {failures} failed; summary in {out_dir / 'summary.json'}")
+    print(f"{len(summary) - failures} scored, {failures} failed; "
+          f"summary in {out_dir / 'summary.json'}")
     return 1 if failures else 0
 
 

@@ -175,8 +175,8 @@ def render_page(ctx: StatusContext) -> str:
     dests = "".join(
         f"<li>{e(name)}: last sent {e(str(d.get('last_sent') or 'never'))}, "
         f"{d.get('pending', 0)} pending, {d.get('expired', 0)} expired"
-        f"{(' &mdash; <span class=bad>' + e(d['last_error']) + '</span>') if d.get('last_error') else ''}"
-        f"</li>"
+        + (f" &mdash; <span class=bad>{e(d['last_error'])}</span>" if d.get("last_error") else "")
+        + "</li>"
         for name, d in rd.get("destinations", {}).items() if isinstance(d, dict)
     )
     body = []
@@ -201,7 +201,8 @@ def render_page(ctx: StatusContext) -> str:
         f"<meta http-equiv=refresh content=30><style>{_STYLE}</style></head><body>"
         f"<h1>dicom-node <small>{'ready' if ready else 'NOT READY'}</small></h1>"
         f"<p>{checks}</p><h2>Destinations</h2><ul>{dests or '<li>none yet</li>'}</ul>"
-        f"<h2>Recent studies</h2><table><tr><th>study</th><th>state</th><th>last received (UTC)</th>"
+        "<h2>Recent studies</h2><table><tr><th>study</th><th>state</th>"
+        "<th>last received (UTC)</th>"
         f"<th>probability</th><th>decision</th><th>ROI source</th><th>heat map</th><th>job</th>"
         f"<th>outbox</th><th>failure</th></tr>{''.join(body)}</table>"
         "<p><small>Research use only. No patient data is shown; studies are identified by the "
@@ -266,7 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
             if m and _UID_RE.match(m.group(1)):
                 files = status.heatmap_files(self.ctx.results_dir, m.group(1))
                 if int(m.group(2)) < len(files):
-                    return self._send(200, status.thumbnail_png(files[int(m.group(2))]), "image/png")
+                    png = status.thumbnail_png(files[int(m.group(2))])
+                    return self._send(200, png, "image/png")
             return self._json(404, {"error": "not found"})
         except (BrokenPipeError, ConnectionResetError):
             return None

@@ -61,7 +61,8 @@ def test_probes_metrics_token_and_page(tmp_path: Path) -> None:
     cfg = make_config(tmp_path / "data", http={"enabled": True, "port": 0, "token": token},
                       node={"allow_any_calling_aet": True})
     base_snap: dict = {}
-    datasets = [make_us(patient_id="PID-SECRET-77", seed=i, instance_number=i + 1) for i in range(3)]
+    datasets = [make_us(patient_id="PID-SECRET-77", seed=i, instance_number=i + 1)
+                for i in range(3)]
     study = datasets[0].StudyInstanceUID
     for ds in datasets:
         ds.StudyInstanceUID = study

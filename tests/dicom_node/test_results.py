@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
@@ -14,7 +13,7 @@ from inference.types import ImageScore, ModelInfo, MuscleMeasurements, StudyScor
 def make_score(sources: list[Dataset], *, probs=(0.8, 0.6), heatmap=True, seg=True,
                site=True) -> StudyScore:
     images = []
-    for ds, p in zip(sources, probs):
+    for ds, p in zip(sources, probs, strict=False):  # one source may take the first prob
         rng = np.random.default_rng(int(p * 100))
         frame = USFrame(
             sop_instance_uid=ds.SOPInstanceUID,
@@ -363,4 +362,5 @@ def test_nothing_to_score_error_survives_a_process_boundary():
 
     v = GateVerdict("1.2.3", False, "colour-flow", "5% colour", {"colour_fraction": 0.05})
     err = pickle.loads(pickle.dumps(NothingToScoreError("1.2", [("1.2.3", "colour-flow")], [v])))
-    assert err.state == "not-applicable: colour-flow" and err.verdicts[0].measured["colour_fraction"] == 0.05
+    assert err.state == "not-applicable: colour-flow"
+    assert err.verdicts[0].measured["colour_fraction"] == 0.05

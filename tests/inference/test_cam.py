@@ -35,7 +35,9 @@ def tiny_classifier(seed: int = 0, outputs: int = 1) -> nn.Module:
     return model.eval()
 
 
-def torchcam_reference(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+def torchcam_reference(
+    model: nn.Module, x: torch.Tensor, layer: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """torchcam used the textbook way: parameters trainable, a plain forward, then the CAM."""
     from torchcam.methods import GradCAM
 

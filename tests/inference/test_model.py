@@ -70,7 +70,7 @@ def test_artifact_round_trip(tmp_path: Path) -> None:
     assert art.info.model_uid == "1.2.3.4" and art.info.backbone == "test_convnext"
     assert art.spec.input_size == 32 and art.raw["data_fingerprint"]["n_instances"] == 2
     x = torch.rand(1, 3, 32, 32)
-    for m, ref in zip(art.models, models):
+    for m, ref in zip(art.models, models, strict=True):
         assert not m.training
         assert torch.allclose(m(x), ref.eval()(x))
     assert not list(tmp_path.glob(".model.*"))  # no staging leftovers

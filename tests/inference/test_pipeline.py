@@ -52,14 +52,16 @@ def test_scores_a_segmented_study(pipeline: ScoringPipeline, synth_cohort) -> No
         assert im.fold_spread == pytest.approx(np.std(im.fold_probabilities), abs=1e-9)
         # heat map on the cropped source, non-zero only inside the ROI crop box
         assert im.heatmap is not None and im.heatmap.shape == im.frame.image.shape
-        r0, c0, r1, c1 = roi_box(im.frame.mask, im.frame.image.shape, pipeline.artifact.spec.roi_margin)
+        r0, c0, r1, c1 = roi_box(
+            im.frame.mask, im.frame.image.shape, pipeline.artifact.spec.roi_margin)
         outside = im.heatmap.copy()
         outside[r0:r1, c0:c1] = 0
         assert outside.max() == 0 and im.heatmap.max() > 0.5
     probs = [im.probability for im in score.images]
     assert score.probability == pytest.approx(np.mean(probs))
     assert score.positive == (score.probability >= info.threshold)
-    assert set(score.timings_ms) == {"gate", "decode", "transforms", "ensemble", "cam", "measurements"}
+    assert set(score.timings_ms) == {
+        "gate", "decode", "transforms", "ensemble", "cam", "measurements"}
     assert score.gate and all(v.passed for v in score.gate)
     assert all(im.gate is not None and im.gate.passed for im in score.images)
 
@@ -148,7 +150,7 @@ def test_gap_cam_and_onnx_backend_match_eager_torchcam(pipeline, tiny_model_dir,
             got, _ = other.score_study(files, allow_missing_seg=False)
         finally:
             other.close()
-        for a, b in zip(ref.images, got.images):
+        for a, b in zip(ref.images, got.images, strict=True):
             assert abs(a.probability - b.probability) < 1e-4
             np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-3)
 

@@ -54,7 +54,7 @@ def test_every_synthetic_object_reads_back_aligned(synth_cohort) -> None:
         result = read_study(paths)
         us = {f["sop_instance_uid"]: f for f in files if f["kind"] == "us"}
         segs = {f["sop_instance_uid"] for f in files if f["kind"] == "seg"}
-        for uid, f in us.items():
+        for f in us.values():
             expected_combos.add((study["vendor"], f["photometric"], f["transfer_syntax"],
                                  f["frames"] > 1, f["quirk"]))
         # Only images without SEG are reported, and only in studies sent without SEG.

@@ -12,7 +12,16 @@ from dicom_node.errors import SegmentationError
 from inference.reader import read_study
 from inference.roi import choose_segment, load_segmentation, masks_for_sources, referenced_frames
 from tests.builders import (
-    TISSUE, base_us, build, make_cine_seg, make_seg, phantom, region_item, rf_mask, save, set_jpeg,
+    TISSUE,
+    base_us,
+    build,
+    make_cine_seg,
+    make_seg,
+    phantom,
+    region_item,
+    rf_mask,
+    save,
+    set_jpeg,
 )
 
 
@@ -39,10 +48,10 @@ def test_round_trip_masks_align_with_cropped_images(tmp_path: Path) -> None:
     assert study.problems == []
     assert len(study.frames) == 3
     r0, c0, r1, c1 = TISSUE
-    for frame, ds, truth in zip(sorted(study.frames, key=lambda f: f.sop_instance_uid),
-                                sorted(images, key=lambda d: d.SOPInstanceUID),
-                                [t for _, t in sorted(zip([d.SOPInstanceUID for d in images],
-                                                          truths))]):
+    truth_of = {d.SOPInstanceUID: t for d, t in zip(images, truths, strict=True)}
+    for frame, ds in zip(sorted(study.frames, key=lambda f: f.sop_instance_uid),
+                         sorted(images, key=lambda d: d.SOPInstanceUID), strict=True):
+        truth = truth_of[ds.SOPInstanceUID]
         assert frame.sop_instance_uid == ds.SOPInstanceUID
         assert frame.mask is not None and frame.mask.shape == frame.image.shape
         np.testing.assert_array_equal(frame.mask, truth[r0:r1, c0:c1])

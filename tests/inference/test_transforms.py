@@ -60,7 +60,7 @@ def test_train_transforms_seeded_and_in_range() -> None:
     a = [t({"image": img, "mask": mask})["image"] for _ in range(3)]
     t.set_random_state(7)
     b = [t({"image": img, "mask": mask})["image"] for _ in range(3)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.shape == (3, 32, 32) and torch.equal(x, y)
         assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert not torch.equal(a[0], a[1])  # augmentation actually changes the image

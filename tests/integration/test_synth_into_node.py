@@ -24,7 +24,9 @@ STORESCU = Path("/usr/bin/storescu")
 pytestmark = pytest.mark.network
 
 
-def test_cohort_pushed_by_storescu_is_archived_and_reads_back_aligned(synth_cohort, tmp_path: Path) -> None:
+def test_cohort_pushed_by_storescu_is_archived_and_reads_back_aligned(
+    synth_cohort, tmp_path: Path
+) -> None:
     require_tool(STORESCU.exists(), "DCMTK (storescu)")
     cohort = Path(synth_cohort.out_dir)
     manifest = json.loads((cohort / "manifest.json").read_text())

@@ -18,19 +18,27 @@ def row(**kw):
     "kw, sarc, severe",
     [
         # men, DXA: cut-off 7.0; grip 28
-        (dict(sex="M", asmi=6.9, asmi_method="DXA", handgrip_kg=27, gait_speed_m_s=1.2), True, False),
-        (dict(sex="M", asmi=7.0, asmi_method="DXA", handgrip_kg=20, gait_speed_m_s=0.6), False, False),
+        (dict(sex="M", asmi=6.9, asmi_method="DXA", handgrip_kg=27, gait_speed_m_s=1.2),
+         True, False),
+        (dict(sex="M", asmi=7.0, asmi_method="DXA", handgrip_kg=20, gait_speed_m_s=0.6),
+         False, False),
         (dict(sex="M", asmi=6.5, asmi_method="DXA", handgrip_kg=30, gait_speed_m_s=1.1,
               chair_stand_s=11.9), False, False),
-        (dict(sex="M", asmi=6.5, asmi_method="BIA", handgrip_kg=25, gait_speed_m_s=0.8), True, True),
+        (dict(sex="M", asmi=6.5, asmi_method="BIA", handgrip_kg=25, gait_speed_m_s=0.8),
+         True, True),
         # men, BIA: same 7.0 cut-off; performance low by chair stand only (>= 12 s)
-        (dict(sex="M", asmi=6.99, asmi_method="BIA", handgrip_kg=28, chair_stand_s=12), True, False),
+        (dict(sex="M", asmi=6.99, asmi_method="BIA", handgrip_kg=28, chair_stand_s=12),
+         True, False),
         # women, DXA 5.4 vs BIA 5.7: ASMI 5.5 is low by BIA only
-        (dict(sex="F", asmi=5.5, asmi_method="DXA", handgrip_kg=15, gait_speed_m_s=0.7), False, False),
-        (dict(sex="F", asmi=5.5, asmi_method="BIA", handgrip_kg=15, gait_speed_m_s=0.7), True, True),
+        (dict(sex="F", asmi=5.5, asmi_method="DXA", handgrip_kg=15, gait_speed_m_s=0.7),
+         False, False),
+        (dict(sex="F", asmi=5.5, asmi_method="BIA", handgrip_kg=15, gait_speed_m_s=0.7),
+         True, True),
         # women grip cut-off 18: 18 is normal, 17.9 low
-        (dict(sex="F", asmi=5.0, asmi_method="DXA", handgrip_kg=18, gait_speed_m_s=1.0), False, False),
-        (dict(sex="F", asmi=5.0, asmi_method="DXA", handgrip_kg=17.9, gait_speed_m_s=1.0), True, False),
+        (dict(sex="F", asmi=5.0, asmi_method="DXA", handgrip_kg=18, gait_speed_m_s=1.0),
+         False, False),
+        (dict(sex="F", asmi=5.0, asmi_method="DXA", handgrip_kg=17.9, gait_speed_m_s=1.0),
+         True, False),
         # gait 0.99 low even when chair stand is normal
         (dict(sex="F", asmi=5.0, asmi_method="DXA", handgrip_kg=20, gait_speed_m_s=0.99,
               chair_stand_s=10), True, False),

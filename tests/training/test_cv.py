@@ -25,7 +25,7 @@ def test_folds_never_share_a_participant_and_are_stratified() -> None:
     fold_of = participant_folds(pids, y, 5, seed=42)
     assert set(fold_of.tolist()) == set(range(5))
     owner: dict[str, int] = {}
-    for p, k in zip(pids, fold_of):
+    for p, k in zip(pids, fold_of, strict=True):
         assert owner.setdefault(p, int(k)) == k, f"{p} in two folds"
     for k in range(5):
         assert 0 < y[fold_of == k].sum() < (fold_of == k).sum()  # both classes in every fold

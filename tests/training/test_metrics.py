@@ -76,7 +76,8 @@ def test_paired_test_matches_direct_computation(data):
 
 
 def test_paired_test_hand_worked_example():
-    # 3 positives, 3 negatives.  A: pos 0.9 0.8 0.4, neg 0.5 0.3 0.2;  B: pos 0.6 0.7 0.2, neg 0.5 0.4 0.3
+    # 3 positives, 3 negatives.
+    # A: pos 0.9 0.8 0.4, neg 0.5 0.3 0.2;  B: pos 0.6 0.7 0.2, neg 0.5 0.4 0.3
     y = [1, 1, 1, 0, 0, 0]
     a = [0.9, 0.8, 0.4, 0.5, 0.3, 0.2]
     b = [0.6, 0.7, 0.2, 0.5, 0.4, 0.3]

@@ -77,7 +77,8 @@ def test_fusion_net_from_inference_package():
     clin, lab = torch.rand(n, 9, generator=g), torch.rand(n, 14, generator=g)
     wrapped = FusionInputHead(model)
     assert list(wrapped.blocks()) == ["image", "clinical", "lab"]
-    r = fusion_shap(model, img, clin, lab, n_background=10, clinical_names=[f"c{i}" for i in range(9)])
+    r = fusion_shap(model, img, clin, lab, n_background=10,
+                    clinical_names=[f"c{i}" for i in range(9)])
     assert r.values.shape[0] == n - 10
     assert r.contribution["lab"] < 1e-6 and r.contribution["clinical"] > 0
     assert r.feature_names[wrapped.blocks()["clinical"][0]] == "c0"

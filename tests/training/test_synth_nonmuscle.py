@@ -18,5 +18,6 @@ def test_write_nonmuscle_is_deterministic(tmp_path):
     a = write_nonmuscle(tmp_path / "a", 5, seed=2)
     b = write_nonmuscle(tmp_path / "b", 5, seed=2)
     assert [e["sop_instance_uid"] for e in a] == [e["sop_instance_uid"] for e in b]
-    assert (tmp_path / "a" / a[0]["path"]).read_bytes() == (tmp_path / "b" / b[0]["path"]).read_bytes()
+    first, second = tmp_path / "a" / a[0]["path"], tmp_path / "b" / b[0]["path"]
+    assert first.read_bytes() == second.read_bytes()
     assert [e["kind"] for e in a] == list(KINDS)

@@ -128,7 +128,7 @@ def test_labels_csv_follows_the_contract(synth_cohort) -> None:
     manifest = json.loads(synth_cohort.manifest.read_text())
     assert [r["study_instance_uid"] for r in rows] == [s["study_uid"] for s in manifest["studies"]]
     assert {r["vendor"] for r in rows} == {"supersonic", "mindray", "samsung"}
-    for r, s in zip(rows, manifest["studies"]):
+    for r, s in zip(rows, manifest["studies"], strict=True):
         assert r["patient_id"] == s["patient_id"] and int(r["label"]) == s["label"]
     assert manifest["oracle_auc"] == synth_cohort.oracle_auc
 

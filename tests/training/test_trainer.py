@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,8 @@ def _data(n: int, seed: int) -> ArrayData:
 def test_lr_schedule_warmup_then_cosine() -> None:
     lrs = [lr_at(s, 100, 10, 1e-3) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))  # warm-up rises
-    assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:100]))  # cosine falls
+    assert all(a <= b for a, b in pairwise(lrs[:10]))  # warm-up rises
+    assert all(a >= b for a, b in pairwise(lrs[10:100]))  # cosine falls
     assert lrs[55] == pytest.approx(5e-4, rel=1e-6)  # half way through the cosine
     assert lrs[100] == lrs[109] == 0.0
     assert lr_at(0, 10, 0, 1.0) == 1.0
