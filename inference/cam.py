@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +190,10 @@ def gap_head(model: nn.Module) -> GapHead | None:
     ok, norm, fc = _timm_pool_norm(model)
     if not ok or not isinstance(fc, nn.Linear):
         return None
-    return GapHead(features=model.forward_features, head=model.forward_head, norm=norm, fc=fc,
+    # nn.Module.__getattr__ types these timm methods as ``Tensor | Module``
+    features = cast("Callable[[Tensor], Tensor]", model.forward_features)
+    head = cast("Callable[[Tensor], Tensor]", model.forward_head)
+    return GapHead(features=features, head=head, norm=norm, fc=fc,
                    layer=resolve_target_layer(model, "auto"))
 
 
@@ -291,9 +294,9 @@ def cams_to_frame(
     if r1 <= r0 or c1 <= c0:
         return out
     up = F.interpolate(t[None, None], size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False)
-    up = up[0, 0].clamp_(0, 1).numpy()
+    up_np = up[0, 0].clamp_(0, 1).numpy()
     H, W = frame_shape
     rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, H), min(c1, W)
     if rr1 > rr0 and cc1 > cc0:
-        out[rr0:rr1, cc0:cc1] = up[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
+        out[rr0:rr1, cc0:cc1] = up_np[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
     return out

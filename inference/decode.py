@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -113,7 +113,8 @@ def to_gray(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
         peak = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else float(rgb.max() or 1)
         if rgb.dtype == np.uint16 and int(rgb.max(initial=0)) <= 255:
             peak = 255.0  # 8-bit LUT entries stored in 16-bit words
-        return (rgb[..., :3].astype(np.float32) @ _LUMA) / np.float32(peak)
+        luma: np.ndarray = (rgb[..., :3].astype(np.float32) @ _LUMA) / np.float32(peak)
+        return luma
     if arr.ndim == 3:
         if pi in _YBR:
             gray = arr[..., 0].astype(np.float32)
@@ -131,11 +132,13 @@ def to_gray(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
 def _scale(gray: np.ndarray, bits: int, *, signed: bool) -> np.ndarray:
     """Fixed scaling for 8-bit unsigned data (every US device), min-max otherwise."""
     if bits <= 8 and not signed:
-        return np.clip(gray * np.float32(1.0 / ((1 << bits) - 1)), 0.0, 1.0)
+        scaled: np.ndarray = np.clip(gray * np.float32(1.0 / ((1 << bits) - 1)), 0.0, 1.0)
+        return scaled
     lo, hi = float(gray.min()), float(gray.max())
     if hi <= lo:
         return np.zeros_like(gray, dtype=np.float32)
-    return ((gray - lo) / np.float32(hi - lo)).astype(np.float32)
+    stretched: np.ndarray = ((gray - lo) / np.float32(hi - lo)).astype(np.float32)
+    return stretched
 
 
 def _iter_gray(ds: Dataset, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
@@ -143,7 +146,7 @@ def _iter_gray(ds: Dataset, indices: Sequence[int]) -> Iterator[tuple[int, np.nd
     sop = sop_uid_of(ds)
     ts = transfer_syntax_of(ds)
     decoder = get_decoder(ts)
-    opts: dict = {}
+    opts: dict[str, Any] = {}
     if ts in _JPEG_SYNTAXES and int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         # JPEG (ISO 10918) frames are always decoded colour-by-pixel; a PlanarConfiguration of 1
         # in such a header is a device quirk that would scramble the samples if honoured.
@@ -179,7 +182,7 @@ def _iter_gray(ds: Dataset, indices: Sequence[int]) -> Iterator[tuple[int, np.nd
         raise ReaderError(sop, f"pixel data could not be decoded: {exc}") from exc
 
 
-def _gray_from(arr: np.ndarray, ds: Dataset, meta: dict) -> np.ndarray:
+def _gray_from(arr: np.ndarray, ds: Dataset, meta: dict[str, Any]) -> np.ndarray:
     pi = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
     if pi.upper() in ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422") and arr.ndim == 3:
         logger.debug("decoder kept %s samples; treating as RGB", pi)

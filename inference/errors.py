@@ -6,6 +6,13 @@ an operator what to fix. The application catches :class:`InferenceError` at its 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for annotations: gate.py imports this module at run time
+    from pydicom.dataset import Dataset
+
+    from inference.gate import GateVerdict
+
 
 class InferenceError(Exception):
     """Base class of every error the scoring library raises on purpose."""
@@ -64,7 +71,8 @@ class NothingToScoreError(ScoringError):
     """
 
     def __init__(self, study_instance_uid: str, reasons: list[tuple[str, str]],
-                 verdicts: list | None = None, sources: dict | None = None) -> None:
+                 verdicts: list[GateVerdict] | None = None,
+                 sources: dict[str, Dataset] | None = None) -> None:
         self.study_instance_uid = study_instance_uid
         self.reasons = list(reasons)
         self.verdicts = list(verdicts or [])
@@ -72,7 +80,7 @@ class NothingToScoreError(ScoringError):
         text = "; ".join(f"{u}: {r}" for u, r in self.reasons) or "no ultrasound images found"
         super().__init__(f"study {study_instance_uid}: nothing to score ({text})")
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[NothingToScoreError], tuple[Any, ...]]:
         """Picklable (scoring may run in a worker process and hand the error back)."""
         return (type(self), (self.study_instance_uid, self.reasons, self.verdicts, self.sources))
 

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -148,19 +148,28 @@ def mlp_branch(in_features: int, hidden: int, dropout: float) -> nn.Sequential:
     )
 
 
+def backbone_width(backbone: nn.Module) -> int:
+    """The pooled feature width of a timm backbone (its plain-int ``num_features``).
+
+    ``nn.Module.__getattr__`` types unknown attributes as ``Tensor | Module``, hence the cast.
+    """
+    return int(cast(int, backbone.num_features))
+
+
 class ImageClassifier(nn.Module):
     """timm backbone -> pooled features -> linear head. ``backbone``/``head`` are public for CAM."""
 
     def __init__(self, backbone: nn.Module, num_outputs: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(int(backbone.num_features), num_outputs)
+        self.head = nn.Linear(backbone_width(backbone), num_outputs)
 
     def forward(self, image: torch.Tensor | None = None, clinical: torch.Tensor | None = None,
                 lab: torch.Tensor | None = None) -> torch.Tensor:
         if image is None:
             raise ValueError("ImageClassifier needs an image tensor")
-        return self.head(self.backbone(image))
+        out: torch.Tensor = self.head(self.backbone(image))
+        return out
 
 
 class FusionNet(nn.Module):
@@ -173,7 +182,7 @@ class FusionNet(nn.Module):
         self.backbone = backbone
         if "image" in self.modalities:
             assert backbone is not None
-            width += int(backbone.num_features)
+            width += backbone_width(backbone)
         self.clinical = (mlp_branch(spec.n_clinical, spec.mlp_hidden, spec.mlp_dropout)
                          if "clinical" in self.modalities else None)
         self.lab = (mlp_branch(spec.n_lab, spec.mlp_hidden, spec.mlp_dropout)
@@ -197,7 +206,8 @@ class FusionNet(nn.Module):
 
     def forward(self, image: torch.Tensor | None = None, clinical: torch.Tensor | None = None,
                 lab: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(image, clinical, lab))
+        out: torch.Tensor = self.head(self.features(image, clinical, lab))
+        return out
 
 
 @register_model("image")

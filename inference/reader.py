@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -103,10 +104,10 @@ def read_frames(
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
         raise ReaderError(sop, "object has no Rows/Columns (not an image)") from None
-    kw = dict(frame_policy=frame_policy, max_frames=max_frames, frame_numbers=frame_numbers)
     if "SequenceOfUltrasoundRegions" in ds and len(ds.SequenceOfUltrasoundRegions):
         regions = tissue_regions(ds, rows, cols, region_policy=region_policy)
-        decoded = decode_frames(ds, contrast_box=regions[0].box, **kw)
+        decoded = decode_frames(ds, contrast_box=regions[0].box, frame_policy=frame_policy,
+                                max_frames=max_frames, frame_numbers=frame_numbers)
     else:
         # Content-based crop: find the region on the middle frame (cine geometry is static).
         first = decode_frames(ds, frame_policy="middle", frame_numbers=frame_numbers[:1]
@@ -116,8 +117,9 @@ def read_frames(
                 frame_numbers is not None and len(set(frame_numbers)) == 1):
             decoded = first
         else:
-            decoded = decode_frames(ds, contrast_box=regions[0].box, **kw)
-    common = dict(
+            decoded = decode_frames(ds, contrast_box=regions[0].box, frame_policy=frame_policy,
+                                    max_frames=max_frames, frame_numbers=frame_numbers)
+    common: dict[str, Any] = dict(
         sop_instance_uid=str(sop or ""),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
@@ -174,7 +176,7 @@ def read_study(
     segs: list[Dataset] = []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path)
+            ds: Dataset = pydicom.dcmread(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
             result.problems.append((str(path), f"not readable as DICOM: {exc}"))
             continue
@@ -190,7 +192,7 @@ def read_study(
             what = getattr(ds.get("SOPClassUID"), "name", None) or str(ds.get("SOPClassUID", "?"))
             result.problems.append((sop, f"not an image or DICOM-SEG ({what}); skipped"))
     study = next((str(d.get("StudyInstanceUID", "")) for d in images.values()), "")
-    log = {"extra": {"study_uid": study}}
+    extra = {"study_uid": study}
 
     geometry: dict[str, tuple[int, int, int]] = {}
     for sop, ds in images.items():
@@ -199,7 +201,7 @@ def read_study(
         except (AttributeError, TypeError, ValueError):
             pass  # read_frames below reports it
 
-    masks = _match_segs(segs, geometry, result, log)
+    masks = _match_segs(segs, geometry, result, extra)
 
     annotated: dict[str, list[int]] = defaultdict(list)
     for sop, frame in masks:
@@ -219,7 +221,7 @@ def read_study(
                                  region_policy=region_policy, frame_numbers=frame_numbers)
         except ReaderError as exc:
             result.problems.append((exc.sop_instance_uid or sop, exc.reason))
-            logger.warning("unusable image %s: %s", sop, exc.reason, **log)
+            logger.warning("unusable image %s: %s", sop, exc.reason, extra=extra)
             continue
         unmatched = []
         for fr in frames:
@@ -244,7 +246,7 @@ def read_study(
         result.datasets[sop] = ds
     logger.info("read study %s: %d frame(s), %d with mask, %d problem(s)", study,
                 len(result.frames), sum(f.mask is not None for f in result.frames),
-                len(result.problems), **log)
+                len(result.problems), extra=extra)
     return result
 
 
@@ -252,7 +254,7 @@ def _match_segs(
     segs: list[Dataset],
     geometry: dict[str, tuple[int, int, int]],
     result: StudyRead,
-    log: dict,
+    extra: dict[str, str],
 ) -> dict[tuple[str, int], FrameMask]:
     """(source SOP UID, frame) -> mask from the SEGs; problems go to ``result.problems``."""
     masks: dict[tuple[str, int], FrameMask] = {}
@@ -263,7 +265,7 @@ def _match_segs(
             found, missing = masks_for_sources(seg, geometry)
         except SegmentationError as exc:
             result.problems.append((exc.sop_instance_uid or seg_uid, exc.reason))
-            logger.warning("unusable SEG %s: %s", seg_uid, exc.reason, **log)
+            logger.warning("unusable SEG %s: %s", seg_uid, exc.reason, extra=extra)
             continue
         if not found:
             result.problems.append((seg_uid, "DICOM-SEG references none of the images in this "

@@ -90,8 +90,10 @@ def write_offline_outputs(
     folder = out_dir / score.study_instance_uid
     folder.mkdir(parents=True, exist_ok=True)
     result = build_results(score, read.datasets, cfg.results)
-    sr_path = folder / f"SR_{result.sr.SOPInstanceUID}.dcm"
-    result.sr.save_as(sr_path, enforce_file_format=True)
+    sr_path: Path | None = None
+    if result.sr is not None:  # None when only the SR failed to build (see result.errors)
+        sr_path = folder / f"SR_{result.sr.SOPInstanceUID}.dcm"
+        result.sr.save_as(sr_path, enforce_file_format=True)
     sc_paths = []
     for ds in result.heatmaps:
         p = folder / f"SC_{ds.SOPInstanceUID}.dcm"
@@ -106,7 +108,7 @@ def write_offline_outputs(
         Image.fromarray(rgb).save(p)
         previews.append(p)
     return {
-        "sr": str(sr_path), "heatmaps": [str(p) for p in sc_paths],
+        "sr": None if sr_path is None else str(sr_path), "heatmaps": [str(p) for p in sc_paths],
         "previews": [str(p) for p in previews],
     }
 

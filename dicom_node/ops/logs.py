@@ -111,7 +111,7 @@ class SafeRecordFilter(logging.Filter):
             record.exc_text = escape_control(text)
         if record.stack_info:
             record.stack_info = escape_control(record.stack_info)
-        record._dicom_node_safe = True  # type: ignore[attr-defined]
+        record._dicom_node_safe = True
         return True
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -102,7 +103,8 @@ def record_delivery(destination: str, delivered: int, failed: int = 0, retry: bo
         RETRIES.labels(destination=destination).inc()
 
 
-def record_send(destination: str, rows: list[dict], sent: list[dict], started: float) -> None:
+def record_send(destination: str, rows: list[dict[str, Any]], sent: list[dict[str, Any]],
+                started: float) -> None:
     """One association to ``destination`` that tried ``rows`` (outbox rows) and stored ``sent``.
 
     ``started`` is the ``time.perf_counter()`` before the send; a row with earlier attempts makes
