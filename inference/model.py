@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from inference.config import FramePolicy
 from inference.errors import ModelArtifactError
 from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES
 
@@ -68,7 +69,7 @@ class ModelSpec:
     mlp_hidden: int = 128
     mlp_dropout: float = 0.2
     arch: str = ""
-    frame_policy: str = "middle"
+    frame_policy: FramePolicy = "middle"
     pretrained: str | None = None
     fov_cm: float = 0.0
 

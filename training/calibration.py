@@ -12,10 +12,10 @@ one formula both sides use.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from inference.ensemble import apply_calibrator
 
@@ -25,7 +25,7 @@ METHODS = ("platt", "isotonic")
 MIN_PER_CLASS = 2  # fewer calibration cases of a class than this: identity (logged)
 
 
-def fit_calibrator(method: str, p_raw: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+def fit_calibrator(method: str, p_raw: ArrayLike, y: ArrayLike) -> dict[str, Any]:
     """Fit one fold's calibrator on raw probabilities and binary labels.
 
     Platt: logistic regression of the label on the logit (sklearn, almost unregularised).
@@ -54,12 +54,12 @@ def fit_calibrator(method: str, p_raw: Sequence[float], y: Sequence[float]) -> d
     raise ValueError(f"unknown calibration method {method!r}")
 
 
-def calibrate(method: str, params: dict[str, Any], p_raw: Sequence[float]) -> np.ndarray:
+def calibrate(method: str, params: dict[str, Any], p_raw: ArrayLike) -> np.ndarray:
     """Apply a fitted calibrator (the serving formula)."""
     return apply_calibrator(method, params, np.asarray(p_raw, dtype=np.float64))
 
 
-def expected_calibration_error(y: Sequence[float], p: Sequence[float], n_bins: int = 10
+def expected_calibration_error(y: ArrayLike, p: ArrayLike, n_bins: int = 10
                                ) -> float:
     """ECE with equal-count bins: the case-weighted mean |observed rate - mean probability|."""
     yy = np.asarray(y, dtype=np.float64)
@@ -74,7 +74,7 @@ def expected_calibration_error(y: Sequence[float], p: Sequence[float], n_bins: i
     return float(ece)
 
 
-def reliability_bins(y: Sequence[float], p: Sequence[float], n_bins: int = 10
+def reliability_bins(y: ArrayLike, p: ArrayLike, n_bins: int = 10
                      ) -> list[dict[str, float]]:
     """Equal-count bins for a reliability diagram: mean probability, observed rate, n."""
     yy = np.asarray(y, dtype=np.float64)
@@ -87,7 +87,7 @@ def reliability_bins(y: Sequence[float], p: Sequence[float], n_bins: int = 10
     return out
 
 
-def brier(y: Sequence[float], p: Sequence[float]) -> float:
+def brier(y: ArrayLike, p: ArrayLike) -> float:
     yy = np.asarray(y, dtype=np.float64)
     pp = np.asarray(p, dtype=np.float64)
     return float(np.mean((pp - yy) ** 2)) if yy.size else float("nan")

@@ -67,7 +67,7 @@ def subset_data(samples: Sequence[Sample], idx: np.ndarray, feats: dict[str, np.
             mods: tuple[str, ...], y: np.ndarray) -> ArrayData:
     return ArrayData(
         y=y[idx],
-        images=[samples[i].image for i in idx] if "image" in mods else None,  # type: ignore[misc]
+        images=[samples[i].image for i in idx] if "image" in mods else None,
         clinical=feats["clinical"][idx] if "clinical" in mods else None,
         lab=feats["lab"][idx] if "lab" in mods else None,
     )

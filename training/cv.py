@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.model_selection import StratifiedGroupKFold
 
 from training.errors import TrainingError
 
 
-def stratification_labels(labels: Sequence[float], target: str = "binary") -> np.ndarray:
+def stratification_labels(labels: ArrayLike, target: str = "binary") -> np.ndarray:
     """Integer classes to stratify on: the label itself, or target quartiles for regression."""
     y = np.asarray(labels, dtype=np.float64)
     if target == "binary":
@@ -26,7 +27,7 @@ def stratification_labels(labels: Sequence[float], target: str = "binary") -> np
 
 
 def participant_folds(
-    participant_ids: Sequence[str], strata: Sequence[int], n_folds: int, seed: int
+    participant_ids: Sequence[str], strata: ArrayLike, n_folds: int, seed: int
 ) -> np.ndarray:
     """Fold number (0..n_folds-1) of every sample, grouped by participant and stratified.
 
@@ -47,7 +48,7 @@ def participant_folds(
     return fold_of
 
 
-def balanced_indices(labels: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+def balanced_indices(labels: ArrayLike, rng: np.random.Generator) -> np.ndarray:
     """All minority-class indices plus an equal random draw of the majority class, shuffled.
 
     The paper down-samples negative images to parity each epoch, so every epoch sees all
@@ -66,7 +67,7 @@ def balanced_indices(labels: Sequence[float], rng: np.random.Generator) -> np.nd
 
 
 def inner_validation_mask(
-    participant_ids: Sequence[str], strata: Sequence[int], n_splits: int, seed: int
+    participant_ids: Sequence[str], strata: ArrayLike, n_splits: int, seed: int
 ) -> np.ndarray:
     """Nested selection: True for the samples of an outer training fold held out for validation.
 

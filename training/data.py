@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.config import FramePolicy
 from inference.errors import InferenceError
 from training.errors import TrainingError
 
@@ -184,7 +185,7 @@ def load_cohort(
     input_size: int,
     roi_margin: float,
     modalities: Sequence[str] = ("image",),
-    frame_policy: str = "middle",
+    frame_policy: FramePolicy = "middle",
     max_frames: int = 16,
     target: str = "binary",
     regression_column: str = "asmi",
@@ -277,7 +278,7 @@ def load_cohort(
     return Cohort(samples, kept, excluded, problems, filled_total)
 
 
-def _read(paths: Sequence[Path], frame_policy: str, max_frames: int) -> Any:
+def _read(paths: Sequence[Path], frame_policy: FramePolicy, max_frames: int) -> Any:
     from inference.reader import read_study
 
     return read_study(list(paths), frame_policy=frame_policy, max_frames=max_frames)

@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES  # noqa: F401 - re-exported
+# re-exported (``X as X``) for the training code that names them from here
+from inference.feature_names import CLINICAL_FEATURES as CLINICAL_FEATURES
+from inference.feature_names import LAB_FEATURES as LAB_FEATURES
 from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -134,8 +136,8 @@ class FeaturePreprocessor:
         if not rows:
             raise TrainingError("cannot fit feature preprocessing on zero rows")
         x = raw_matrix(rows, self.columns)
-        self.mean, self.sd, self.lo, self.hi, self.vmin, self.vmax, self.binary = ([] for _ in
-                                                                                     range(7))
+        self.mean, self.sd, self.lo, self.hi, self.vmin, self.vmax = [], [], [], [], [], []
+        self.binary = []
         for j, c in enumerate(self.columns):
             col = x[:, j]
             obs = col[~np.isnan(col)]

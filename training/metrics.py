@@ -27,11 +27,12 @@ Thresholds are applied as ``probability >= threshold`` -> positive, everywhere i
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 from sklearn.metrics import confusion_matrix, f1_score, roc_curve
 
@@ -121,7 +122,7 @@ def _fast_delong(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return aucs, s10 / m + s01 / n
 
 
-def delong_auc(y_true: Sequence[float], y_score: Sequence[float], alpha: float = 0.95) -> AUCResult:
+def delong_auc(y_true: ArrayLike, y_score: ArrayLike, alpha: float = 0.95) -> AUCResult:
     """AUC and its DeLong (1988) CI: ``auc ± z_{(1+alpha)/2} * sqrt(var)``, clipped to [0, 1]."""
     pos, neg = _split(np.asarray(y_true), np.asarray(y_score))
     aucs, cov = _fast_delong(pos, neg)
@@ -131,8 +132,8 @@ def delong_auc(y_true: Sequence[float], y_score: Sequence[float], alpha: float =
                      pos.shape[1], neg.shape[1], alpha)
 
 
-def delong_test_paired(y_true: Sequence[float], score_a: Sequence[float],
-                       score_b: Sequence[float]) -> DeLongTest:
+def delong_test_paired(y_true: ArrayLike, score_a: ArrayLike,
+                       score_b: ArrayLike) -> DeLongTest:
     """DeLong test for two correlated ROC curves (two models scored on the same cases)."""
     pos, neg = _split(np.asarray(y_true), np.vstack([score_a, score_b]))
     aucs, cov = _fast_delong(pos, neg)
@@ -143,8 +144,8 @@ def delong_test_paired(y_true: Sequence[float], score_a: Sequence[float],
     return DeLongTest(float(aucs[0]), float(aucs[1]), diff, var, z, p, True, n, n)
 
 
-def delong_test_unpaired(y_a: Sequence[float], score_a: Sequence[float], y_b: Sequence[float],
-                         score_b: Sequence[float]) -> DeLongTest:
+def delong_test_unpaired(y_a: ArrayLike, score_a: ArrayLike, y_b: ArrayLike,
+                         score_b: ArrayLike) -> DeLongTest:
     """DeLong test for two independent ROC curves (different cases): var = var_a + var_b."""
     a, b = delong_auc(y_a, score_a), delong_auc(y_b, score_b)
     diff = a.auc - b.auc
@@ -184,7 +185,7 @@ class BinaryMetrics:
     macro_f1: float = float("nan")  # mean of both classes' F1 (the paper's internal F1 values)
 
 
-def youden_threshold(y_true: Sequence[float], y_score: Sequence[float]) -> float:
+def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
     """Threshold maximising Youden's J = sensitivity + specificity - 1 on the ROC curve.
 
     Among ties the highest threshold wins (fewer positives called). sklearn's first ROC point has
@@ -197,7 +198,7 @@ def youden_threshold(y_true: Sequence[float], y_score: Sequence[float]) -> float
     return float(thr[finite][int(np.argmax(j))])
 
 
-def binary_metrics(y_true: Sequence[float], y_score: Sequence[float],
+def binary_metrics(y_true: ArrayLike, y_score: ArrayLike,
                    threshold: float) -> BinaryMetrics:
     """Sensitivity, specificity, accuracy, F1 (sklearn) at ``threshold``."""
     y = np.asarray(y_true).astype(int)
@@ -231,7 +232,7 @@ def _rank_auc(y: np.ndarray, s: np.ndarray) -> float:
 BOOT_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "f1")
 
 
-def bootstrap_ci(y_true: Sequence[float], y_score: Sequence[float], threshold: float,
+def bootstrap_ci(y_true: ArrayLike, y_score: ArrayLike, threshold: float,
                  groups: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap CIs of AUC, sensitivity, specificity, accuracy and F1.
@@ -291,7 +292,8 @@ class Aggregated:
     vendors: list[str]
 
 
-_AGG = {"mean": np.mean, "max": np.max, "median": np.median}
+_AGG: dict[str, Callable[[list[float]], Any]] = {
+    "mean": np.mean, "max": np.max, "median": np.median}
 
 
 def aggregate(table: OOFTable, level: Level = "participant", rule: Rule = "mean") -> Aggregated:
@@ -319,8 +321,8 @@ def aggregate(table: OOFTable, level: Level = "participant", rule: Rule = "mean"
     if level == "participant":
         split: dict[tuple[str, ...], list[int]] = {}
         for key, idx in groups.items():
-            labels = {recs[i].label for i in idx}
-            if len(labels) > 1:
+            distinct = {recs[i].label for i in idx}
+            if len(distinct) > 1:
                 log.warning("participant %s has studies with different labels; split by label",
                             key[0])
                 for i in idx:
@@ -366,7 +368,7 @@ class MetricsSummary:
                 "level": self.level, "n": self.n}
 
 
-def evaluate(y_true: Sequence[float], y_score: Sequence[float], threshold: float | None = None,
+def evaluate(y_true: ArrayLike, y_score: ArrayLike, threshold: float | None = None,
              groups: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
              level: str = "participant", alpha: float = 0.95) -> MetricsSummary:
     """DeLong AUC + metrics at ``threshold`` (Youden's J when None) + bootstrap CIs."""
@@ -494,7 +496,7 @@ def metrics_table_markdown(summaries: Mapping[str, MetricsSummary]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def mape(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
+def mape(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Mean absolute percentage error in percent; cases with y_true == 0 are rejected."""
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)
@@ -503,7 +505,7 @@ def mape(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
     return float(100.0 * np.mean(np.abs((p - y) / y)))
 
 
-def lins_ccc(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
+def lins_ccc(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Lin's concordance correlation coefficient (1989), population (biased) moments."""
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)
@@ -514,7 +516,7 @@ def lins_ccc(y_true: Sequence[float], y_pred: Sequence[float]) -> float:
     return float(2 * cov / denom) if denom > 0 else float("nan")
 
 
-def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
+def regression_metrics(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     """MAPE (%), Lin's CCC, MAE and Pearson r, for the regression head's report."""
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_pred, dtype=np.float64)

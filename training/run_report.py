@@ -99,7 +99,8 @@ def _shap(cohort: Cohort, fold_of: np.ndarray, results: Sequence[ComboResult]) -
     stack = {k: torch.stack([it[k] for it in items]) for k in ("image", "clinical", "lab")
              if k in items[0]}
     names = {k: params[k]["output_names"] for k in ("clinical", "lab") if k in params}
-    res = fusion_shap(_fold_model(combo, 0), **stack, clinical_names=names.get("clinical"),
+    res = fusion_shap(_fold_model(combo, 0), stack.get("image"), stack.get("clinical"),
+                      stack.get("lab"), clinical_names=names.get("clinical"),
                       lab_names=names.get("lab"), seed=0)
     log.info("SHAP modality shares (%s): %s", "+".join(combo.modalities), res.share)
     return res
@@ -126,6 +127,8 @@ def _cam_samples(cohort: Cohort, fold_of: np.ndarray, main: ComboResult, n: int 
     cmap = matplotlib.colormaps["jet"]
     for i in [*pos, *neg]:
         s = cohort.samples[i]
+        if s.image is None:  # every sample of an image combination has one
+            continue
         x = finish({"image": s.image})["image"][None]
         logit, cam = gradcam_forward(model, x, layer)
         cam_up = torch.nn.functional.interpolate(cam[None], size=s.image.shape[1:],

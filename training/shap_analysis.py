@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from inference.model import backbone_width
+
 log = logging.getLogger(__name__)
 
 Method = Literal["deep", "gradient"]
@@ -166,17 +168,18 @@ class FusionInputHead(nn.Module):
         self.modalities = tuple(getattr(model, "modalities", ("image",)))
         self.clinical = getattr(model, "clinical", None)
         self.lab = getattr(model, "lab", None)
-        self.head = model.head
+        self.head = model.get_submodule("head")
         self.widths: dict[str, int] = {}
         if "image" in self.modalities:
-            self.widths["image"] = image_width or int(model.backbone.num_features)
+            self.widths["image"] = image_width or backbone_width(model.get_submodule("backbone"))
         for name in ("clinical", "lab"):
             branch = getattr(self, name)
             if name in self.modalities and branch is not None:
                 self.widths[name] = int(branch[0].in_features)
 
     def blocks(self) -> dict[str, tuple[int, int]]:
-        out, start = {}, 0
+        out: dict[str, tuple[int, int]] = {}
+        start = 0
         for m in ("image", "clinical", "lab"):
             if m in self.widths:
                 out[m] = (start, start + self.widths[m])
@@ -212,7 +215,8 @@ def fusion_shap(model: nn.Module, image: torch.Tensor | None = None,
             if image is None:
                 raise ValueError("the model has an image branch: pass image")
             with torch.no_grad():
-                feats = [model.backbone(image[i:i + batch_size])
+                backbone = model.get_submodule("backbone")
+                feats = [backbone(image[i:i + batch_size])
                          for i in range(0, len(image), batch_size)]
             parts.append(torch.cat(feats).float())
         for name, x in (("clinical", clinical), ("lab", lab)):

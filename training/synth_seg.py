@@ -16,6 +16,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UltrasoundImageStorage
+from pydicom.valuerep import DA, TM
 
 
 def build_seg(source: Dataset, mask: np.ndarray, seg_frames: list[int], *,
@@ -86,8 +87,8 @@ def build_seg(source: Dataset, mask: np.ndarray, seg_frames: list[int], *,
         _point_at_frame(seg, frame_number, source.SOPClassUID)
     # highdicom stamps creation times and a random dimension organisation UID: pin them so a
     # seed gives byte-identical files
-    seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = content_date
-    seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = "100000"
+    seg.ContentDate = seg.SeriesDate = seg.InstanceCreationDate = DA(content_date)
+    seg.ContentTime = seg.SeriesTime = seg.InstanceCreationTime = TM("100000")
     for item in getattr(seg, "ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = f"{content_date}100000"

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +370,7 @@ def generate_cohort(out_dir: Path, participants: int, seed: int,
     if workers > 1 and participants > 2:
         # forkserver: workers fork from a clean single-threaded server (safe inside a node or
         # a test session that runs threads), which has imported this module once already
+        ctx: BaseContext
         if "forkserver" in mp.get_all_start_methods():
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload([__name__])

@@ -356,8 +356,9 @@ def train_fold(
         torch.manual_seed(_seed_for(cfg.seed, fold, epoch, dist.rank))  # dropout stream
         ds.epoch = epoch
         subset = Subset(ds, _epoch_indices(y_train, balance, cfg.seed, fold, epoch).tolist())
-        sampler = DistributedSampler(subset, num_replicas=dist.world_size, rank=dist.rank,
-                                     shuffle=True, seed=_seed_for(cfg.seed, fold, 2))
+        sampler: DistributedSampler[int] = DistributedSampler(
+            subset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+            seed=_seed_for(cfg.seed, fold, 2))
         sampler.set_epoch(epoch)
         loader = DataLoader(subset, batch_size=per_rank_batch, sampler=sampler,
                             num_workers=cfg.num_workers, drop_last=False)
