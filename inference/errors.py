@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # only for annotations: gate.py imports this module at run time
+if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-    from inference.gate import GateVerdict
 
 
 class InferenceError(Exception):
@@ -71,7 +69,7 @@ class NothingToScoreError(ScoringError):
     """
 
     def __init__(self, study_instance_uid: str, reasons: list[tuple[str, str]],
-                 verdicts: list[GateVerdict] | None = None,
+                 verdicts: list[Any] | None = None,
                  sources: dict[str, Dataset] | None = None) -> None:
         self.study_instance_uid = study_instance_uid
         self.reasons = list(reasons)
