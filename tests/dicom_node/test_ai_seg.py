@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.ai_seg import SEGMENT_LABEL, SegmentationModelId, build_ai_seg, full_frame_mask
 from inference.reader import read_study
+from tests.conftest import require_tool
 from tests.inference.us_builders import build, rf_mask, save
 
 MODEL = SegmentationModelId(name="dicom-node RF segmenter", version="3",
@@ -20,6 +21,7 @@ MODEL = SegmentationModelId(name="dicom-node RF segmenter", version="3",
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
+    require_tool(Path("/usr/bin/dciodvfy").exists(), "dciodvfy")
     out = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True,
                          check=False)
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
