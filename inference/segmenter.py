@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
+from scipy import ndimage  # type: ignore[import-untyped]
 from torch import nn
 
 from inference.measurements import measure_roi
@@ -185,8 +185,8 @@ class SegmentationResult:
 def _unet(**kw: Any) -> nn.Module:
     from monai.networks.nets import UNet
 
-    args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2,
-            "channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1}
+    args: dict[str, Any] = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+                            "channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1}
     args.update(kw)
     args["channels"], args["strides"] = tuple(args["channels"]), tuple(args["strides"])
     return UNet(**args)
@@ -195,8 +195,8 @@ def _unet(**kw: Any) -> nn.Module:
 def _basic_unet(**kw: Any) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
-    args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2,
-            "features": (8, 16, 32, 64, 128, 8)}
+    args: dict[str, Any] = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+                            "features": (8, 16, 32, 64, 128, 8)}
     args.update(kw)
     args["features"] = tuple(args["features"])
     return BasicUNet(**args)
@@ -238,9 +238,9 @@ def placement(frame_shape: tuple[int, int], spacing_cm: tuple[float, float],
     tissue region; a deep scan loses its deepest rows (bone), never the muscle.
     """
     h, w = frame_shape
-    sh = max(1, int(round(h * abs(spacing_cm[0]) / spec.pixel_cm)))
-    sw = max(1, int(round(w * abs(spacing_cm[1]) / spec.pixel_cm)))
-    rows, cols = spec.fov_px
+    sh = max(1, round(h * abs(spacing_cm[0]) / spec.pixel_cm))
+    sw = max(1, round(w * abs(spacing_cm[1]) / spec.pixel_cm))
+    cols = spec.fov_px[1]
     return GridPlacement((h, w), (sh, sw), (0, (cols - sw) // 2))
 
 
@@ -307,8 +307,9 @@ def quality_control(prob: np.ndarray, spacing_cm: tuple[float, float] | None,
     if spacing_cm is not None:
         m = measure_roi(np.zeros(keep.shape, np.float32), keep, spacing_cm)
         csa, thick = m.csa_cm2, m.thickness_cm
-    base = dict(confidence=confidence, csa_cm2=csa, thickness_cm=thick, components=int(n),
-                second_component_ratio=second, candidate=keep)
+    base: dict[str, Any] = {"confidence": confidence, "csa_cm2": csa, "thickness_cm": thick,
+                            "components": int(n), "second_component_ratio": second,
+                            "candidate": keep}
     reason = None
     if confidence < limits.min_confidence:
         reason = f"low confidence {confidence:.2f} < {limits.min_confidence:.2f}"
@@ -323,7 +324,7 @@ def quality_control(prob: np.ndarray, spacing_cm: tuple[float, float] | None,
     elif not (limits.min_thickness_cm <= (thick or 0.0) <= limits.max_thickness_cm):
         reason = (f"thickness {thick:.2f} cm outside {limits.min_thickness_cm:g}-"
                   f"{limits.max_thickness_cm:g} cm")
-    return SegmentationResult(keep if reason is None else None, reason, **base)  # type: ignore[arg-type]
+    return SegmentationResult(keep if reason is None else None, reason, **base)
 
 
 @dataclass

@@ -29,11 +29,11 @@ from pydicom.uid import generate_uid
 from dicom_node.errors import TrainingError
 from inference.reader import read_study
 from inference.segmenter import (
-    QcLimits,
     SCHEMA_VERSION,
+    TASK,
+    QcLimits,
     Segmenter,
     SegmenterSpec,
-    TASK,
     create_network,
     grid_shape_for,
     normalise,

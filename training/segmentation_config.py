@@ -46,7 +46,7 @@ class SegTrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     intensity: str = "zscore"
     augment: bool = True
     name: str = "dicom-node RF segmenter"

@@ -70,7 +70,8 @@ class Agreement:
                 for k, v in asdict(self).items()}
 
 
-def agreement(automatic: Sequence[float], reference: Sequence[float]) -> Agreement:
+def agreement(automatic: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray
+              ) -> Agreement:
     """ICC(2,1), SEM and Bland-Altman bias/limits of paired measurements."""
     a = np.asarray(automatic, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)

@@ -11,7 +11,12 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from dicom_node.ai_seg import SEGMENT_LABEL, SegmentationModelId, build_ai_seg, full_frame_mask
+from dicom_node.ai_seg import (
+    SEGMENT_LABEL,
+    SegmentationModelId,
+    build_ai_seg,
+    full_frame_mask,
+)
 from inference.reader import read_study
 from tests.conftest import require_tool
 from tests.inference.us_builders import build, rf_mask, save
