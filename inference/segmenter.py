@@ -439,3 +439,28 @@ def grid_shape_for(depth_cm: float, width_cm: float, pixel_cm: float) -> tuple[i
     def up(v: float) -> int:
         return int(16 * math.ceil(v / pixel_cm / 16))
     return up(depth_cm), up(width_cm)
+
+
+def fill_missing_rois(segmenter: Segmenter, frames: Sequence[USFrame]
+                      ) -> dict[tuple[str, int], SegmentationResult]:
+    """Segment every frame that has no SEG mask; a frame that passes QC gets the automatic mask.
+
+    A human SEG always wins: frames with a mask are left alone. Frames that fail QC keep
+    ``mask=None`` (not measured, not scored) and their result carries the reason.
+
+    Returns:
+        (SOP Instance UID, frame number) -> result, for each frame that was segmented.
+    """
+    out: dict[tuple[str, int], SegmentationResult] = {}
+    for fr in frames:
+        if fr.mask is not None:
+            continue
+        res = segmenter.segment_frame(fr)
+        out[(fr.sop_instance_uid, fr.frame_number)] = res
+        if res.mask is not None:
+            fr.mask = res.mask
+        else:
+            logger.info("automatic ROI rejected for %s frame %d: %s", fr.sop_instance_uid,
+                        fr.frame_number, res.qc_reason,
+                        extra={"study_uid": fr.study_instance_uid})
+    return out

@@ -143,3 +143,27 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path: Path) -> None:
     (folder / "fold_0.safetensors").unlink()
     with pytest.raises(SegmenterArtifactError, match="weights do not load"):
         load_segmenter(folder)
+
+
+def test_fill_missing_rois_leaves_human_masks_and_keeps_failed_frames_unmasked(
+        tmp_path: Path) -> None:
+    from inference.segmenter import fill_missing_rois
+    from inference.types import USFrame
+
+    seg = load_segmenter(_write_artifact(tmp_path / "m"))
+    image = np.random.default_rng(1).random((120, 160)).astype(np.float32)
+    human = _ellipse(image.shape, (40, 80), (20, 50))
+
+    def frame(uid: str, mask: np.ndarray | None, spacing: tuple[float, float] | None) -> USFrame:
+        return USFrame(sop_instance_uid=uid, series_instance_uid="s", study_instance_uid="st",
+                       sop_class_uid="c", frame_number=1, image=image, crop_box=(0, 0, 120, 160),
+                       spacing_cm=spacing, mask=mask)
+
+    frames = [frame("a", human, (0.03, 0.03)), frame("b", None, None),
+              frame("c", None, (0.03, 0.03))]
+    results = fill_missing_rois(seg, frames)
+    assert set(results) == {("b", 1), ("c", 1)}
+    assert frames[0].mask is human
+    assert frames[1].mask is None and "calibration" in results[("b", 1)].qc_reason
+    # an untrained network: whatever it outputs, a frame gets a mask exactly when QC passed
+    assert (frames[2].mask is not None) == results[("c", 1)].passed
