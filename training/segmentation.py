@@ -114,19 +114,40 @@ def _participants(labels: Path | None) -> dict[str, str]:
     return out
 
 
+def _automatic_seg(path: Path) -> bool:
+    """True for a DICOM-SEG whose segments are all AUTOMATIC (the node's own output).
+
+    Training on its own automatic outlines would teach the network its own mistakes, so only
+    manual or semi-automatic (human-checked) SEGs are used as references.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["Modality", "SegmentSequence"])
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_study
+        return False
+    segments = ds.get("SegmentSequence") or []
+    return ds.get("Modality") == "SEG" and bool(segments) and all(
+        str(item.get("SegmentAlgorithmType", "")).upper() == "AUTOMATIC" for item in segments)
+
+
 def load_seg_samples(source_dir: Path, spec: SegmenterSpec, labels: Path | None = None, *,
                      progress: Progress | None = None) -> tuple[list[SegSample], list[str]]:
     """Every calibrated frame with a SEG mask under ``source_dir`` (archive or folder).
 
     Returns:
-        (samples, skipped): skipped holds one human-readable line per frame not used.
+        (samples, skipped): skipped holds one human-readable line per frame (or automatic SEG)
+        not used.
     """
     index = index_archive(Path(source_dir))
     owner = _participants(labels)
     samples: list[SegSample] = []
     skipped: list[str] = []
     for n, (study, (patient, paths)) in enumerate(sorted(index.items()), 1):
-        read = read_study(paths)
+        automatic = [p for p in paths if _automatic_seg(p)]
+        skipped.extend(f"{p}: automatic DICOM-SEG, not a reference" for p in automatic)
+        read = read_study([p for p in paths if p not in automatic])
         pid = owner.get(study) or owner.get(patient) or patient or study
         for fr in read.frames:
             if fr.mask is None:

@@ -93,3 +93,20 @@ def test_config_rejects_nonsense() -> None:
         SegTrainConfig(n_folds=1)
     with pytest.raises(ValueError):
         SegTrainConfig(pixel_cm=0.0)
+
+
+def test_the_nodes_own_automatic_segs_are_never_training_references(tmp_path: Path) -> None:
+    from dicom_node.ai_seg import SegmentationModelId, build_ai_seg
+    from tests.inference.us_builders import build, make_seg, rf_mask, save
+
+    src, _ = build()
+    src.PatientID = "P1"
+    save(src, tmp_path / "us.dcm")
+    auto = build_ai_seg(src, rf_mask(), 1, SegmentationModelId("rf", "1", "1.2.3"))
+    auto.save_as(tmp_path / "auto_seg.dcm", enforce_file_format=True)
+    samples, skipped = load_seg_samples(tmp_path, make_spec(TINY))
+    assert samples == [] and any("automatic DICOM-SEG" in s for s in skipped)
+    make_seg([src], rf_mask()[None]).save_as(tmp_path / "manual_seg.dcm",
+                                             enforce_file_format=True)
+    samples, _ = load_seg_samples(tmp_path, make_spec(TINY))
+    assert len(samples) == 1 and samples[0].participant_id == "P1"
