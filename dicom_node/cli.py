@@ -9,6 +9,7 @@ so that ``echo``, ``push`` and ``studies`` start in about a second (importing to
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from dicom_node.config import Config, config_from_dict, load_config
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import ConfigError, DicomNodeError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-scale", type=float, default=1.0,
                    help="scale every frame size (physical depth kept; 0.5 for quick tests)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
+    p.add_argument("--non-muscle", type=int, default=0, metavar="N",
+                   help="also write N non-muscle US objects (colour Doppler, sector, fluid, "
+                        "spectral) under OUT/nonmuscle/ for the input gate")
 
     p = add("train", "Train the fold ensemble on an archive or DICOM folder (paper's protocol).")
     p.add_argument("--archive", type=Path, default=None,
@@ -119,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", type=Path, default=None, help="model dir (default scoring.model_dir)")
 
-    add("outbox", "Show results waiting for delivery (and their last error).")
+    p = add("outbox", "Show results waiting for delivery (and their last error).")
+    p.add_argument("--json", action="store_true", help="machine-readable output (epoch times)")
 
     p = add("resend", "Retry every undelivered result now.")
     p.add_argument("--id", type=int, default=None, help="only this outbox item")
@@ -152,33 +157,97 @@ def _resolve(target: str) -> Callable[[argparse.Namespace, Config], int]:
     return getattr(importlib.import_module(module_name), func)
 
 
-def setup_logging(level: str) -> None:
-    """One format for every process: time, level, logger, message (+ study/job ids in messages)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if level.upper() != "DEBUG":
-        # pynetdicom logs several INFO lines per DIMSE message; ours say one line per instance
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """One format for every process; see :mod:`dicom_node.ops.logs` (no patient data, one line)."""
+    from dicom_node.ops.logs import setup_logging as _setup
+
+    _setup(level, fmt)
+
+
+def _add_ops_options(parser: argparse.ArgumentParser) -> None:
+    """Process-wide options that are not a sub-command's business (version, log format)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("dicom-node")
+    except PackageNotFoundError:  # running from a source tree without an install
+        ver = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"dicom-node {ver}")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text (default) or json: one object per line with study/job ids")
+
+
+def _usage_error(args: argparse.Namespace, cfg: Config | None) -> str | None:
+    """The first user mistake in the arguments or the loaded config, as one line (or None)."""
+    from dicom_node.config import validate_ae_title
+    from dicom_node.ops.logs import LEVELS
+
+    level = getattr(args, "log_level", None)
+    if level is not None and level.upper() not in LEVELS:
+        return f"--log-level {level!r} is not one of {', '.join(LEVELS)}"
+    port = getattr(args, "port", None)
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        return f"port {port} is not a TCP port (1-65535)"
+    for opt in ("aet", "aec"):
+        value = getattr(args, opt, None)
+        if value is not None:
+            try:
+                validate_ae_title(value, f"--{opt}")
+            except DicomNodeError:
+                return f"--{opt} {value!r} is not an AE title (1-16 printable ASCII, no backslash)"
+    if cfg is not None and cfg.node.data_dir.exists() and not cfg.node.data_dir.is_dir():
+        return f"config key 'node.data_dir': {cfg.node.data_dir} exists and is not a directory"
+    return None
+
+
+def _describe_os_error(exc: OSError, args: argparse.Namespace, cfg: Config) -> str:
+    """One line for an OS error that reached the CLI: which address or path, and why."""
+    if exc.errno == errno.EADDRINUSE and args.command == "serve":
+        where = getattr(exc, "address", None) or f"{cfg.node.host}:{cfg.node.port}"
+        return f"cannot listen on {where}: address already in use (is another node running?)"
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename else what
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dicom-node`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``dicom-node`` console script.
+
+    Exit codes: 0 success, 1 a runtime failure (e.g. a peer refused), 2 a user mistake (bad
+    argument or config), 130 interrupted. Every failure ends with exactly one line naming it.
+    """
     try:
-        cfg = _load(args)
-    except DicomNodeError as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
+        from dicom_node.errors import USER_ERRORS as user_errors  # type: ignore[attr-defined]
+    except ImportError:
+        user_errors = (DicomNodeError,)
+    parser = build_parser()
+    _add_ops_options(parser)
+    args = parser.parse_args(argv)
+    problem = _usage_error(args, None)
+    cfg: Config | None = None
+    if problem is None:
+        try:
+            cfg = _load(args)
+        except DicomNodeError as exc:
+            problem = str(exc)
+        except OSError as exc:  # e.g. --config names a directory
+            problem = f"cannot read config file {args.config}: {exc.strerror or exc}"
+    if problem is None:
+        problem = _usage_error(args, cfg)
+    if problem is not None or cfg is None:
+        print(f"dicom-node {args.command}: {problem}", file=sys.stderr)
         return 2
-    setup_logging(args.log_level or cfg.node.log_level)
+    setup_logging(args.log_level or cfg.node.log_level, args.log_format)
     try:
         return int(_resolve(COMMANDS[args.command])(args, cfg))
-    except DicomNodeError as exc:
-        log.error("%s", exc)
-        print(f"dicom-node {args.command}: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # found late (e.g. a model dir named by config does not exist)
+        log.error("dicom-node %s: %s", args.command, exc)
+        return 2
+    except user_errors as exc:
+        log.error("dicom-node %s: %s", args.command, exc)
         return 1
+    except OSError as exc:
+        log.error("dicom-node %s: %s", args.command, _describe_os_error(exc, args, cfg))
+        return 2 if exc.errno == errno.EADDRINUSE else 1
     except KeyboardInterrupt:
         return 130
 

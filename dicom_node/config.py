@@ -21,6 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dicom_node.errors import ConfigError
+from inference.gate import GateConfig, gate_config_from_dict
 
 # DICOM PS3.5 Table 6.2-1: AE is up to 16 characters of the default repertoire without backslash
 # or control characters; leading/trailing spaces are not significant and an all-space AE is invalid.
@@ -157,6 +158,8 @@ class ResultsConfig:
     sc_series_number: int = 9002
     burn_in_text: str = "RESEARCH USE ONLY - not for diagnosis"
     heatmap_jpeg: bool = False
+    # a study with no image the model may score: send nothing, or an SR saying "not assessable"
+    not_assessable: Literal["none", "sr"] = "none"
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,16 @@ class DeliveryConfig:
     jitter_fraction: float = 0.2
     poll_seconds: float = 2.0
     timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The status server inside ``serve``: /healthz, /readyz, /metrics and a read-only page."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,8 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     source_path: Path | None = None
 
 
@@ -366,6 +381,8 @@ def _validate(cfg: Config) -> Config:
         _check_port(d.port, f"{key}.port")
         _check_tls(d.tls, f"{key}.tls", server=False)
         dests.append(dataclasses.replace(d, ae_title=validate_ae_title(d.ae_title, f"{key}.ae_title")))
+    if not 0 <= cfg.http.port <= 65535:  # 0: any free port (tests)
+        raise ConfigError("http.port", f"{cfg.http.port} is not a TCP port (0-65535)")
     dl = cfg.delivery
     _check_positive(dl.retry_initial_seconds, "delivery.retry_initial_seconds")
     _check_positive(dl.retry_max_seconds, "delivery.retry_max_seconds")
@@ -419,7 +436,12 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Conf
     dests = data.pop("destinations", [])
     if not isinstance(dests, list):
         raise ConfigError("destinations", "expected an array of tables ([[destinations]])")
-    cfg = _build(Config, data, "", base)
+    gate_table = data.pop("gate", {})
+    try:  # the gate parses its own section (per-AE sub-tables, ranges)
+        gate = gate_config_from_dict(gate_table if isinstance(gate_table, dict) else {})
+    except ValueError as exc:
+        raise ConfigError("gate", str(exc)) from None
+    cfg = dataclasses.replace(_build(Config, data, "", base), gate=gate)
     built = tuple(
         _build(DestinationConfig, d, f"destinations[{i}]", base) if isinstance(d, dict)
         else _raise(f"destinations[{i}]", "expected a table")

@@ -75,3 +75,40 @@ class ResultsError(DicomNodeError):
 
 class TrainingError(DicomNodeError):
     """Training data or settings do not allow a run (e.g. one class only, no usable studies)."""
+
+
+class PermanentJobError(DicomNodeError):
+    """The job's input can never succeed (bad input, not a passing fault): end it at once with
+    this reason instead of retrying. Transient faults (disk, network, PACS) stay other errors."""
+
+
+class NothingToScoreError(ScoringError):
+    """A study holds no image the model may score (SEG-only, or every image stopped by the input
+    gate). Terminal, not a failure: the job ends as ``not-applicable: <reason>``.
+
+    Attributes:
+        study_instance_uid: the study.
+        reasons: (SOP Instance UID, why it was not scored) per object.
+        verdicts: the input gate's verdicts (``inference.gate.GateVerdict``), possibly empty.
+        sources: headers (no Pixel Data) of the gated-out images by SOP Instance UID, for a
+            "not assessable" SR.
+    """
+
+    def __init__(self, study_instance_uid: str, reasons: list[tuple[str, str]],
+                 verdicts: list | None = None, sources: dict | None = None) -> None:
+        self.study_instance_uid = study_instance_uid
+        self.reasons = list(reasons)
+        self.verdicts = list(verdicts or [])
+        self.sources = dict(sources or {})
+        text = "; ".join(f"{u}: {r}" for u, r in self.reasons) or "no ultrasound images found"
+        super().__init__(f"study {study_instance_uid}: nothing to score ({text})")
+
+    def __reduce__(self) -> tuple:
+        """Picklable (scoring may run in a worker process and hand the error back)."""
+        return (type(self), (self.study_instance_uid, self.reasons, self.verdicts, self.sources))
+
+    @property
+    def state(self) -> str:
+        """The study state the job layer records: ``not-applicable: <first reason>``."""
+        first = self.reasons[0][1] if self.reasons else "no ultrasound images found"
+        return f"not-applicable: {first}"

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import Config
-from dicom_node.errors import ModelArtifactError
+from dicom_node.errors import ModelArtifactError, NothingToScoreError
+from dicom_node.ops.metrics import record_pipeline_timings, timed
 from dicom_node.worker import JobContext, Processor
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ class ScoringProcessor:
 
                 assert self.cfg.scoring.model_dir is not None
                 self._pipeline = ScoringPipeline(
-                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader
+                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader, self.cfg.gate
                 )
             return self._pipeline
 
@@ -113,7 +114,12 @@ class ScoringProcessor:
         ))
         log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, reason %s)",
                  ids, len(ctx.paths), ctx.attempt, allow, ctx.payload.get("completion_reason", "?"))
-        score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+        try:
+            score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+        except NothingToScoreError as exc:  # terminal: no retries, no sarcopenia verdict
+            self._not_applicable(ctx, exc, ids)
+            return
+        record_pipeline_timings(score.timings_ms)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
                  "positive" if score.positive else "negative", len(score.images), len(score.skipped))
         for uid, reason in score.skipped:
@@ -122,9 +128,11 @@ class ScoringProcessor:
         predecessor = find_predecessor(cfg.node.results_dir, ctx.study_uid)
         if predecessor is not None:
             log.info("%s: rescore; predecessor SR %s", ids, predecessor.SOPInstanceUID)
-        results = build_results(score, _sources(read), cfg.results, predecessor)
+        with timed("sr_build"):
+            results = build_results(score, _sources(read), cfg.results, predecessor)
         paths = write_results(results, cfg)
-        log.info("%s: results archived (SR %s + %d heat map(s))", ids, results.sr.SOPInstanceUID,
+        log.info("%s: results archived (SR %s + %d heat map(s))", ids,
+                 results.sr.SOPInstanceUID if results.sr is not None else "not built",
                  len(results.heatmaps))
         if cfg.destinations:
             names = [d.name for d in cfg.destinations]
@@ -134,6 +142,23 @@ class ScoringProcessor:
             log.warning("%s: no [[destinations]] configured; results stay in %s", ids,
                         cfg.node.results_dir / ctx.study_uid)
         ctx.note = study_note(score)
+
+
+    def _not_applicable(self, ctx: JobContext, exc: NothingToScoreError, ids: str) -> None:
+        """Record ``not-applicable: <reason>``; by ``results.not_assessable`` send an SR saying so."""
+        from dicom_node.results import ResultSet, build_not_assessable_sr, write_results
+        from dicom_node.sender import enqueue
+
+        log.info("%s: %s", ids, exc.state)
+        ctx.note = (exc.state + "; " + "; ".join(f"{u}: {r}" for u, r in exc.reasons))[:_NOTE_LIMIT]
+        if self.cfg.results.not_assessable != "sr" or not exc.sources:
+            return
+        sr = build_not_assessable_sr(ctx.study_uid, exc.state, exc.verdicts, exc.sources,
+                                     self.pipeline.info, self.cfg.results)
+        paths = write_results(ResultSet(sr=sr), self.cfg)
+        if self.cfg.destinations:
+            enqueue(self.cfg.node.db_path, ctx.study_uid, paths,
+                    [d.name for d in self.cfg.destinations])
 
 
 def _sources(read: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node.archive import Archive
 from dicom_node.config import NodeConfig, TLSConfig
 from dicom_node.errors import OutOfResourcesError, ValidationError
+from dicom_node.ops.metrics import record_instance
 from dicom_node.scu import set_tcp_nodelay
 from dicom_node.validate import (
     STATUS_CANNOT_UNDERSTAND,
@@ -173,6 +174,7 @@ def handle_store(event: Event, archive: Archive, stats: _AssocStats) -> int:
             except Exception as exc:  # disk full etc.: still answer the specific status
                 where = f"; could not quarantine: {exc}"
         log.warning("C-STORE from %s refused 0x%04X: %s%s", calling, status, reason, where)
+        record_instance(status, calling)
         return status
 
     try:
@@ -198,6 +200,7 @@ def handle_store(event: Event, archive: Archive, stats: _AssocStats) -> int:
     stats.add(event.assoc, outcome.kind)
     log.info("study %s: %s instance %s (%s, series %s) from %s", info.study_uid, outcome.kind,
              info.sop_uid, info.modality, info.series_uid, calling)
+    record_instance(0x0000, calling, len(raw or b""))
     return 0x0000
 
 

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Config
 from dicom_node.errors import DeliveryError
+from dicom_node.ops.netcheck import association_failure
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def store_files(
         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
     )
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        why = association_failure(assoc, host, port, timeout)
         raise DeliveryError(f"association to {called_aet}@{host}:{port} {why}")
     results: list[tuple[str, int]] = []
     try:
@@ -203,7 +204,7 @@ def echo(host: str, port: int, *, calling_aet: str, called_aet: str, timeout: fl
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        why = association_failure(assoc, host, port, timeout)
         raise DeliveryError(f"association to {called_aet}@{host}:{port} {why}")
     try:
         status = assoc.send_c_echo()

@@ -17,6 +17,7 @@ destination" and is expanded on the next delivery pass.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import sqlite3
@@ -33,6 +34,8 @@ from pydicom import dcmread
 
 from dicom_node.config import Config, DeliveryConfig, DestinationConfig, TLSConfig
 from dicom_node.errors import DeliveryError
+from dicom_node.ops.metrics import record_send
+from dicom_node.ops.status import human_time
 from dicom_node.scu import store_files
 
 log = logging.getLogger(__name__)
@@ -257,6 +260,7 @@ class DeliveryLoop:
                 counts[k] += v
         if not files:
             return counts
+        t_send = time.perf_counter()
         try:
             results = store_files(
                 dest.host, dest.port, files,
@@ -279,6 +283,7 @@ class DeliveryLoop:
                 table.update(r["id"], {"state": SENT, "sent_at": now, "last_error": "",
                                        "attempts": r["attempts"] + 1})
         counts["sent"] += len(sent)
+        record_send(dest_name, ok_rows, sent, t_send)
         failed = [r for r in ok_rows if r not in sent]
         if failed:
             reasons = []
@@ -340,20 +345,23 @@ def outbox_summary(db_path: Path) -> dict[str, dict[str, int]]:
 
 
 def _fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+    return human_time(t)
 
 
 def outbox_command(args: argparse.Namespace, cfg: Config) -> int:
     """``dicom-node outbox``: results not delivered yet (pending or expired) and why."""
     rows = outbox_rows(cfg.node.db_path)
+    if getattr(args, "json", False):  # machine times: epoch seconds as stored
+        print(json.dumps(rows, indent=2))
+        return 0
     if not rows:
         print("outbox: nothing waiting (every queued result was delivered)")
         return 0
-    print(f"{'id':>5} {'state':8} {'dest':10} {'tries':>5} {'next try':19}  study / error")
+    print(f"{'id':>5} {'state':8} {'dest':10} {'tries':>5} {'next try':25}  study / error")
     for r in rows:
         nxt = _fmt_time(r["next_attempt_at"]) if r["state"] == PENDING else "-"
         print(f"{r['id']:>5} {r['state']:8} {r['destination'][:10]:10} {r['attempts']:>5} "
-              f"{nxt:19}  {r['study_uid']}")
+              f"{nxt:25}  {r['study_uid']}")
         if r["last_error"]:
             print(f"{'':>5} last error: {r['last_error']}")
     n_exp = sum(r["state"] == EXPIRED for r in rows)

@@ -13,12 +13,13 @@ import logging
 import signal
 import sys
 import threading
-import time
 from typing import Any
 
 from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
+from dicom_node.ops.http import model_check, start_status_server
+from dicom_node.ops.status import human_time
 from dicom_node.queue import requeue_orphans
 from dicom_node.scp import start_scp
 from dicom_node.worker import Processor, Worker, archive_only_processor
@@ -61,6 +62,7 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
+    status_server = start_status_server(cfg, model_check(worker.processor) if worker else None)
     server = start_scp(cfg.node, archive)
     monitor.start()
     if worker is not None:
@@ -78,6 +80,8 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
             worker.stop()
         if delivery is not None:
             delivery.stop()
+        if status_server is not None:
+            status_server.stop()
         archive.close()
         log.info("node stopped")
     return 0
@@ -152,7 +156,7 @@ def studies_command(args: argparse.Namespace, cfg: Config) -> int:
         delivery = ", ".join(f"{k} {v}" for k, v in sorted(r.get("delivery", {}).items())) or "-"
         table.add_row(
             r["study_uid"], r["patient_id"], r["state"], str(r["instances"]), str(r["us"]),
-            str(r["seg"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received"])),
+            str(r["seg"]), human_time(r["last_received"]),
             job_s, delivery, (r["note"] or "")[:60],
         )
     # a pipe or log file has no width: give the UIDs room instead of rich's 80-column default

@@ -20,6 +20,7 @@ from typing import Any
 
 from dicom_node.archive import Archive
 from dicom_node.config import WorkerConfig
+from dicom_node.ops.metrics import record_job
 from dicom_node.queue import Job, claim, mark_done, mark_failed
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,10 @@ def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) ->
         log.error("job %s (study %s): attempt %d failed: %s; %s", job.id, job.study_uid,
                   job.attempts, error, "will retry" if retried else "giving up")
         log.debug("job %s traceback:\n%s", job.id, traceback.format_exc())
+        record_job("retry" if retried else "failed")
         return
     mark_done(archive, job, note=ctx.note)
+    record_job("done")
     log.info("job %s (study %s): done%s", job.id, job.study_uid, f" ({ctx.note})" if ctx.note else "")
 
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from dicom_node.config import Config, ReaderConfig, ScoringConfig
-from dicom_node.errors import ModelArtifactError, ScoringError
+from dicom_node.errors import ModelArtifactError, NothingToScoreError, ScoringError
+from inference.gate import GateConfig, GateVerdict
 from inference.types import ImageScore, ModelInfo, StudyScore, USFrame
 
 if TYPE_CHECKING:
@@ -52,13 +53,15 @@ class ScoringPipeline:
             (the node has nothing but images to feed it).
     """
 
-    def __init__(self, model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig) -> None:
+    def __init__(self, model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig,
+                 gate: GateConfig | None = None) -> None:
         from inference.ensemble import FoldEnsemble
         from inference.model import load_artifact
         from inference.transforms import eval_transforms
 
         self.scoring = scoring
         self.reader = reader
+        self.gate = gate if gate is not None else GateConfig()
         self.artifact = load_artifact(Path(model_dir), device="cpu")
         spec = self.artifact.spec
         if tuple(spec.modalities) != ("image",):
@@ -89,7 +92,7 @@ class ScoringPipeline:
         return self.artifact.info
 
     def score_study(
-        self, paths: Sequence[Path], *, allow_missing_seg: bool
+        self, paths: Sequence[Path], *, allow_missing_seg: bool, calling_ae: str | None = None
     ) -> tuple[StudyScore, StudyRead]:
         """Score every usable frame of one study.
 
@@ -102,8 +105,12 @@ class ScoringPipeline:
             (StudyScore, StudyRead): the verdict and what the reader found (source headers are
             needed to build the SR).
 
+            calling_ae: the sender, for per-AE gate rules.
+
         Raises:
-            ScoringError: nothing in the study could be scored; the message lists why.
+            NothingToScoreError: no image may be scored (SEG-only study, every image stopped by
+                the input gate): terminal, the job ends as ``not-applicable``.
+            ScoringError: images the gate passed could not be scored (no SEG, undecodable).
         """
         import torch
 
@@ -114,6 +121,11 @@ class ScoringPipeline:
         from inference.transforms import roi_box
 
         timings: dict[str, float] = {}
+        # --- input gate (inference.gate): images it stops are never read or scored ---------
+        t0 = time.perf_counter()
+        paths, verdicts, stopped = _gate_paths(paths, self.gate, calling_ae)
+        timings["gate"] = _ms(t0)
+        # --------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         read = read_study(
             [Path(p) for p in paths], frame_policy=self.reader.frame_policy,
@@ -134,6 +146,8 @@ class ScoringPipeline:
         # DICOM-SEG references this image" when scoring the whole region), plus frames left out.
         scored = {u.frame.sop_instance_uid for u in usable}
         skipped = [(str(u), str(r)) for u, r in read.problems if str(u) not in scored]
+        skipped += [(v.sop_instance_uid, f"not scored by the input gate: {v.summary}")
+                    for v in verdicts.values() if not v.passed]
         explained = {u for u, _ in skipped}
         for frame in unscored:
             if frame.sop_instance_uid not in explained:
@@ -141,7 +155,11 @@ class ScoringPipeline:
                                 f"frame {frame.frame_number}: no ROI segmentation (DICOM-SEG)"))
         if not usable:
             reasons = "; ".join(f"{u}: {r}" for u, r in skipped) or "no ultrasound images found"
-            raise ScoringError(f"study {study_uid}: nothing to score ({reasons})")
+            if any(v.passed for v in verdicts.values()):  # images the model may score failed
+                raise ScoringError(f"study {study_uid}: nothing to score ({reasons})")
+            if study_uid.startswith("<unknown"):  # e.g. a SEG-only study: ask the headers
+                study_uid = _header_study_uid(paths, stopped) or study_uid
+            raise NothingToScoreError(study_uid, skipped, list(verdicts.values()), stopped)
 
         t0 = time.perf_counter()
         margin = self.artifact.spec.roi_margin
@@ -176,6 +194,7 @@ class ScoringPipeline:
                 heatmap=heatmaps[i],
                 measurements=measurements,
                 roi_source=u.roi_source,
+                gate=verdicts.get(u.frame.sop_instance_uid),
             ))
         timings["measurements"] = _ms(t0)
 
@@ -190,6 +209,7 @@ class ScoringPipeline:
             model=self.info,
             skipped=skipped,
             timings_ms=timings,
+            gate=list(verdicts.values()),
         )
         log.info(
             "study %s: p=%.3f (%s, threshold %.3f) from %d image(s), %d skipped; ms %s",
@@ -208,6 +228,57 @@ class ScoringPipeline:
 
     def close(self) -> None:
         self.ensemble.close()
+
+
+def _gate_paths(paths: Sequence[Path], cfg: GateConfig, calling_ae: str | None
+                ) -> tuple[list[Path], dict[str, GateVerdict], dict[str, Any]]:
+    """(paths to read, verdict per US image, headers of the images the gate stopped).
+
+    SEGs and objects that are not images pass through untouched (the reader reports them).
+    """
+    from pydicom import dcmread
+
+    from inference.gate import gate_dataset
+    from inference.roi import is_segmentation
+
+    keep: list[Path] = []
+    verdicts: dict[str, GateVerdict] = {}
+    stopped: dict[str, Any] = {}
+    for p in paths:
+        try:
+            ds = dcmread(p)
+        except Exception:  # noqa: BLE001 - the reader reports unreadable files
+            keep.append(Path(p))
+            continue
+        if is_segmentation(ds) or "PixelData" not in ds:
+            keep.append(Path(p))
+            continue
+        v = gate_dataset(ds, cfg, calling_ae)
+        verdicts[v.sop_instance_uid] = v
+        if v.passed:
+            keep.append(Path(p))
+        else:
+            del ds.PixelData
+            stopped[v.sop_instance_uid] = ds
+            log.info("image %s not scored: %s", v.sop_instance_uid, v.summary)
+    return keep, verdicts, stopped
+
+
+def _header_study_uid(paths: Sequence[Path], stopped: dict[str, Any]) -> str | None:
+    from pydicom import dcmread
+
+    for ds in stopped.values():
+        if ds.get("StudyInstanceUID"):
+            return str(ds.StudyInstanceUID)
+    for p in paths:
+        try:
+            uid = dcmread(p, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
+                "StudyInstanceUID")
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the reader
+            continue
+        if uid:
+            return str(uid)
+    return None
 
 
 def _ms(t0: float) -> float:
@@ -323,7 +394,7 @@ def score_command(args: argparse.Namespace, cfg: Config) -> int:
     studies = group_by_study(args.paths)
     if not studies:
         raise ScoringError(f"no DICOM files with a StudyInstanceUID under {', '.join(map(str, args.paths))}")
-    pipeline = ScoringPipeline(Path(model_dir), cfg.scoring, cfg.reader)
+    pipeline = ScoringPipeline(Path(model_dir), cfg.scoring, cfg.reader, cfg.gate)
     allow_missing = cfg.completion.on_missing_seg == "score-whole-region"
     summary: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []

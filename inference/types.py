@@ -9,8 +9,12 @@ without the other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from inference.gate import GateVerdict
 
 
 @dataclass
@@ -89,6 +93,7 @@ class ImageScore:
         measurements: muscle measurements; None when the frame has no ROI.
         roi_source: "seg" when a DICOM-SEG gave the ROI, "whole-region" when the tissue region was
             scored without one.
+        gate: the input gate's verdict on the source image (None when no gate ran).
     """
 
     frame: USFrame
@@ -98,6 +103,12 @@ class ImageScore:
     heatmap: np.ndarray | None = None
     measurements: MuscleMeasurements | None = None
     roi_source: str = "seg"
+    gate: GateVerdict | None = None
+
+    @property
+    def site_established(self) -> bool:
+        """The thigh is established as finding site (by the header or the sender's rules)."""
+        return self.gate is not None and self.gate.site_established
 
 
 @dataclass
@@ -126,6 +137,7 @@ class StudyScore:
         model: identity of the model.
         skipped: (SOP Instance UID, reason) for objects that could not be used.
         timings_ms: per-stage wall time, for logs and benchmarks.
+        gate: the input gate's verdict on every US image of the study, scored or not.
     """
 
     study_instance_uid: str
@@ -137,3 +149,4 @@ class StudyScore:
     model: ModelInfo
     skipped: list[tuple[str, str]] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    gate: list[GateVerdict] = field(default_factory=list)

@@ -32,6 +32,25 @@ UNIT_CM = 3
 # A calibrated region smaller than this (after clipping to the frame) is a thumbnail or a
 # mis-declared region, not an image a model can read.
 MIN_REGION_PX = 16
+# cm values are only reported for a calibration a linear MSK probe can have (see
+# inference.gate.calibration_plausible for why): a PhysicalDelta implying 40 cm of depth is wrong.
+DEPTH_CM_RANGE = (1.5, 10.0)
+SPACING_CM_RANGE = (0.005, 0.05)
+
+
+def plausible_spacing(spacing: tuple[float, float] | None, rows: int
+                      ) -> tuple[float, float] | None:
+    """``spacing`` when pixel size and the depth it implies are plausible, else None (no cm)."""
+    if spacing is None:
+        return None
+    dy, dx = spacing
+    lo, hi = SPACING_CM_RANGE
+    # only the upper depth bound: a shallow crop is still measured correctly
+    if not (lo <= dy <= hi and lo <= dx <= hi and rows * dy <= DEPTH_CM_RANGE[1]):
+        logger.info("calibration %.4f x %.4f cm/px over %d rows is implausible: no cm values",
+                    dy, dx, rows)
+        return None
+    return spacing
 
 
 @dataclass(frozen=True)
@@ -68,12 +87,15 @@ def _spacing(item: Dataset) -> tuple[float, float] | None:
     return (dy, dx)
 
 
-def regions_from_sequence(ds: Dataset, rows: int, cols: int) -> list[TissueRegion]:
+def regions_from_sequence(ds: Dataset, rows: int, cols: int, *, check_calibration: bool = True
+                          ) -> list[TissueRegion]:
     """All usable 2D tissue regions of ``ds``, clipped to the frame, largest first.
 
     Returns an empty list when the sequence is present but has no 2D tissue region (e.g. a
     Doppler-only or M-mode-only object) and ``[]`` too when the sequence is absent: callers
-    tell the two apart with ``"SequenceOfUltrasoundRegions" in ds``.
+    tell the two apart with ``"SequenceOfUltrasoundRegions" in ds``. With ``check_calibration``
+    an implausible calibration gives ``spacing_cm=None`` (no cm values); the input gate reads
+    the raw one to say why.
     """
     out: list[TissueRegion] = []
     for item in ds.get("SequenceOfUltrasoundRegions", []) or []:
@@ -94,13 +116,19 @@ def regions_from_sequence(ds: Dataset, rows: int, cols: int) -> list[TissueRegio
         if box[2] - box[0] < MIN_REGION_PX or box[3] - box[1] < MIN_REGION_PX:
             logger.debug("skipping region %s: too small after clipping to %dx%d", box, rows, cols)
             continue
-        out.append(TissueRegion(box=box, spacing_cm=_spacing(item), source="sequence"))
+        spacing = _spacing(item)
+        if check_calibration:
+            spacing = plausible_spacing(spacing, box[2] - box[0])
+        out.append(TissueRegion(box=box, spacing_cm=spacing, source="sequence"))
     out.sort(key=lambda r: r.area, reverse=True)
     return out
 
 
-def content_region(gray: np.ndarray) -> Box | None:
+def content_region(gray: np.ndarray, exclude: np.ndarray | None = None) -> Box | None:
     """Bounding box of the largest bright, textured connected area of ``gray``; None if none.
+
+    ``exclude`` (bool, same shape) marks pixels that are never tissue, e.g. colour-flow boxes
+    and colour bars found by their chroma, so they cannot widen the crop.
 
     Speckle makes tissue locally non-dark *and* locally varied; text is thin strokes on black
     (removed by a morphological opening at a scale larger than a glyph stroke) and UI bars are
@@ -122,6 +150,8 @@ def content_region(gray: np.ndarray) -> Box | None:
     # unlike speckle, which has few near-zero pixels even in hypoechoic tissue.
     dark_frac = ndimage.uniform_filter((g < 0.02).astype(np.float32), 2 * k + 1)
     cand = bright & textured & (dark_frac < 0.4)
+    if exclude is not None and exclude.shape == cand.shape:
+        cand &= ~ndimage.binary_dilation(exclude, iterations=2)
     cand = ndimage.binary_opening(cand, structure=np.ones((2 * k + 1, 2 * k + 1), bool))
     labels, n = ndimage.label(cand)
     if n == 0:
@@ -187,7 +217,10 @@ def tissue_regions(
         raise NoTissueRegionError(
             sop, "no Sequence of Ultrasound Regions and no image-like area found in the pixels"
         )
-    return [TissueRegion(box=box, spacing_cm=pixel_spacing_cm(ds), source="content")]
+    # a crop found in the pixels is measured only with a plausible PixelSpacing
+    return [TissueRegion(box=box, spacing_cm=plausible_spacing(pixel_spacing_cm(ds),
+                                                               box[2] - box[0]),
+                         source="content")]
 
 
 def pixel_spacing_cm(ds: Dataset) -> tuple[float, float] | None:

@@ -426,6 +426,12 @@ def synth_command(args: argparse.Namespace, cfg: Any) -> int:
     except ValueError as exc:
         print(f"dicom-node synth: {exc}")
         return 2
+    n_other = int(getattr(args, "non_muscle", 0) or 0)
+    if n_other > 0:  # the input gate's negatives (training.synth_nonmuscle)
+        from training.synth_nonmuscle import write_nonmuscle
+
+        write_nonmuscle(Path(args.out), n_other, args.seed, getattr(args, "image_scale", 1.0))
+        print(f"{n_other} non-muscle US objects -> {Path(args.out) / 'nonmuscle'}")
     print(f"{summary.participants} participants, {summary.studies} studies, "
           f"{summary.us_objects} US objects, {summary.seg_objects} SEG -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")

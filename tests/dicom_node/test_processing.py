@@ -128,3 +128,41 @@ def test_build_processor_refuses_a_broken_artifact(tiny_model_dir, tmp_path) -> 
     (broken / raw["folds"][-1]["file"]).unlink()
     with pytest.raises(ModelArtifactError, match=raw["folds"][-1]["file"]):
         build_processor(_config(tmp_path, broken))
+
+
+@pytest.mark.parametrize("not_assessable", ["none", "sr"])
+def test_nothing_to_score_ends_not_applicable_without_retry(tiny_model_dir, synth_cohort, tmp_path,
+                                                            not_assessable) -> None:  # noqa: ANN001
+    import dataclasses
+
+    import numpy as np
+
+    from training.synth_nonmuscle import nonmuscle_object
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    cfg = dataclasses.replace(cfg, results=dataclasses.replace(
+        cfg.results, not_assessable=not_assessable))
+    archive = Archive(cfg.node.data_dir).init()
+    try:
+        ds = nonmuscle_object("sector", np.random.default_rng(2), regions=True).dataset
+        path = tmp_path / "sector.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        uid = str(ds.StudyInstanceUID)
+        _store_study(archive, [path])
+        with archive.transaction() as conn:
+            conn.execute("UPDATE studies SET state = 'complete' WHERE study_uid = ?", (uid,))
+            enqueue(conn, uid, "score", {"allow_missing_seg": True}, max_attempts=3)
+        assert run_one(archive, build_processor(cfg), cfg.worker)
+        job = archive.query("SELECT state, attempts FROM jobs WHERE study_uid = ?", (uid,))[0]
+        assert job["state"] == "done" and job["attempts"] == 1
+        note = archive.study(uid)["note"]
+        assert note.startswith("not-applicable: ") and "sector-geometry" in note
+        srs = _sr_files(cfg.node.results_dir / uid) if (cfg.node.results_dir / uid).exists() else []
+        if not_assessable == "none":
+            assert not srs
+        else:
+            assert len(srs) == 1
+            text = str(dcmread(srs[0]))
+            assert "Undetermined" in text and "Thigh" not in text
+    finally:
+        archive.close()

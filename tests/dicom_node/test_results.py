@@ -8,6 +8,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from inference.gate import GateVerdict
 from inference.types import ImageScore, ModelInfo, MuscleMeasurements, StudyScore, USFrame
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -59,7 +60,8 @@ make_us.study_uid = generate_uid()
 make_us.series_uid = generate_uid()
 
 
-def make_score(sources: list[Dataset], *, probs=(0.8, 0.6), heatmap=True, seg=True) -> StudyScore:
+def make_score(sources: list[Dataset], *, probs=(0.8, 0.6), heatmap=True, seg=True,
+               site=True) -> StudyScore:
     images = []
     for ds, p in zip(sources, probs):
         rng = np.random.default_rng(int(p * 100))
@@ -89,6 +91,8 @@ def make_score(sources: list[Dataset], *, probs=(0.8, 0.6), heatmap=True, seg=Tr
             measurements=MuscleMeasurements(csa_cm2=3.21, thickness_cm=1.23,
                                             echo_intensity_mean=87.5, echo_intensity_sd=21.25),
             roi_source="seg" if seg else "whole-region",
+            gate=GateVerdict(ds.SOPInstanceUID, True, "passed", "B-mode", {}, site, True,
+                             ds.SOPClassUID),
         ))
     prob = float(np.mean(probs[: len(images)]))
     return StudyScore(
@@ -287,6 +291,7 @@ def test_results_from_synthetic_cohort_headers_validate(synth_cohort, tmp_path):
                 measurements=(MuscleMeasurements(2.5, 1.1, 90.0, 18.0) if f.mask is not None
                               else None),
                 roi_source="seg" if f.mask is not None else "whole-region",
+                gate=GateVerdict(f.sop_instance_uid, True, "passed", "B-mode", {}, True, True),
             )
             for f in read.frames
         ]
@@ -308,3 +313,104 @@ def test_no_source_header_is_a_results_error(study):
     sources, _ = study
     with pytest.raises(ResultsError, match=sources[0].StudyInstanceUID):
         R.build_results(make_score(sources), {}, ResultsConfig())
+
+
+def _quirky(ds: Dataset) -> Dataset:
+    """Real-header quirks: over-precise TM, bad DA, PN with a control character, no birth date."""
+    from pydicom.dataelem import DataElement
+
+    q = ds.copy()
+    del q.PatientBirthDate
+    q["StudyTime"] = DataElement(0x00080030, "TM", "120000.1234567890")
+    q["ContentTime"] = DataElement(0x00080033, "TM", "99:99")
+    q["StudyDate"] = DataElement(0x00080020, "DA", "2025-13-45")
+    q["PatientName"] = DataElement(0x00100010, "PN", "Doe^Jane\x07")
+    return q
+
+
+def test_header_quirks_do_not_lose_the_score(study, tmp_path):
+    from dicom_node.results.sanitize import sanitize_source
+
+    sources, _ = study
+    quirky = [_quirky(ds) for ds in sources]
+    clean = sanitize_source(quirky[0])
+    assert clean.StudyTime == "120000.123456" and clean.StudyDate == ""
+    assert clean.PatientBirthDate == "" and "\x07" not in str(clean.PatientName)
+    assert "ContentTime" not in clean or clean.ContentTime == ""
+    assert quirky[0].StudyTime == "120000.1234567890"  # the source is never modified
+    rs = R.build_results(make_score(quirky), {d.SOPInstanceUID: d for d in quirky},
+                         ResultsConfig())
+    assert rs.sr is not None and len(rs.heatmaps) == 2 and not rs.errors
+    report = validate(R.write_results(rs, make_config(tmp_path / "node")))
+    assert report.count("PASS") == 3, report
+
+
+def test_bad_type1_uid_fails_clearly(study):
+    from dicom_node.errors import PermanentJobError
+
+    sources, _ = study
+    bad = sources[0].copy()
+    bad.StudyInstanceUID = "not-a-uid"
+    with pytest.raises(PermanentJobError, match="StudyInstanceUID"):
+        R.build_sr(make_score([bad]), {bad.SOPInstanceUID: bad}, ResultsConfig())
+
+
+def test_one_failing_heatmap_keeps_sr_and_other_heatmap(study):
+    sources, _ = study
+    score = make_score(sources)
+    score.images[1].heatmap = np.zeros((2, 2, 2, 2), np.float32)  # cannot be rendered
+    rs = R.build_results(score, {d.SOPInstanceUID: d for d in sources}, ResultsConfig())
+    assert rs.sr is not None and len(rs.heatmaps) == 1
+    assert len(rs.errors) == 1 and sources[1].SOPInstanceUID in rs.errors[0]
+
+
+def test_no_finding_site_without_established_site(study):
+    sources, _ = study
+    rs = R.build_results(make_score(sources, site=False),
+                         {d.SOPInstanceUID: d for d in sources}, ResultsConfig())
+    assert "Thigh" not in str(rs.sr) and "68367000" not in str(rs.sr)
+    assert "Input gate verdict" in str(rs.sr) and "No cm values" not in str(rs.sr)
+    assert all("BodyPartExamined" not in sc for sc in rs.heatmaps)
+
+
+def test_not_assessable_sr_says_why_per_image(study, tmp_path):
+    from inference import gate as g
+
+    sources, _ = study
+    verdicts = [
+        GateVerdict(sources[0].SOPInstanceUID, False, g.COLOUR, "12% colour-flow", {}, False,
+                    False, sources[0].SOPClassUID),
+        GateVerdict(sources[1].SOPInstanceUID, False, g.SECTOR, "sector field of view", {},
+                    False, False, sources[1].SOPClassUID),
+    ]
+    model = ModelInfo("sarco-test", "0.1", str(generate_uid()), "convnext_atto", 0.5, 2)
+    sr = R.build_not_assessable_sr(sources[0].StudyInstanceUID, "no image passed the gate",
+                                   verdicts, {d.SOPInstanceUID: d for d in sources}, model,
+                                   ResultsConfig())
+    text = str(sr)
+    assert "colour-flow" in text and "sector-geometry" in text and "Undetermined" in text
+    assert "Thigh" not in text and "Present" not in text and "Absent" not in text
+    path = tmp_path / "na.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    report = validate([path])
+    assert report.count("PASS") == 1, report
+
+
+def test_uncalibrated_image_says_no_cm_values(study):
+    sources, _ = study
+    score = make_score(sources)
+    for im in score.images:
+        im.frame.spacing_cm = None
+        im.measurements = MuscleMeasurements(None, None, 80.0, 20.0)
+    rs = R.build_results(score, {d.SOPInstanceUID: d for d in sources}, ResultsConfig())
+    assert str(rs.sr).count("No cm values") == 2 and "square centimeter" not in str(rs.sr)
+
+
+def test_nothing_to_score_error_survives_a_process_boundary():
+    import pickle
+
+    from dicom_node.errors import NothingToScoreError
+
+    v = GateVerdict("1.2.3", False, "colour-flow", "5% colour", {"colour_fraction": 0.05})
+    err = pickle.loads(pickle.dumps(NothingToScoreError("1.2", [("1.2.3", "colour-flow")], [v])))
+    assert err.state == "not-applicable: colour-flow" and err.verdicts[0].measured["colour_fraction"] == 0.05

@@ -60,7 +60,9 @@ def test_scores_a_segmented_study(pipeline: ScoringPipeline, synth_cohort) -> No
     probs = [im.probability for im in score.images]
     assert score.probability == pytest.approx(np.mean(probs))
     assert score.positive == (score.probability >= info.threshold)
-    assert set(score.timings_ms) == {"decode", "transforms", "ensemble", "cam", "measurements"}
+    assert set(score.timings_ms) == {"gate", "decode", "transforms", "ensemble", "cam", "measurements"}
+    assert score.gate and all(v.passed for v in score.gate)
+    assert all(im.gate is not None and im.gate.passed for im in score.images)
 
 
 def test_probabilities_equal_the_fold_models_applied_by_hand(pipeline, synth_cohort) -> None:  # noqa: ANN001
@@ -204,3 +206,35 @@ def test_bad_cam_layer_or_model_dir_is_a_clear_error(tiny_model_dir, tmp_path) -
         ScoringPipeline(tiny_model_dir, cfg, ReaderConfig())
     with pytest.raises(ModelArtifactError, match="does not exist"):
         ScoringPipeline(tmp_path / "none", ScoringConfig(model_dir=tmp_path), ReaderConfig())
+
+
+def test_seg_only_study_is_nothing_to_score(pipeline, synth_cohort) -> None:  # noqa: ANN001
+    from dicom_node.errors import NothingToScoreError
+
+    study, files = study_files(synth_cohort, "normal")
+    segs = [f for f in files if "SEG_" in Path(f).name]
+    assert segs
+    with pytest.raises(NothingToScoreError) as err:
+        pipeline.score_study(segs, allow_missing_seg=True)
+    assert err.value.study_instance_uid == study["study_uid"]
+    assert err.value.state.startswith("not-applicable: ")
+
+
+def test_gate_stops_non_muscle_images_and_records_why(pipeline, synth_cohort, tmp_path) -> None:  # noqa: ANN001,E501
+    import numpy as np
+
+    from dicom_node.errors import NothingToScoreError
+    from training.synth_nonmuscle import nonmuscle_object
+
+    study, files = study_files(synth_cohort, "normal")
+    doppler = nonmuscle_object("colour-doppler", np.random.default_rng(5), regions=True).dataset
+    doppler.StudyInstanceUID = study["study_uid"]
+    path = tmp_path / "doppler.dcm"
+    doppler.save_as(path, enforce_file_format=True)
+    score, _ = pipeline.score_study([*files, path], allow_missing_seg=False)
+    assert doppler.SOPInstanceUID not in {im.frame.sop_instance_uid for im in score.images}
+    why = dict(score.skipped)[doppler.SOPInstanceUID]
+    assert "colour-flow" in why
+    with pytest.raises(NothingToScoreError) as err:
+        pipeline.score_study([path], allow_missing_seg=True)
+    assert "colour-flow" in err.value.state and err.value.sources

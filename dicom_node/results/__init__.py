@@ -33,7 +33,9 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from dicom_node.config import ResultsConfig
 from dicom_node.durable import fsync_dir, write_durable
-from dicom_node.errors import ResultsError
+from dicom_node.errors import PermanentJobError, ResultsError
+from dicom_node.results.sanitize import ResultsInputError, sanitize_source  # noqa: F401 - re-exported
+from inference.gate import GateVerdict
 from inference.types import ImageScore, ModelInfo, StudyScore
 
 if TYPE_CHECKING:
@@ -57,6 +59,10 @@ THIGH = codes.SCT.Thigh  # 68367000
 ECHO_INTENSITY = Code("EI", PRIVATE_SCHEME, "Echo intensity (0-255 grey level)")
 DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the model")
 ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
+GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
+IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")
+NO_CM = Code("NO-CM", PRIVATE_SCHEME, "No cm values: calibration absent or implausible")
+NOT_ASSESSABLE = codes.SCT.Undetermined  # 373068000: no sarcopenia verdict for this study
 
 UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")
 UNIT_CM2 = Code("cm2", "UCUM", "square centimeter")
@@ -70,12 +76,13 @@ _PAIRED = {"R", "L"}
 class ResultSet:
     """What one scoring run writes: the SR and its heat maps (all in the source's study)."""
 
-    sr: Dataset
+    sr: Dataset | None
     heatmaps: list[Dataset] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # objects that could not be built, and why
 
     @property
     def datasets(self) -> list[Dataset]:
-        return [self.sr, *self.heatmaps]
+        return [d for d in (self.sr, *self.heatmaps) if d is not None]
 
 
 def _model_uid(model: ModelInfo) -> str:
@@ -171,7 +178,7 @@ def _image_group(
     src: Dataset,
     seg: Dataset | None,
     algorithm: hd.sr.AlgorithmIdentification,
-    finding_site: hd.sr.FindingSite,
+    finding_site: hd.sr.FindingSite | None,
     evidence: list[Dataset],
     study_uid: str,
 ) -> (hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -213,8 +220,9 @@ def _image_group(
             referenced_segment=ref,
             finding_type=codes.SCT.SkeletalMuscle,
             algorithm_id=algorithm,
-            finding_sites=[finding_site],
+            finding_sites=[finding_site] if finding_site else None,
             measurements=measurements,
+            qualitative_evaluations=_image_evaluations(score),
         )
     method = ROI_SOURCE_WHOLE if score.roi_source != "seg" else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -222,8 +230,9 @@ def _image_group(
         finding_type=codes.SCT.SkeletalMuscle,
         method=method,
         algorithm_id=algorithm,
-        finding_sites=[finding_site],
+        finding_sites=[finding_site] if finding_site else None,
         measurements=measurements,
+        qualitative_evaluations=_image_evaluations(score),
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(src.SOPClassUID, src.SOPInstanceUID, frames)
         ],
@@ -237,6 +246,7 @@ def build_sr(
     predecessor: Dataset | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 SR for a scored study (see the module docstring for the tree)."""
+    sources = {uid: sanitize_source(ds) for uid, ds in sources.items()}
     us_sources = _us_sources(score, sources)
     if not us_sources:
         raise ResultsError(
@@ -265,12 +275,16 @@ def build_sr(
                         score.study_instance_uid, img.frame.sop_instance_uid)
             continue
         seg = sources.get(img.frame.seg_sop_instance_uid or "")
-        site = hd.sr.FindingSite(
-            anatomic_location=THIGH,
-            laterality={"R": codes.SCT.Right, "L": codes.SCT.Left}.get(_laterality(src) or ""),
-        )
+        site = None
+        if img.site_established:  # never claim the thigh unless the header/rules say so
+            site = hd.sr.FindingSite(
+                anatomic_location=THIGH,
+                laterality={"R": codes.SCT.Right, "L": codes.SCT.Left}.get(
+                    _laterality(src) or ""),
+            )
         groups.append(_image_group(i, img, src, seg, algorithm, site, evidence,
                                    score.study_instance_uid))
+    groups.extend(_not_scored_groups(score, algorithm, evidence))
     study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(), identifier=f"study ({score.rule} of {len(score.images)} images)"
@@ -291,9 +305,7 @@ def build_sr(
         imaging_measurements=[*groups, study_group],
         title=codes.DCM.ImagingMeasurementReport,
     )
-    # dedupe evidence (same SEG may cover several images)
-    seen: set[str] = set()
-    unique = [e for e in evidence if not (e.SOPInstanceUID in seen or seen.add(e.SOPInstanceUID))]
+    unique = _dedupe(evidence)  # the same SEG may cover several images
     sr = hd.sr.ComprehensiveSR(
         evidence=unique,
         content=report[0],
@@ -314,6 +326,127 @@ def build_sr(
     if "StudyDescription" not in first:
         sr.StudyDescription = ""
     return sr
+
+
+def _gate_evaluation(verdict: GateVerdict | None) -> list[hd.sr.QualitativeEvaluation] | None:
+    """The gate's verdict as a coded item (private scheme; the meaning carries the reason)."""
+    if verdict is None:
+        return None
+    text = "passed" if verdict.passed else f"{verdict.reason}: {verdict.detail}"
+    return [hd.sr.QualitativeEvaluation(GATE_VERDICT,
+                                        Code(verdict.reason[:16], PRIVATE_SCHEME, text[:64]))]
+
+
+def _image_evaluations(score: ImageScore) -> list[hd.sr.QualitativeEvaluation] | None:
+    """Why this image was scored (gate verdict) and, when so, why it has no cm values."""
+    items = list(_gate_evaluation(score.gate) or [])
+    if score.frame.spacing_cm is None:
+        items.append(hd.sr.QualitativeEvaluation(NO_CM, codes.SCT.Undetermined))
+    return items or None
+
+
+def _verdict_stub(v: GateVerdict, study_uid: str) -> Dataset:
+    """Evidence entry for an image that was not scored (its header is not needed)."""
+    ds = Dataset()
+    ds.SOPClassUID = v.sop_class_uid or "1.2.840.10008.5.1.4.1.1.6.1"
+    ds.SOPInstanceUID = v.sop_instance_uid
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, v.sop_instance_uid])
+    ds.StudyInstanceUID = study_uid
+    return ds
+
+
+def _not_scored_groups(score: StudyScore, algorithm: hd.sr.AlgorithmIdentification,
+                       evidence: list[Dataset], sources: dict[str, Dataset] | None = None
+                       ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One group per image the gate stopped: which image, and why it was not scored."""
+    out = []
+    scored = {im.frame.sop_instance_uid for im in score.images}
+    for v in score.gate:
+        if v.passed or v.sop_instance_uid in scored:
+            continue
+        src = (sources or {}).get(v.sop_instance_uid)
+        evidence.append(src if src is not None else _verdict_stub(v, score.study_instance_uid))
+        out.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=[score.study_instance_uid, v.sop_instance_uid]),
+                identifier=f"not scored: {v.reason}"[:64]),
+            finding_type=IMAGE_NOT_SCORED,
+            algorithm_id=algorithm,
+            qualitative_evaluations=_gate_evaluation(v),
+            source_images=[hd.sr.SourceImageForMeasurementGroup(
+                v.sop_class_uid or "1.2.840.10008.5.1.4.1.1.6.1", v.sop_instance_uid)],
+        ))
+    return out
+
+
+def build_not_assessable_sr(
+    study_uid: str,
+    reason: str,
+    verdicts: list[GateVerdict],
+    sources: dict[str, Dataset],
+    model: ModelInfo,
+    cfg: ResultsConfig,
+) -> hd.sr.ComprehensiveSR:
+    """An SR saying the study is "not assessable" for sarcopenia, with the reason per image.
+
+    Raises:
+        ResultsError: no source header to take the patient and study from.
+    """
+    headers = [sanitize_source(ds) for ds in sources.values()
+               if str(ds.get("StudyInstanceUID", "")) == study_uid]
+    if not headers:
+        raise ResultsError(f"study {study_uid}: no source header for a not-assessable SR")
+    by_uid = {str(h.SOPInstanceUID): h for h in headers}
+    algorithm = _algorithm(model, cfg)
+    score = StudyScore(study_instance_uid=study_uid, patient_id=str(headers[0].PatientID),
+                       probability=float("nan"), positive=False, rule="none", images=[],
+                       model=model, gate=list(verdicts))
+    evidence: list[Dataset] = []
+    groups: list = _not_scored_groups(score, algorithm, evidence, by_uid)
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[study_uid, "not-assessable"]),
+            identifier="study: not assessable"),
+        finding_type=SARCOPENIA,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(SARCOPENIA, NOT_ASSESSABLE),
+            hd.sr.QualitativeEvaluation(
+                GATE_VERDICT, Code("NOT-ASSESSABLE", PRIVATE_SCHEME, reason[:64] or "no reason")),
+        ],
+    ))
+    observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_model_uid(model), name=cfg.algorithm_name[:64])))
+    report = hd.sr.MeasurementReport(
+        observation_context=observer, procedure_reported=codes.SCT.Ultrasonography,
+        imaging_measurements=groups, title=codes.DCM.ImagingMeasurementReport)
+    if not evidence:
+        evidence = headers[:1]
+    elif str(evidence[0].SOPInstanceUID) not in by_uid:
+        evidence.insert(0, headers[0])
+    unique = _dedupe(evidence)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=unique, content=report[0], series_instance_uid=generate_uid(),
+        series_number=cfg.sr_series_number, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer=cfg.manufacturer[:64], is_complete=True, is_final=False, is_verified=False,
+        institution_name=cfg.institution_name or None,
+        contributing_equipment=[_contributing_equipment(model, cfg)])
+    sr.SeriesDescription = cfg.sr_series_description[:64]
+    return sr
+
+
+def _dedupe(evidence: list[Dataset]) -> list[Dataset]:
+    """Evidence without repeats; the first occurrence wins (the first entry defines patient and
+    study of the SR)."""
+    seen: set[str] = set()
+    out: list[Dataset] = []
+    for e in evidence:
+        if str(e.SOPInstanceUID) not in seen:
+            seen.add(str(e.SOPInstanceUID))
+            out.append(e)
+    return out
 
 
 def _us_sources(score: StudyScore, sources: dict[str, Dataset]) -> list[Dataset]:
@@ -349,14 +482,14 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
     heat = np.clip(np.asarray(img.heatmap, dtype=np.float32), 0, 1)
     if heat.shape != gray.shape:
         heat = np.asarray(
-            Image.fromarray(heat).resize((gray.shape[1], gray.shape[0]), Image.BILINEAR)
+            Image.fromarray(heat).resize((gray.shape[1], gray.shape[0]), Image.Resampling.BILINEAR)
         )
     base = np.repeat((gray * 255).astype(np.uint8)[..., None], 3, axis=2).astype(np.float32)
     blended = (0.55 * base + 0.45 * _jet(heat).astype(np.float32)).astype(np.uint8)
     h, w = gray.shape
     scale = max(1.0, 384.0 / w)
     ow, oh = int(round(w * scale)), int(round(h * scale))
-    overlay = Image.fromarray(blended).resize((ow, oh), Image.BILINEAR)
+    overlay = Image.fromarray(blended).resize((ow, oh), Image.Resampling.BILINEAR)
     bar_w, margin, text_h = 16, 8, 52
     canvas = Image.new("RGB", (ow + bar_w + 5 * margin, oh + text_h), (0, 0, 0))
     canvas.paste(overlay, (0, 0))
@@ -389,6 +522,7 @@ def build_heatmaps(
         src = sources.get(img.frame.sop_instance_uid)
         if src is None:
             continue
+        src = sanitize_source(src)
         rgb = render_heatmap(img, cfg.burn_in_text, score.model.threshold)
         kwargs: dict = {}
         photometric = "RGB"
@@ -416,11 +550,14 @@ def build_heatmaps(
             **kwargs,
         )
         if orientation is None:  # unknown for a free-hand US probe: Type 2, left empty
-            sc.PatientOrientation = ""
-        # dciodvfy: THIGH is a paired body part, so Laterality (Type 2C) must be present.
-        sc.BodyPartExamined = "THIGH"
-        if laterality is None:
-            sc.Laterality = ""
+            sc.PatientOrientation = ""  # type: ignore[assignment]
+        if img.site_established:
+            # dciodvfy: THIGH is a paired body part, so Laterality (Type 2C) must be present.
+            sc.BodyPartExamined = "THIGH"
+            if laterality is None:
+                sc.Laterality = ""
+        elif "BodyPartExamined" in sc:
+            del sc.BodyPartExamined  # never claim a site the gate did not establish
         sc.StudyDescription = str(src.get("StudyDescription", "") or "")
         sc.SeriesDescription = cfg.sc_series_description[:64]
         sc.ImageComments = f"{cfg.burn_in_text}; p={img.probability:.3f}"[:10240]
@@ -452,12 +589,47 @@ def build_results(
         cfg: identity of the algorithm and series numbering.
         predecessor: the SR of an earlier scoring of this study; the new SR lists it in
             PredecessorDocumentsSequence so a PACS can tell the rescore supersedes it.
+
+    A failure to build one object (the SR, or one heat map) is recorded in ``errors`` and the
+    others are still returned: a finished score is never lost to one bad object.
+
+    Raises:
+        ResultsInputError: a Type 1 attribute of a source is invalid (permanent).
+        ResultsError: not a single object could be built.
     """
-    sr = build_sr(score, sources, cfg, predecessor)
-    heatmaps = build_heatmaps(score, sources, cfg)
-    log.info("study %s: built SR %s and %d heat map(s)",
-             score.study_instance_uid, sr.SOPInstanceUID, len(heatmaps))
-    return ResultSet(sr=sr, heatmaps=list(heatmaps))
+    errors: list[str] = []
+    sr = None
+    try:
+        sr = build_sr(score, sources, cfg, predecessor)
+    except PermanentJobError:
+        raise
+    except (ValueError, TypeError, AttributeError, ResultsError) as exc:
+        errors.append(f"SR: {exc}")
+        log.error("study %s: SR could not be built: %s", score.study_instance_uid, exc)
+    heatmaps: list[Dataset] = []
+    for img in score.images:
+        one = StudyScore(**{**score.__dict__, "images": [img]})
+        try:
+            built = build_heatmaps(one, sources, cfg)
+        except PermanentJobError:
+            raise
+        except (ValueError, TypeError, AttributeError) as exc:
+            errors.append(f"heat map of {img.frame.sop_instance_uid}: {exc}")
+            log.error("study %s: heat map of %s could not be built: %s",
+                      score.study_instance_uid, img.frame.sop_instance_uid, exc)
+            continue
+        for sc in built:  # one series for all of them, numbered in order
+            if heatmaps:
+                sc.SeriesInstanceUID = heatmaps[0].SeriesInstanceUID
+            sc.InstanceNumber = len(heatmaps) + 1
+            heatmaps.append(sc)
+    if sr is None and not heatmaps:
+        raise ResultsError(f"study {score.study_instance_uid}: no result object could be built "
+                           f"({'; '.join(errors)})")
+    log.info("study %s: built %s and %d heat map(s)%s", score.study_instance_uid,
+             f"SR {sr.SOPInstanceUID}" if sr is not None else "no SR", len(heatmaps),
+             f"; {len(errors)} object(s) failed" if errors else "")
+    return ResultSet(sr=sr, heatmaps=heatmaps, errors=errors)
 
 
 def write_results(result_set: ResultSet, cfg: Config) -> list[Path]:
@@ -466,7 +638,7 @@ def write_results(result_set: ResultSet, cfg: Config) -> list[Path]:
     Each file is written to a temporary name, fsynced and renamed, so a crash never leaves a
     half-written object that the sender would then deliver.
     """
-    study_uid = result_set.sr.StudyInstanceUID
+    study_uid = result_set.datasets[0].StudyInstanceUID
     folder = cfg.node.results_dir / study_uid
     paths: list[Path] = []
     for ds in result_set.datasets:

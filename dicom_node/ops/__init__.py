@@ -1,0 +1,1 @@
+"""Operating the node: logging set-up, Prometheus metrics, the HTTP status server."""
