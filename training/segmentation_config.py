@@ -24,8 +24,8 @@ class SegTrainConfig:
         fov_cm: (depth, width) field of view from the skin; covers RF + the deep fascia on
             every linear probe preset we know (4-5 cm depth, 5-6.5 cm footprint).
         n_folds: participant-level folds (one model per fold; the artifact serves all of them).
-        epochs: passes over the training images of a fold (40: median held-out Dice 0.95 on a
-            30-participant synthetic cohort; 15 epochs gave 0.88).
+        epochs: passes over the training images of a fold (on a 30-participant synthetic
+            cohort, median held-out Dice 0.88 after 15 epochs, 0.95 after 40, 0.96 after 60).
         batch_size: images per step.
         lr: AdamW learning rate (cosine decay to 5 % of it).
         weight_decay: AdamW weight decay.
@@ -42,7 +42,7 @@ class SegTrainConfig:
     pixel_cm: float = 0.05
     fov_cm: tuple[float, float] = (4.8, 6.4)
     n_folds: int = 5
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 8
     lr: float = 3e-3
     weight_decay: float = 1e-4
