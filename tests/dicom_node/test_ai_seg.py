@@ -39,7 +39,9 @@ def test_ai_seg_is_valid_and_reads_back_as_the_roi(tmp_path: Path, frames: int) 
     us_path = save(src, tmp_path / "us.dcm")
     mask = rf_mask()
     frame = 2 if frames > 1 else 1
-    seg = build_ai_seg(src, mask, frame, MODEL)
+    # the node builds it from the archived header (the reader drops Pixel Data)
+    header = pydicom.dcmread(us_path, stop_before_pixels=True)
+    seg = build_ai_seg(header, mask, frame, MODEL)
     seg_path = tmp_path / "seg.dcm"
     seg.save_as(seg_path, enforce_file_format=True)
 
