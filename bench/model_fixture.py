@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from inference.artifact import build_model_json, write_artifact
 from inference.model import ModelSpec, create_model
-from training.artifact import build_model_json, write_artifact
 
 
 def untrained_artifact(out_dir: Path, backbone: str = "convnext_tiny", folds: int = 5,

@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import sqlite_utils
 
-from dicom_node.durable import write_durable
 from dicom_node.errors import ArchiveError, OutOfResourcesError
 from dicom_node.validate import InstanceInfo, is_valid_uid
+from inference.durable import write_durable
 
 log = logging.getLogger(__name__)
 

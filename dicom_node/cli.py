@@ -1,8 +1,9 @@
 """The ``dicom-node`` command line: one sub-command per job, heavy imports only where needed.
 
-Each sub-command is implemented by a ``*_command(args, cfg) -> int`` function in the module that
-owns that job; this file only declares the arguments and dispatches. Modules are imported lazily
-so that ``echo``, ``push`` and ``studies`` start in about a second (importing torch/monai takes
+Each sub-command is implemented by a ``*_command(args, cfg) -> int`` function in the application
+module that owns that job (the library commands live in :mod:`dicom_node.commands`, which turns
+the namespace into typed calls); this file only declares the arguments and dispatches. Modules are
+imported lazily so that ``echo``, ``push`` and ``studies`` start in about a second (importing torch/monai takes
 10+ seconds on a 2-core machine).
 """
 
@@ -27,11 +28,11 @@ COMMANDS: dict[str, str] = {
     "studies": "dicom_node.service:studies_command",
     "echo": "dicom_node.scu:echo_command",
     "push": "dicom_node.scu:push_command",
-    "synth": "training.synthetic:synth_command",
-    "train": "training.run:train_command",
-    "evaluate": "training.run:evaluate_command",
-    "compare": "training.compare:compare_command",
-    "score": "inference.pipeline:score_command",
+    "synth": "dicom_node.commands.train:synth_command",
+    "train": "dicom_node.commands.train:train_command",
+    "evaluate": "dicom_node.commands.train:evaluate_command",
+    "compare": "dicom_node.commands.train:compare_command",
+    "score": "dicom_node.commands.score:score_command",
     "outbox": "dicom_node.sender:outbox_command",
     "resend": "dicom_node.sender:resend_command",
     "demo": "dicom_node.demo:demo_command",

@@ -1,6 +1,8 @@
 """Load ``config.toml`` once into frozen, validated dataclasses.
 
-Every section of the TOML file has one dataclass here. Values are checked when loaded, so a bad
+Every section of the TOML file has one dataclass. The node's own sections are defined here; the
+libraries own theirs (``[reader]``/``[scoring]``: :mod:`inference.config`, ``[train]``:
+:mod:`training.config`) and this module composes them. Values are checked when loaded, so a bad
 AE title, port, path or duration stops the process at start-up with a message naming the key,
 instead of failing later in the middle of an association. Sub-configs are passed down as
 arguments; nothing here is a module global.
@@ -21,21 +23,34 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dicom_node.errors import ConfigError
+from inference.config import (
+    Backend,
+    CamMethod,
+    DeviceName,
+    FramePolicy,
+    ReaderConfig,
+    RegionPolicy,
+    ScoringConfig,
+    StudyRule,
+)
 from inference.gate import GateConfig, gate_config_from_dict
+from training.config import Modality, Target, TrainConfig, check_train_config
+from training.errors import TrainConfigError
+
+# Re-exported so ``from dicom_node.config import TrainConfig`` (etc.) keeps working.
+__all__ = [
+    "Backend", "CamMethod", "CompletionConfig", "Config", "DeliveryConfig", "DestinationConfig",
+    "DeviceName", "FramePolicy", "GateConfig", "HttpConfig", "Modality", "NodeConfig",
+    "OnMissingSeg", "ReaderConfig",
+    "RegionPolicy", "ResultsConfig", "ScoringConfig", "StudyRule", "TLSConfig", "Target",
+    "TrainConfig", "config_from_dict", "load_config", "validate_ae_title",
+]
 
 # DICOM PS3.5 Table 6.2-1: AE is up to 16 characters of the default repertoire without backslash
 # or control characters; leading/trailing spaces are not significant and an all-space AE is invalid.
 _AE_TITLE_RE = re.compile(r"^[\x20-\x5B\x5D-\x7E]{1,16}$")
 
 OnMissingSeg = Literal["score-whole-region", "hold", "reject"]
-FramePolicy = Literal["all", "middle", "max-contrast"]
-RegionPolicy = Literal["largest", "all"]
-StudyRule = Literal["mean", "max", "median"]
-Backend = Literal["eager", "compile", "onnx"]
-CamMethod = Literal["torchcam", "gap"]
-DeviceName = Literal["auto", "cpu", "cuda"]
-Modality = Literal["image", "clinical", "lab"]
-Target = Literal["binary", "regression"]
 
 
 def validate_ae_title(value: Any, key: str) -> str:
@@ -122,30 +137,6 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
-class ReaderConfig:
-    """How US objects are turned into images (frame choice for cine loops)."""
-
-    frame_policy: FramePolicy = "middle"
-    max_frames: int = 16
-    region_policy: RegionPolicy = "largest"
-
-
-@dataclass(frozen=True)
-class ScoringConfig:
-    """Which model scores studies and how."""
-
-    enabled: bool = True
-    model_dir: Path | None = None
-    study_rule: StudyRule = "mean"
-    cam_enabled: bool = True
-    cam_target_layer: str = "auto"
-    torch_threads: int = 2
-    device: DeviceName = "auto"
-    backend: Backend = "eager"
-    cam_method: CamMethod = "torchcam"
-
-
-@dataclass(frozen=True)
 class ResultsConfig:
     """What the node writes back: the algorithm's identity and the SR/SC series."""
 
@@ -193,44 +184,6 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     token: str = ""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The paper's training protocol (Chen et al. 2025); defaults are the paper's values."""
-
-    backbone: str = "convnext_tiny"
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained: Path | None = None
-    input_size: int = 224
-    in_chans: int = 3
-    folds: int = 5
-    epochs: int = 150
-    warmup_epochs: int = 5
-    batch_size: int = 48
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    downsample_negatives: bool = True
-    flip_prob: float = 0.5
-    shift: float = 0.1
-    scale: float = 0.1
-    rotate_degrees: float = 10.0
-    brightness: float = 0.2
-    contrast: float = 0.2
-    roi_margin: float = 0.1
-    modalities: tuple[Modality, ...] = ("image",)
-    mlp_hidden: int = 128
-    mlp_dropout: float = 0.2
-    tabular_epochs: int = 0
-    complete_cases: bool = False
-    target: Target = "binary"
-    regression_column: str = "asmi"
-    seed: int = 42
-    num_workers: int = 0
-    device: DeviceName = "auto"
-    torch_threads: int = 2
-    output_dir: Path = Path("./runs/model")
-    frame_policy: FramePolicy = "middle"
 
 
 @dataclass(frozen=True)
@@ -389,20 +342,10 @@ def _validate(cfg: Config) -> Config:
     _check_positive(dl.retry_horizon_hours, "delivery.retry_horizon_hours")
     if not 0 <= dl.jitter_fraction < 1:
         raise ConfigError("delivery.jitter_fraction", "must be in [0, 1)")
-    t = cfg.train
-    if t.folds < 2:
-        raise ConfigError("train.folds", "must be >= 2")
-    for k in ("epochs", "batch_size", "input_size"):
-        if getattr(t, k) < 1:
-            raise ConfigError(f"train.{k}", "must be >= 1")
-    if t.warmup_epochs < 0:
-        raise ConfigError("train.warmup_epochs", "must be >= 0")
-    if t.lr <= 0:
-        raise ConfigError("train.lr", "must be > 0")
-    if t.in_chans not in (1, 3):
-        raise ConfigError("train.in_chans", "must be 1 or 3")
-    if not t.modalities:
-        raise ConfigError("train.modalities", "must name at least one of image, clinical, lab")
+    try:
+        check_train_config(cfg.train)
+    except TrainConfigError as exc:
+        raise ConfigError(f"train.{exc.key}", exc.message) from None
     return dataclasses.replace(
         cfg,
         node=dataclasses.replace(node, ae_title=ae, allowed_calling_aets=callers),

@@ -1,14 +1,52 @@
-"""Exception hierarchy for dicom-node.
+"""Exception hierarchy of the node application.
 
 Every error names the thing it is about (a config key, a UID, a path) so that an operator can act
-on the message alone. Catch :class:`DicomNodeError` at process boundaries (CLI, worker loop).
+on the message alone. The libraries own their errors (:mod:`inference.errors`,
+:mod:`training.errors`); they are re-exported here so application code has one place to import
+from. Catch :data:`USER_ERRORS` at process boundaries (CLI, worker loop).
 """
 
 from __future__ import annotations
 
+from inference.errors import (
+    InferenceConfigError,
+    InferenceError,
+    ModelArtifactError,
+    NothingToScoreError,
+    NoTissueRegionError,
+    ReaderError,
+    ScoringError,
+    SegmentationError,
+    UnsupportedTransferSyntaxError,
+)
+from training.errors import TrainConfigError, TrainingError
+
+__all__ = [
+    "USER_ERRORS",
+    "ArchiveError",
+    "ConfigError",
+    "DeliveryError",
+    "DicomNodeError",
+    "InferenceConfigError",
+    "InferenceError",
+    "ModelArtifactError",
+    "NoTissueRegionError",
+    "NothingToScoreError",
+    "PermanentJobError",
+    "OutOfResourcesError",
+    "ReaderError",
+    "ResultsError",
+    "ScoringError",
+    "SegmentationError",
+    "TrainConfigError",
+    "TrainingError",
+    "UnsupportedTransferSyntaxError",
+    "ValidationError",
+]
+
 
 class DicomNodeError(Exception):
-    """Base class of every error dicom-node raises on purpose."""
+    """Base class of every error the node application raises on purpose."""
 
 
 class ConfigError(DicomNodeError):
@@ -36,35 +74,6 @@ class OutOfResourcesError(ArchiveError):
     """Disk space below the configured reserve (answered as 0xA700)."""
 
 
-class ReaderError(DicomNodeError):
-    """A DICOM object cannot be turned into an image/mask; names the SOP Instance UID and why."""
-
-    def __init__(self, sop_instance_uid: str | None, reason: str) -> None:
-        self.sop_instance_uid = sop_instance_uid
-        self.reason = reason
-        super().__init__(f"{sop_instance_uid or '<unknown SOP Instance UID>'}: {reason}")
-
-
-class UnsupportedTransferSyntaxError(ReaderError):
-    """Pixel data is compressed with a syntax no installed decoder handles."""
-
-
-class NoTissueRegionError(ReaderError):
-    """No 2D tissue region could be found in the image."""
-
-
-class SegmentationError(ReaderError):
-    """A DICOM-SEG has an unsupported layout or references nothing present."""
-
-
-class ModelArtifactError(DicomNodeError):
-    """A model directory (model.json + fold checkpoints) is missing or invalid."""
-
-
-class ScoringError(DicomNodeError):
-    """A study could not be scored; the message says which study and why."""
-
-
 class DeliveryError(DicomNodeError):
     """A C-STORE to a destination failed (association refused, non-success status, timeout)."""
 
@@ -73,42 +82,10 @@ class ResultsError(DicomNodeError):
     """SR/heat maps cannot be built for a study (e.g. no source header for any scored image)."""
 
 
-class TrainingError(DicomNodeError):
-    """Training data or settings do not allow a run (e.g. one class only, no usable studies)."""
-
-
 class PermanentJobError(DicomNodeError):
     """The job's input can never succeed (bad input, not a passing fault): end it at once with
     this reason instead of retrying. Transient faults (disk, network, PACS) stay other errors."""
 
 
-class NothingToScoreError(ScoringError):
-    """A study holds no image the model may score (SEG-only, or every image stopped by the input
-    gate). Terminal, not a failure: the job ends as ``not-applicable: <reason>``.
-
-    Attributes:
-        study_instance_uid: the study.
-        reasons: (SOP Instance UID, why it was not scored) per object.
-        verdicts: the input gate's verdicts (``inference.gate.GateVerdict``), possibly empty.
-        sources: headers (no Pixel Data) of the gated-out images by SOP Instance UID, for a
-            "not assessable" SR.
-    """
-
-    def __init__(self, study_instance_uid: str, reasons: list[tuple[str, str]],
-                 verdicts: list | None = None, sources: dict | None = None) -> None:
-        self.study_instance_uid = study_instance_uid
-        self.reasons = list(reasons)
-        self.verdicts = list(verdicts or [])
-        self.sources = dict(sources or {})
-        text = "; ".join(f"{u}: {r}" for u, r in self.reasons) or "no ultrasound images found"
-        super().__init__(f"study {study_instance_uid}: nothing to score ({text})")
-
-    def __reduce__(self) -> tuple:
-        """Picklable (scoring may run in a worker process and hand the error back)."""
-        return (type(self), (self.study_instance_uid, self.reasons, self.verdicts, self.sources))
-
-    @property
-    def state(self) -> str:
-        """The study state the job layer records: ``not-applicable: <first reason>``."""
-        first = self.reasons[0][1] if self.reasons else "no ultrasound images found"
-        return f"not-applicable: {first}"
+# Errors an operator can act on from the message alone: printed, not traced, at the CLI.
+USER_ERRORS: tuple[type[Exception], ...] = (DicomNodeError, InferenceError, TrainingError)

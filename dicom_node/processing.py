@@ -1,9 +1,9 @@
 """The scoring job: complete study -> score -> SR + heat maps (archived) -> outbox -> study note.
 
 ``dicom-node serve`` installs :func:`build_processor`'s result as the worker's processor when
-scoring is enabled. The model artifact is checked when the processor is built (so ``serve``
-refuses to start with a broken one) and its weights are loaded once, on the first job, then kept
-for the life of the process (a fresh process needs ~17 s before it can score, PERF_NOTES).
+scoring is enabled. The model artifact is loaded and checked when the processor is built (so
+``serve`` refuses to start with a broken model or a config that contradicts it) and kept for the
+life of the process (a fresh process needs ~17 s before it can score).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dicom_node.config import Config
 from dicom_node.errors import ModelArtifactError, NothingToScoreError
 from dicom_node.ops.metrics import record_pipeline_timings, timed
 from dicom_node.worker import JobContext, Processor
+from inference.roi import RoiSource
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -58,7 +59,7 @@ def find_predecessor(results_dir: Path, study_uid: str) -> Dataset | None:
 
 def study_note(score: StudyScore) -> str:
     """One line for ``studies.note``: the verdict and every object that could not be used."""
-    whole = sum(im.roi_source != "seg" for im in score.images)
+    whole = sum(im.roi_source != RoiSource.SEG for im in score.images)
     note = (
         f"p={score.probability:.3f} {'positive' if score.positive else 'negative'} "
         f"(threshold {score.model.threshold:.3f}, {score.rule} of {len(score.images)} image(s)"
@@ -70,37 +71,26 @@ def study_note(score: StudyScore) -> str:
 
 
 class ScoringProcessor:
-    """Callable ``JobContext -> None`` holding the loaded pipeline (thread-safe lazy load)."""
+    """Callable ``JobContext -> None`` holding the pipeline loaded when ``serve`` starts."""
 
     def __init__(self, cfg: Config) -> None:
         if cfg.scoring.model_dir is None:
             raise ModelArtifactError("scoring.model_dir is not set")
-        from inference.model import read_model_json
+        from inference.pipeline import ScoringPipeline
 
-        # Fail at start-up, not at the first study: model.json and every fold file must exist
-        # (load_artifact checks the weights themselves when the first job loads them).
-        raw = read_model_json(Path(cfg.scoring.model_dir))
-        files = [f.get("file") if isinstance(f, dict) else None for f in raw.get("folds") or []]
-        if not files or not all(isinstance(f, str) for f in files):
-            raise ModelArtifactError(f"{cfg.scoring.model_dir}/model.json: 'folds' lists no files")
-        absent = [f for f in files if not (Path(cfg.scoring.model_dir) / f).is_file()]
-        if absent:
-            raise ModelArtifactError(f"{cfg.scoring.model_dir}: fold file(s) missing: {', '.join(absent)}")
+        # Fail at start-up, not at the first study: the whole artifact check (model.json, image-only
+        # binary model, config consistent with it, fold files, weights loadable, CAM layer) runs
+        # here, and the loaded pipeline is kept for every job.
         self.cfg = cfg
-        self._pipeline: ScoringPipeline | None = None
+        self._pipeline: ScoringPipeline = ScoringPipeline(
+            cfg.scoring.model_dir, cfg.scoring, cfg.reader, cfg.gate
+        )
         self._lock = threading.Lock()
 
     @property
     def pipeline(self) -> ScoringPipeline:
-        """The scoring pipeline, loaded on first use and kept."""
+        """The scoring pipeline, loaded when the processor was built."""
         with self._lock:
-            if self._pipeline is None:
-                from inference.pipeline import ScoringPipeline
-
-                assert self.cfg.scoring.model_dir is not None
-                self._pipeline = ScoringPipeline(
-                    self.cfg.scoring.model_dir, self.cfg.scoring, self.cfg.reader, self.cfg.gate
-                )
             return self._pipeline
 
     def __call__(self, ctx: JobContext) -> None:

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node.errors import ValidationError
+from inference.roi import referenced_frames
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -108,26 +109,8 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 def referenced_sop_uids(ds: Dataset) -> tuple[str, ...]:
-    """Source images a SEG refers to (Referenced Series Sequence and per-frame derivations)."""
-    found: list[str] = []
-
-    def add(item: Dataset) -> None:
-        uid = str(item.get("ReferencedSOPInstanceUID", "") or "")
-        if is_valid_uid(uid) and uid not in found:
-            found.append(uid)
-
-    for series in ds.get("ReferencedSeriesSequence", []) or []:
-        for inst in series.get("ReferencedInstanceSequence", []) or []:
-            add(inst)
-    groups = list(ds.get("SharedFunctionalGroupsSequence", []) or [])
-    groups += list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
-    for group in groups:
-        for deriv in group.get("DerivationImageSequence", []) or []:
-            for src in deriv.get("SourceImageSequence", []) or []:
-                add(src)
-    for src in ds.get("SourceImageSequence", []) or []:
-        add(src)
-    return tuple(found)
+    """Source images a SEG covers: the same answer the scorer uses (:func:`referenced_frames`)."""
+    return tuple(uid for uid in referenced_frames(ds) if is_valid_uid(uid))
 
 
 def _check_encapsulated(data: bytes, frames: int) -> None:

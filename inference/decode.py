@@ -26,7 +26,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
-from dicom_node.errors import ReaderError, UnsupportedTransferSyntaxError
+from inference.errors import ReaderError, UnsupportedTransferSyntaxError
 
 logger = logging.getLogger(__name__)
 

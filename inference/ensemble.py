@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dicom_node.errors import ConfigError
 from inference.cam import (
     decision_logit,
     gap_cam_from_features,
@@ -33,6 +32,7 @@ from inference.cam import (
     resolve_target_layer,
     supports_gap_cam,
 )
+from inference.errors import InferenceConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("scoring.device", "'cuda' but no CUDA device is available")
+        raise InferenceConfigError("scoring.device", "'cuda' but no CUDA device is available")
     return torch.device(name)
 
 

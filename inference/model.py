@@ -11,13 +11,12 @@ Every model is called as ``model(image=None, clinical=None, lab=None)`` (image f
 tools can call ``model(x)``) and returns logits of shape ``(B, 1)``: sarcopenia logit for a binary
 target, the value itself for a regression target.
 
-``training/`` writes ``MODEL_DIR/model.json`` + ``fold_<k>.safetensors``; :func:`load_artifact` here
-is the only reader. Weights are read with safetensors only (no pickle).
+The model directory (``model.json`` + fold weights) is read, written and validated by
+:mod:`inference.artifact` only.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -27,19 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dicom_node.errors import ModelArtifactError
+from inference.errors import ModelArtifactError
 from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES
-from inference.types import ModelInfo
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-REQUIRED_KEYS: tuple[str, ...] = (
-    "schema_version", "name", "version", "model_uid", "spec", "threshold", "folds",
-)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild the network and preprocess its inputs (``model.json`` "spec").
 
@@ -78,13 +70,14 @@ class ModelSpec:
     pretrained: str | None = None
 
     def __post_init__(self) -> None:
-        self.modalities = tuple(self.modalities)
-        unknown = set(self.modalities) - {"image", "clinical", "lab"}
-        if unknown or not self.modalities:
-            raise ValueError(f"modalities {self.modalities!r}: need a non-empty subset of "
+        mods = tuple(self.modalities)
+        object.__setattr__(self, "modalities", mods)
+        unknown = set(mods) - {"image", "clinical", "lab"}
+        if unknown or not mods:
+            raise ValueError(f"modalities {mods!r}: need a non-empty subset of "
                              "image, clinical, lab")
         if not self.arch:
-            self.arch = "image" if self.modalities == ("image",) else "fusion"
+            object.__setattr__(self, "arch", "image" if mods == ("image",) else "fusion")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
@@ -242,142 +235,6 @@ def default_cam_layer(model: nn.Module) -> str:
     if hasattr(backbone, "layer4"):
         return "backbone.layer4"
     raise ValueError(f"no known last stage in {type(backbone).__name__}; set cam_target_layer")
-
-
-# --------------------------------------------------------------------------------------------
-# Artifact loading
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelArtifact:
-    """A loaded model directory.
-
-    Attributes:
-        info: identity for results (name, version, UID, backbone, threshold, fold count).
-        spec: architecture and preprocessing parameters.
-        models: one network per fold, in eval mode on ``device``.
-        raw: the whole model.json dict (feature scaling, CV metrics, fingerprint, versions).
-        model_dir: where it was loaded from.
-    """
-
-    info: ModelInfo
-    spec: ModelSpec
-    models: list[nn.Module]
-    raw: dict[str, Any]
-    model_dir: Path
-
-    @property
-    def feature_scaling(self) -> dict[str, Any]:
-        return dict(self.raw.get("feature_scaling") or {})
-
-
-def _fold_files(raw: dict[str, Any]) -> list[str]:
-    folds = raw["folds"]
-    if not isinstance(folds, list) or not folds:
-        raise ModelArtifactError("model.json 'folds' must be a non-empty list")
-    out = []
-    for i, f in enumerate(folds):
-        if not isinstance(f, dict) or not isinstance(f.get("file"), str):
-            raise ModelArtifactError(f"model.json folds[{i}] has no 'file' name")
-        name = f["file"]
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise ModelArtifactError(f"model.json folds[{i}].file {name!r} must be a plain file name")
-        out.append(name)
-    return out
-
-
-def read_model_json(model_dir: Path) -> dict[str, Any]:
-    """Parse and check ``model.json`` (schema version, required keys); no weights are read."""
-    model_dir = Path(model_dir)
-    path = model_dir / "model.json"
-    if not model_dir.is_dir():
-        raise ModelArtifactError(f"model directory {model_dir} does not exist")
-    if not path.is_file():
-        raise ModelArtifactError(f"{path} is missing (not a model directory written by train)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelArtifactError(f"{path} must hold a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in raw]
-    if missing:
-        raise ModelArtifactError(f"{path} lacks required key(s): {', '.join(missing)}")
-    if raw["schema_version"] != SCHEMA_VERSION:
-        raise ModelArtifactError(
-            f"{path} schema_version {raw['schema_version']!r} is not supported "
-            f"(this node reads {SCHEMA_VERSION})"
-        )
-    if not isinstance(raw["spec"], dict):
-        raise ModelArtifactError(f"{path} 'spec' must be an object")
-    for k in ("backbone", "input_size", "in_chans", "modalities"):
-        if k not in raw["spec"]:
-            raise ModelArtifactError(f"{path} spec lacks required key {k!r}")
-    thr = raw["threshold"]
-    if not isinstance(thr, (int, float)) or not 0.0 <= float(thr) <= 1.0:
-        if raw["spec"].get("target", "binary") == "binary":
-            raise ModelArtifactError(f"{path} threshold {thr!r} is not a probability in 0..1")
-    return raw
-
-
-def _load_weights(model: nn.Module, file: Path) -> None:
-    """Load one fold's safetensors into ``model``, naming any missing/unexpected/mis-shaped tensor."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelArtifactError(f"{file}: not a readable safetensors file ({exc})") from exc
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ModelArtifactError(
-            f"{file}: tensors do not match the architecture in model.json "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-        )
-    for k, t in state.items():
-        if tuple(t.shape) != tuple(own[k].shape):
-            raise ModelArtifactError(
-                f"{file}: tensor {k!r} has shape {tuple(t.shape)}, the architecture in model.json "
-                f"expects {tuple(own[k].shape)}"
-            )
-    model.load_state_dict(state, strict=True)
-
-
-def load_artifact(model_dir: Path, device: str | torch.device = "cpu") -> ModelArtifact:
-    """Load and validate a model directory written by ``dicom-node train``.
-
-    Raises:
-        ModelArtifactError: naming the file/key that is missing or wrong.
-    """
-    model_dir = Path(model_dir)
-    raw = read_model_json(model_dir)
-    try:
-        spec = ModelSpec.from_dict(raw["spec"])
-    except (TypeError, ValueError) as exc:
-        raise ModelArtifactError(f"{model_dir / 'model.json'} spec is invalid: {exc}") from exc
-    spec.threshold = float(raw["threshold"])
-    files = _fold_files(raw)
-    absent = [f for f in files if not (model_dir / f).is_file()]
-    if absent:
-        raise ModelArtifactError(f"{model_dir}: fold file(s) missing: {', '.join(absent)}")
-    models = []
-    for name in files:
-        model = create_model(spec)
-        _load_weights(model, model_dir / name)
-        model.to(device).eval()
-        models.append(model)
-    info = ModelInfo(
-        name=str(raw["name"]), version=str(raw["version"]), model_uid=str(raw["model_uid"]),
-        backbone=spec.backbone, threshold=spec.threshold, n_folds=len(models),
-    )
-    log.info("loaded model %s v%s (%s, %d folds) from %s", info.model_uid, info.version,
-             spec.backbone, len(models), model_dir)
-    return ModelArtifact(info=info, spec=spec, models=models, raw=raw, model_dir=model_dir)
 
 
 def modality_inputs(modalities: Sequence[str]) -> tuple[str, ...]:

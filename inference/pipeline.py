@@ -1,43 +1,37 @@
-"""Score one study: read -> MONAI transforms -> fold ensemble (+ Grad-CAM) -> measurements.
+"""Score one study: read -> ROI -> MONAI transforms -> fold ensemble (+ Grad-CAM) -> measurements.
 
 :class:`ScoringPipeline` loads the model artifact once and is kept alive by the worker (a fresh
-process needs ~17 s of imports before it can score, PERF_NOTES). ``dicom-node score`` uses the same
-pipeline offline and writes what the node would send: the SR and heat-map secondary captures,
-plus a summary (JSON + CSV) and PNG previews.
+process needs ~17 s of imports before it can score). The node's worker and the offline ``score``
+command (both in the application layer) call the same :meth:`ScoringPipeline.score_study`.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import logging
 import time
-from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dicom_node.config import Config, ReaderConfig, ScoringConfig
-from dicom_node.errors import ModelArtifactError, NothingToScoreError, ScoringError
+from inference.config import ReaderConfig, ScoringConfig
+from inference.errors import ModelArtifactError, NothingToScoreError, ScoringError
 from inference.gate import GateConfig, GateVerdict
+from inference.roi import RoiSource
 from inference.types import ImageScore, ModelInfo, StudyScore, USFrame
 
 if TYPE_CHECKING:
+    from inference.artifact import ModelCard
     from inference.reader import StudyRead
 
 log = logging.getLogger(__name__)
 
-ROI_SEG = "seg"
-ROI_WHOLE = "whole-region"
-
-
 @dataclass
 class _Usable:
     frame: USFrame
-    roi_source: str
+    roi_source: RoiSource
 
 
 class ScoringPipeline:
@@ -46,36 +40,34 @@ class ScoringPipeline:
     Args:
         model_dir: the artifact written by ``dicom-node train`` (model.json + fold files).
         scoring: device, threads, backend, CAM and study-rule settings.
-        reader: frame policy for cine loops.
+        reader: frame cap for cine loops; its frame/region policy, if set, must match the model.
+
+    Frame policy, region policy, study rule and threshold are the model's (model.json), so the
+    node scores exactly as training evaluated.
 
     Raises:
-        ModelArtifactError: the artifact is invalid or is not an image-only binary classifier
-            (the node has nothing but images to feed it).
+        ModelArtifactError: the artifact is invalid, is not an image-only binary classifier
+            (the node has nothing but images to feed it), or the config contradicts it.
     """
 
     def __init__(self, model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig,
                  gate: GateConfig | None = None) -> None:
+        from inference.artifact import load_artifact
         from inference.ensemble import FoldEnsemble
-        from inference.model import load_artifact
         from inference.transforms import eval_transforms
 
         self.scoring = scoring
         self.reader = reader
+        card = read_servable_card(Path(model_dir), scoring, reader)
+        self.policy = card.policy
         self.gate = gate if gate is not None else GateConfig()
         self.artifact = load_artifact(Path(model_dir), device="cpu")
         spec = self.artifact.spec
-        if tuple(spec.modalities) != ("image",):
-            raise ModelArtifactError(
-                f"{model_dir}: model uses {'+'.join(spec.modalities)}; the node only has the "
-                "images, so it can serve image-only models"
-            )
-        if spec.target != "binary":
-            raise ModelArtifactError(f"{model_dir}: target {spec.target!r} is not a binary classifier")
         # the crop margin comes from model.json, never from the node's config: it must match training
         self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin)
         try:
             self.ensemble = FoldEnsemble(
-                self.artifact.models,
+                list(self.artifact.models),
                 device=scoring.device,
                 threads=scoring.torch_threads,
                 backend=scoring.backend,
@@ -128,8 +120,8 @@ class ScoringPipeline:
         # --------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         read = read_study(
-            [Path(p) for p in paths], frame_policy=self.reader.frame_policy,
-            max_frames=self.reader.max_frames, region_policy=self.reader.region_policy,
+            [Path(p) for p in paths], frame_policy=self.policy.frame_policy,
+            max_frames=self.reader.max_frames, region_policy=self.policy.region_policy,
         )
         timings["decode"] = _ms(t0)
         study_uid = _study_uid(read, paths)
@@ -137,9 +129,9 @@ class ScoringPipeline:
         unscored: list[USFrame] = []
         for frame in read.frames:
             if frame.mask is not None and bool(np.any(frame.mask)):
-                usable.append(_Usable(frame, ROI_SEG))
+                usable.append(_Usable(frame, RoiSource.SEG))
             elif allow_missing_seg:
-                usable.append(_Usable(frame, ROI_WHOLE))
+                usable.append(_Usable(frame, RoiSource.WHOLE_REGION))
             else:
                 unscored.append(frame)
         # The reader's problems, minus notes about images that were scored after all (e.g. "no
@@ -174,7 +166,7 @@ class ScoringPipeline:
         heatmaps: list[np.ndarray | None] = [None] * len(usable)
         if out.cams is not None:
             for i, u in enumerate(usable):
-                mask = u.frame.mask if u.roi_source == ROI_SEG else None
+                mask = u.frame.mask if u.roi_source == RoiSource.SEG else None
                 box = roi_box(mask, u.frame.image.shape, margin)
                 heatmaps[i] = cams_to_frame(out.cams[i], u.frame.image.shape, box)
         timings["cam"] = _ms(t0)
@@ -184,7 +176,7 @@ class ScoringPipeline:
         probs, spread = out.probability, out.spread
         for i, u in enumerate(usable):
             measurements = None
-            if u.roi_source == ROI_SEG:
+            if u.roi_source == RoiSource.SEG:
                 measurements = measure_roi(u.frame.image, u.frame.mask, u.frame.spacing_cm)
             images.append(ImageScore(
                 frame=u.frame,
@@ -198,13 +190,13 @@ class ScoringPipeline:
             ))
         timings["measurements"] = _ms(t0)
 
-        probability = study_probability([im.probability for im in images], self.scoring.study_rule)
+        probability = study_probability([im.probability for im in images], self.policy.study_rule)
         score = StudyScore(
             study_instance_uid=study_uid,
             patient_id=usable[0].frame.patient_id,
             probability=probability,
             positive=probability >= self.info.threshold,
-            rule=self.scoring.study_rule,
+            rule=self.policy.study_rule,
             images=images,
             model=self.info,
             skipped=skipped,
@@ -222,12 +214,40 @@ class ScoringPipeline:
     def _preprocess(self, u: _Usable) -> Any:
         """The shared eval transforms on one frame -> (C, S, S) tensor."""
         data: dict[str, Any] = {"image": np.asarray(u.frame.image, dtype=np.float32)[None]}
-        if u.roi_source == ROI_SEG:
+        if u.roi_source == RoiSource.SEG:
             data["mask"] = np.asarray(u.frame.mask, dtype=bool)[None]
         return self.transforms(data)["image"]
 
     def close(self) -> None:
         self.ensemble.close()
+
+
+def policy_conflicts(card: ModelCard, scoring: ScoringConfig, reader: ReaderConfig) -> list[str]:
+    """Config values that are set and disagree with the model, one phrase each (empty: none)."""
+    pairs = (("reader.frame_policy", reader.frame_policy, card.policy.frame_policy),
+             ("reader.region_policy", reader.region_policy, card.policy.region_policy),
+             ("scoring.study_rule", scoring.study_rule, card.policy.study_rule))
+    return [f"{key} = {ours!r} but the model was trained and thresholded with {theirs!r}"
+            for key, ours, theirs in pairs if ours is not None and ours != theirs]
+
+
+def read_servable_card(model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig) -> ModelCard:
+    """model.json + fold files checked, the model servable, and the config consistent with it.
+
+    Raises:
+        ModelArtifactError: naming both values when the config contradicts the model (remove the
+            key to use the model's value).
+    """
+    from inference.artifact import check_servable, read_card
+
+    card = read_card(model_dir)
+    check_servable(card, model_dir)
+    bad = policy_conflicts(card, scoring, reader)
+    if bad:
+        raise ModelArtifactError(
+            f"{model_dir}: the config contradicts the model: {'; '.join(bad)} "
+            "(remove the key from config.toml to use the model's value)")
+    return card
 
 
 def _gate_paths(paths: Sequence[Path], cfg: GateConfig, calling_ae: str | None
@@ -293,155 +313,3 @@ def _study_uid(read: StudyRead, paths: Sequence[Path]) -> str:
         if uid:
             return str(uid)
     return f"<unknown study of {len(paths)} file(s)>"
-
-
-# --------------------------------------------------------------------------------------------
-# dicom-node score PATH... --out DIR
-# --------------------------------------------------------------------------------------------
-
-
-def group_by_study(paths: Sequence[Path]) -> dict[str, list[Path]]:
-    """DICOM files under ``paths`` (files or folders, recursively) by StudyInstanceUID.
-
-    Files that are not DICOM or carry no StudyInstanceUID are logged and left out.
-    """
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
-    files: dict[Path, Path] = {}  # resolved -> as given; a file named twice is read once
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file())
-        elif p.is_file():
-            found = [p]
-        else:
-            raise ScoringError(f"{p} does not exist")
-        for f in found:
-            files.setdefault(f.resolve(), f)
-    studies: dict[str, list[Path]] = defaultdict(list)
-    for f in files.values():
-        try:
-            ds = dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            log.debug("skipping %s: not DICOM (%s)", f, exc)
-            continue
-        uid = ds.get("StudyInstanceUID")
-        if not uid:
-            log.warning("skipping %s: no StudyInstanceUID", f)
-            continue
-        studies[str(uid)].append(f)
-    return dict(studies)
-
-
-def _image_row(score: StudyScore, im: ImageScore) -> dict[str, Any]:
-    m = im.measurements
-    return {
-        "study_uid": score.study_instance_uid,
-        "sop_instance_uid": im.frame.sop_instance_uid,
-        "frame": im.frame.frame_number,
-        "probability": round(im.probability, 6),
-        "fold_spread": round(im.fold_spread, 6),
-        "fold_probabilities": [round(p, 6) for p in im.fold_probabilities],
-        "roi_source": im.roi_source,
-        "csa_cm2": None if m is None or m.csa_cm2 is None else round(m.csa_cm2, 4),
-        "thickness_cm": None if m is None or m.thickness_cm is None else round(m.thickness_cm, 4),
-        "echo_intensity_mean": None if m is None else round(m.echo_intensity_mean, 3),
-        "echo_intensity_sd": None if m is None else round(m.echo_intensity_sd, 3),
-        "manufacturer": im.frame.manufacturer,
-    }
-
-
-def write_offline_outputs(
-    score: StudyScore, read: StudyRead, out_dir: Path, cfg: Config
-) -> dict[str, Any]:
-    """SR + heat-map SCs (E2's builders, as the node sends them) and PNG previews for one study."""
-    from PIL import Image
-
-    from dicom_node.results import build_results, render_heatmap
-
-    folder = out_dir / score.study_instance_uid
-    folder.mkdir(parents=True, exist_ok=True)
-    result = build_results(score, read.datasets, cfg.results)
-    sr_path = folder / f"SR_{result.sr.SOPInstanceUID}.dcm"
-    result.sr.save_as(sr_path, enforce_file_format=True)
-    sc_paths = []
-    for ds in result.heatmaps:
-        p = folder / f"SC_{ds.SOPInstanceUID}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        sc_paths.append(p)
-    previews = []
-    for i, im in enumerate(score.images, start=1):
-        if im.heatmap is None:
-            continue
-        rgb = render_heatmap(im, cfg.results.burn_in_text, score.model.threshold)
-        p = folder / f"heatmap_{i:02d}_{im.frame.sop_instance_uid}_f{im.frame.frame_number}.png"
-        Image.fromarray(rgb).save(p)
-        previews.append(p)
-    return {
-        "sr": str(sr_path), "heatmaps": [str(p) for p in sc_paths],
-        "previews": [str(p) for p in previews],
-    }
-
-
-def score_command(args: argparse.Namespace, cfg: Config) -> int:
-    """``dicom-node score PATH... --out DIR``: score files/folders offline, grouped by study."""
-    model_dir = args.model or cfg.scoring.model_dir
-    if model_dir is None:
-        raise ScoringError("no model: pass --model DIR or set scoring.model_dir in the config")
-    out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    studies = group_by_study(args.paths)
-    if not studies:
-        raise ScoringError(f"no DICOM files with a StudyInstanceUID under {', '.join(map(str, args.paths))}")
-    pipeline = ScoringPipeline(Path(model_dir), cfg.scoring, cfg.reader, cfg.gate)
-    allow_missing = cfg.completion.on_missing_seg == "score-whole-region"
-    summary: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    failures = 0
-    try:
-        for study_uid, files in sorted(studies.items()):
-            try:
-                score, read = pipeline.score_study(files, allow_missing_seg=allow_missing)
-                outputs = write_offline_outputs(score, read, out_dir, cfg)
-            except ScoringError as exc:
-                failures += 1
-                log.error("study %s: %s", study_uid, exc)
-                summary.append({"study_uid": study_uid, "status": "failed", "error": str(exc)})
-                continue
-            images = [_image_row(score, im) for im in score.images]
-            rows.extend(images)
-            summary.append({
-                "study_uid": study_uid, "status": "scored",
-                "probability": round(score.probability, 6), "positive": score.positive,
-                "threshold": score.model.threshold, "rule": score.rule,
-                "model": {"name": score.model.name, "version": score.model.version,
-                          "model_uid": score.model.model_uid, "n_folds": score.model.n_folds},
-                "images": images,
-                "skipped": [{"sop_instance_uid": u, "reason": r} for u, r in score.skipped],
-                "timings_ms": {k: round(v, 1) for k, v in score.timings_ms.items()},
-                "outputs": outputs,
-            })
-            print(f"{study_uid}: p={score.probability:.3f} "
-                  f"{'POSITIVE' if score.positive else 'negative'} "
-                  f"({len(score.images)} image(s)) -> {outputs['sr']}")
-    finally:
-        pipeline.close()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    _write_csv(out_dir / "summary.csv", summary, rows)
-    print(f"{len(summary) - failures} scored, {failures} failed; summary in {out_dir / 'summary.json'}")
-    return 1 if failures else 0
-
-
-def _write_csv(path: Path, summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
-    """One row per scored image, with its study's probability and decision."""
-    by_study = {s["study_uid"]: s for s in summary}
-    fields = ["study_uid", "study_probability", "positive", "sop_instance_uid", "frame",
-              "probability", "fold_spread", "roi_source", "csa_cm2", "thickness_cm",
-              "echo_intensity_mean", "echo_intensity_sd", "manufacturer"]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            s = by_study[r["study_uid"]]
-            w.writerow({**r, "study_probability": s["probability"], "positive": s["positive"]})

@@ -21,8 +21,14 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.errors import ReaderError, SegmentationError
-from inference.decode import FramePolicy, decode_frames, frame_indices, number_of_frames, sop_uid_of
+from inference.decode import (
+    FramePolicy,
+    decode_frames,
+    frame_indices,
+    number_of_frames,
+    sop_uid_of,
+)
+from inference.errors import ReaderError, SegmentationError
 from inference.roi import (
     FrameMask,
     crop_mask,

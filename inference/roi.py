@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 import highdicom as hd
 import numpy as np
@@ -20,13 +21,32 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
-from dicom_node.errors import SegmentationError
+from inference.errors import SegmentationError
 
 logger = logging.getLogger(__name__)
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.7"
 _PREFERRED_LABELS = ("rectus femoris",)
+
+
+class RoiSource(str, Enum):
+    """Where a scored frame's ROI came from (the values are what results and the index store).
+
+    ``SEG``: a DICOM-SEG outlined the muscle. ``AUTO``: an automatic segmentation model drew it.
+    ``WHOLE_REGION``: no ROI; the whole tissue region was scored (the missing-SEG policy allowed
+    it). A ``str`` subclass so stored values and comparisons with "seg" keep working.
+    """
+
+    SEG = "seg"
+    AUTO = "auto"
+    WHOLE_REGION = "whole-region"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from inference.roi import RoiSource
+
 if TYPE_CHECKING:
     from inference.gate import GateVerdict
 
@@ -91,8 +93,8 @@ class ImageScore:
         heatmap: float32 (H, W) in 0..1 aligned with ``frame.image`` (Grad-CAM averaged over folds);
             None when CAM is switched off.
         measurements: muscle measurements; None when the frame has no ROI.
-        roi_source: "seg" when a DICOM-SEG gave the ROI, "whole-region" when the tissue region was
-            scored without one.
+        roi_source: where the ROI came from (:class:`inference.roi.RoiSource`: SEG, AUTO or
+            WHOLE_REGION when the tissue region was scored without one).
         gate: the input gate's verdict on the source image (None when no gate ran).
     """
 
@@ -102,7 +104,7 @@ class ImageScore:
     fold_spread: float
     heatmap: np.ndarray | None = None
     measurements: MuscleMeasurements | None = None
-    roi_source: str = "seg"
+    roi_source: RoiSource = RoiSource.SEG
     gate: GateVerdict | None = None
 
     @property

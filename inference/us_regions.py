@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dicom_node.errors import NoTissueRegionError
+from inference.errors import NoTissueRegionError
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Criteria (sex-specific):
 
 Missing values: performance counts as low when any available test is low and as normal when at
 least one test is available and none is low. A row whose verdict depends on a missing value
-raises :class:`~dicom_node.errors.TrainingError` naming the row and what is missing.
+raises :class:`~training.errors.TrainingError` naming the row and what is missing.
 
 API::
 
@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from dicom_node.errors import TrainingError
+from training.errors import TrainingError
 
 # (DXA, BIA) ASMI cut-offs in kg/m^2, by sex.
 ASMI_CUTOFF: dict[str, dict[str, float]] = {

@@ -1,4 +1,4 @@
-"""``dicom-node compare RUN_A RUN_B``: DeLong test between two runs' out-of-fold predictions.
+"""DeLong test between two runs' out-of-fold predictions.
 
 Why paired by participant: two models evaluated on the same participants give correlated ROC
 curves; the paired DeLong test uses that correlation (ignoring it overstates the variance of the
@@ -14,22 +14,18 @@ API::
 
     compare_runs(oof_a, oof_b, combination_a=None, combination_b=None, level="participant",
                  alpha=0.95) -> list[Comparison]
-    compare_command(args, cfg) -> int
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dicom_node.config import Config
-from dicom_node.errors import TrainingError
 from training import metrics as M
-from training.oof import OOFTable, read_oof
+from training.errors import TrainingError
+from training.oof import OOFTable
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +100,6 @@ def compare_runs(oof_a: OOFTable, oof_b: OOFTable, combination_a: str | None = N
     return out
 
 
-def _line(name: str, combo: str, a: M.AUCResult) -> str:
+def format_line(name: str, combo: str, a: M.AUCResult) -> str:
     return (f"  {name} [{combo}]: AUC {a.auc:.3f} (95% CI {a.ci_low:.3f}-{a.ci_high:.3f}), "
             f"n={a.n_pos + a.n_neg} ({a.n_pos} pos / {a.n_neg} neg)")
-
-
-def compare_command(args: argparse.Namespace, cfg: Config) -> int:
-    """Print both runs' AUCs with DeLong CIs and the DeLong test p-value; exit 0."""
-    oof_a, oof_b = read_oof(args.run_a), read_oof(args.run_b)
-    level = getattr(args, "level", None) or "participant"
-    results = compare_runs(oof_a, oof_b, getattr(args, "a_combination", None),
-                           getattr(args, "b_combination", None), level)
-    if getattr(args, "json", False):
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-        return 0
-    print(f"A: {args.run_a}\nB: {args.run_b}")
-    for r in results:
-        t = r.test
-        kind = (f"paired DeLong on {r.n_matched} matched {level}s" if t.paired
-                else f"unpaired DeLong (no shared {level}s)")
-        print(f"\n{r.combination_a} vs {r.combination_b} ({level} level)")
-        print(_line("A", r.combination_a, r.auc_a))
-        print(_line("B", r.combination_b, r.auc_b))
-        print(f"  difference A-B {t.difference:+.3f}, z = {t.z:.3f}, p = {t.p_value:.4g} ({kind})")
-        if t.paired and (r.n_only_a or r.n_only_b):
-            print(f"  not matched: {r.n_only_a} only in A, {r.n_only_b} only in B (left out)")
-    return 0

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from dicom_node.errors import TrainingError
+from training.errors import TrainingError
 
 
 def stratification_labels(labels: Sequence[float], target: str = "binary") -> np.ndarray:

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node.errors import DicomNodeError, TrainingError
+from inference.errors import InferenceError
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def match_studies(rows: Sequence[Mapping[str, str]], index: Mapping[str, tuple[s
             continue
         try:
             label, source = _row_label(row, row_id, target, regression_column)
-        except DicomNodeError as exc:
+        except TrainingError as exc:
             excluded.append((row_id, f"no label: {exc}"))
             continue
         for s in studies:
@@ -197,9 +198,13 @@ def load_cohort(
             ROI-masked images); False lets an external validation use the whole tissue region.
     """
     from inference.transforms import preprocess_transforms
-    from training.features import CLINICAL_FEATURES, LAB_FEATURES
+    from training.features import (
+        CLINICAL_FEATURES,
+        LAB_FEATURES,
+        fill_from_header,
+        header_clinical,
+    )
     from training.features import complete_cases as cc
-    from training.features import fill_from_header, header_clinical
 
     rows = read_labels(labels_csv)
     index = index_archive(source)
@@ -214,7 +219,7 @@ def load_cohort(
     for rec in records:
         try:
             read = _read(rec.paths, frame_policy, max_frames)
-        except DicomNodeError as exc:
+        except (InferenceError, TrainingError) as exc:
             excluded.append((rec.study_uid, f"unreadable: {exc}"))
             continue
         problems.extend(read.problems)

@@ -7,7 +7,6 @@ training are written, with the model's own threshold (no re-tuning on the extern
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -15,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from dicom_node.config import Config
-from dicom_node.errors import TrainingError
+from training.combination import format_metric, subset_data
 from training.data import Cohort, load_cohort
-from training.run import format_metric, subset_data
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +51,24 @@ def predict_artifact(art: Any, cohort: Cohort, batch_size: int = 32) -> np.ndarr
     return np.mean(preds, axis=0)
 
 
-def evaluate_command(args: argparse.Namespace, cfg: Config) -> int:
-    """``dicom-node evaluate``: a trained model on another archive, same metrics and report."""
-    from inference.model import load_artifact
+def evaluate_model(model_dir: Path, archive: Path, labels: Path, out: Path | None = None, *,
+                   regression_column: str = "asmi") -> tuple[Path, str]:
+    """A trained model on another archive: same metrics and report as training.
+
+    Returns:
+        (the output folder, a one-line summary of the participant-level result).
+    """
+    from inference.artifact import load_artifact
     from training.oof import OOFTable, combination_name, write_oof
 
-    art = load_artifact(Path(args.model))
+    art = load_artifact(Path(model_dir))
     spec = art.spec
-    model_dir = Path(args.model)  # never write into the served model dir by default
-    out = Path(args.out) if getattr(args, "out", None) else \
-        model_dir.parent / f"{model_dir.name}-evaluation"
-    cohort = load_cohort(Path(args.archive), Path(args.labels), input_size=spec.input_size,
+    model_dir = Path(model_dir)  # never write into the served model dir by default
+    out = Path(out) if out is not None else model_dir.parent / f"{model_dir.name}-evaluation"
+    cohort = load_cohort(Path(archive), Path(labels), input_size=spec.input_size,
                          roi_margin=spec.roi_margin, modalities=spec.modalities,
                          frame_policy=spec.frame_policy, target=spec.target,
-                         regression_column=cfg.train.regression_column)
+                         regression_column=regression_column)
     prob = predict_artifact(art, cohort)
     name = combination_name(spec.modalities)
     table = OOFTable.from_records(
@@ -86,15 +88,13 @@ def evaluate_command(args: argparse.Namespace, cfg: Config) -> int:
         metrics = {name: {lvl: evaluate_oof(table, lvl, "mean", spec.threshold)[name].to_dict()
                           for lvl in ("participant", "image")}}
     summary = {"model_uid": art.info.model_uid, "model_dir": str(art.model_dir),
-               "archive": str(args.archive), "threshold": spec.threshold,
+               "archive": str(archive), "threshold": spec.threshold,
                "metrics": metrics, "excluded_studies": [list(e) for e in cohort.excluded],
                "n_samples": len(cohort.samples), "n_studies": len(cohort.studies)}
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=str))
     _report_external(out, art, table, cohort)
-    print(f"{name}: {format_metric(metrics[name]['participant'])} on "
-          f"{len(cohort.studies)} studies "
-          f"-> {out}")
-    return 0
+    return out, (f"{name}: {format_metric(metrics[name]['participant'])} on "
+                 f"{len(cohort.studies)} studies")
 
 
 def _report_external(out: Path, art: Any, table: Any, cohort: Cohort) -> None:

@@ -37,8 +37,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dicom_node.errors import TrainingError
 from inference.feature_names import CLINICAL_FEATURES, LAB_FEATURES  # noqa: F401 - re-exported
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -30,14 +30,15 @@ API (for the trainer, D1's ``training/run.py``)::
 from __future__ import annotations
 
 import csv
-import os
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from dicom_node.errors import TrainingError
+from inference.durable import write_durable
+from training.errors import TrainingError
 
 OOF_FILENAME = "oof.csv"
 OOF_COLUMNS: tuple[str, ...] = (
@@ -149,23 +150,21 @@ class OOFTable:
 
 
 def write_oof(path: Path, table: OOFTable) -> Path:
-    """Write ``table`` as CSV atomically (tmp file then ``os.replace``); returns the path."""
+    """Write ``table`` as CSV atomically (:func:`inference.durable.write_durable`); returns the path."""
     path = Path(path)
     if path.is_dir():
         path = path / OOF_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     extra_cols = list(dict.fromkeys(k for r in table.records for k in r.extra))
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow([*OOF_COLUMNS, *extra_cols])
-        for r in table.records:
-            w.writerow([
-                r.participant_id, r.study_instance_uid, r.sop_instance_uid, r.frame_number,
-                r.fold, repr(float(r.label)), repr(float(r.probability)), r.vendor, r.modalities,
-                *(r.extra.get(c, "") for c in extra_cols),
-            ])
-    os.replace(tmp, path)
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow([*OOF_COLUMNS, *extra_cols])
+    for r in table.records:
+        w.writerow([
+            r.participant_id, r.study_instance_uid, r.sop_instance_uid, r.frame_number,
+            r.fold, repr(float(r.label)), repr(float(r.probability)), r.vendor, r.modalities,
+            *(r.extra.get(c, "") for c in extra_cols),
+        ])
+    write_durable(path, fh.getvalue().encode("utf-8"))
     return path
 
 

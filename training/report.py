@@ -389,8 +389,6 @@ def _fmt(v: Any) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    import os
+    from inference.durable import write_durable
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_durable(path, text.encode("utf-8"))

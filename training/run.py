@@ -1,6 +1,6 @@
-"""``dicom-node train`` and ``dicom-node evaluate``: cohort -> folds -> trainer -> artifact + report.
+"""The training protocol: cohort -> folds -> trainer -> artifact + report.
 
-``run_training`` is the whole protocol as one function (the CLI and the demo call it): load and
+``run_training`` is the whole protocol as one function (the application's ``train`` command and the demo call it): load and
 cache the cohort, split participants into stratified folds, train each fold (features scaled on the
 training folds only), pool the out-of-fold predictions, choose the threshold by Youden's J on them,
 compute the CV metrics, and write the model directory atomically (weights, model.json, oof.csv).
@@ -10,51 +10,45 @@ the first combination is the one the node serves.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
-import torch
 
-from dicom_node.config import Config, TrainConfig
-from dicom_node.errors import TrainingError
 from inference.model import ModelSpec
+from training.combination import (
+    VALID_MODALITIES,
+    ComboResult,
+    format_metric,
+    parse_combination,
+    scaled_features,
+    subset_data,
+)
+from training.config import TrainConfig
 from training.cv import participant_folds, stratification_labels
-from training.data import Cohort, Sample, load_cohort
-from training.trainer import (ArrayData, DistInfo, FoldResult, barrier, init_distributed,
-                              load_done, save_done, train_fold)
+from training.data import Cohort, load_cohort
+from training.errors import TrainingError
+from training.trainer import (
+    DistInfo,
+    barrier,
+    load_done,
+    save_done,
+    train_fold,
+)
 
 log = logging.getLogger(__name__)
 
-VALID_MODALITIES = ("image", "clinical", "lab")
+# How the decision threshold is chosen (cv_summary) and how the cohort is read (load_cohort);
+# both are written into model.json so the node serves exactly this.
+THRESHOLD_LEVEL: Final = "participant"
+POOLING_RULE: Final = "mean"
+TRAIN_REGION_POLICY: Final = "largest"
 
-
-@dataclass
-class ComboResult:
-    """One modality combination trained on every fold."""
-
-    modalities: tuple[str, ...]
-    spec: ModelSpec
-    folds: list[FoldResult]
-    oof: np.ndarray  # per-sample out-of-fold prediction
-    scalers: list[dict[str, Any]] = field(default_factory=list)  # per fold
-
-
-def parse_combination(text: str | Sequence[str]) -> tuple[str, ...]:
-    """"image+clinical" or ["image", "clinical"] -> ("image", "clinical") in canonical order."""
-    parts = text.replace(",", "+").split("+") if isinstance(text, str) else list(text)
-    mods = {p.strip() for p in parts if p.strip()}
-    bad = mods - set(VALID_MODALITIES)
-    if bad or not mods:
-        raise TrainingError(f"modality combination {text!r}: use image, clinical, lab joined by +")
-    return tuple(m for m in VALID_MODALITIES if m in mods)
 
 
 def _spec(cfg: TrainConfig, mods: tuple[str, ...], n_clin: int, n_lab: int) -> ModelSpec:
@@ -63,34 +57,6 @@ def _spec(cfg: TrainConfig, mods: tuple[str, ...], n_clin: int, n_lab: int) -> M
         in_chans=cfg.in_chans, roi_margin=cfg.roi_margin, modalities=mods, target=cfg.target,
         n_clinical=n_clin, n_lab=n_lab, mlp_hidden=cfg.mlp_hidden, mlp_dropout=cfg.mlp_dropout,
         frame_policy=cfg.frame_policy, pretrained=str(cfg.pretrained) if cfg.pretrained else None,
-    )
-
-
-def scaled_features(samples: Sequence[Sample], train_idx: np.ndarray, mods: tuple[str, ...]
-              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Scale clinical/lab features with parameters fitted on the training studies only."""
-    from training.features import CLINICAL_FEATURES, LAB_FEATURES, FeaturePreprocessor
-
-    arrays: dict[str, np.ndarray] = {}
-    params: dict[str, Any] = {}
-    seen: dict[str, dict[str, Any]] = {}
-    for i in train_idx:  # one row per study, not per image, so multi-image studies don't weigh more
-        seen.setdefault(samples[i].study_uid, samples[i].row)
-    for name, cols in (("clinical", CLINICAL_FEATURES), ("lab", LAB_FEATURES)):
-        if name in mods:
-            pre = FeaturePreprocessor(cols).fit(list(seen.values()))
-            arrays[name] = pre.transform([s.row for s in samples])
-            params[name] = pre.to_dict()
-    return arrays, params
-
-
-def subset_data(samples: Sequence[Sample], idx: np.ndarray, feats: dict[str, np.ndarray],
-            mods: tuple[str, ...], y: np.ndarray) -> ArrayData:
-    return ArrayData(
-        y=y[idx],
-        images=[samples[i].image for i in idx] if "image" in mods else None,  # type: ignore[misc]
-        clinical=feats["clinical"][idx] if "clinical" in mods else None,
-        lab=feats["lab"][idx] if "lab" in mods else None,
     )
 
 
@@ -166,7 +132,12 @@ def cv_summary(table: Any, target: str, n_boot: int = 1000, seed: int = 0
     The threshold is Youden's J on participant-level (mean-pooled) out-of-fold probabilities, so
     ``training.metrics.evaluate_oof`` recomputes the same values from ``oof.csv``.
     """
-    from training.metrics import aggregate, evaluate_oof, regression_metrics, youden_threshold
+    from training.metrics import (
+        aggregate,
+        evaluate_oof,
+        regression_metrics,
+        youden_threshold,
+    )
 
     thresholds: dict[str, float] = {}
     metrics: dict[str, Any] = {}
@@ -174,13 +145,13 @@ def cv_summary(table: Any, target: str, n_boot: int = 1000, seed: int = 0
         sub = table.select(modalities=combo)
         per_level = {}
         for level in ("participant", "image"):
-            agg = aggregate(sub, level, "mean")
+            agg = aggregate(sub, level, POOLING_RULE)
             if target == "regression":
                 per_level[level] = regression_metrics(agg.labels, agg.scores)
                 continue
-            if level == "participant":
+            if level == THRESHOLD_LEVEL:
                 thresholds[combo] = float(youden_threshold(agg.labels, agg.scores))
-            summ = evaluate_oof(sub, level, "mean", thresholds[combo], n_boot, seed)[combo]
+            summ = evaluate_oof(sub, level, POOLING_RULE, thresholds[combo], n_boot, seed)[combo]
             per_level[level] = summ.to_dict()
         metrics[combo] = per_level
     return thresholds, metrics
@@ -228,7 +199,12 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
     """Metrics, threshold, model.json, fold weights, oof.csv and the report, atomically."""
     from pydicom.uid import generate_uid
 
-    from training.artifact import build_model_json, write_artifact
+    from inference.artifact import (
+        Decision,
+        ServingPolicy,
+        build_model_json,
+        write_artifact,
+    )
     from training.oof import combination_name, write_oof
 
     table = _oof_table(cohort, fold_of, results)
@@ -250,6 +226,11 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
     model_json = build_model_json(
         spec=spec, fold_files=[f"fold_{k}.safetensors" for k in range(len(main.folds))],
         fold_meta=fold_meta, threshold=threshold, model_uid=generate_uid(),
+        decision=Decision(threshold=threshold,
+                          method="youden_j" if cfg.target == "binary" else "none",
+                          level=THRESHOLD_LEVEL, rule=POOLING_RULE),
+        policy=ServingPolicy(frame_policy=cfg.frame_policy, region_policy=TRAIN_REGION_POLICY,
+                             study_rule=POOLING_RULE),
         version=_dt_version(), cv_metrics=metrics,
         feature_scaling={"per_fold": True, "modalities": [m for m in main.modalities
                                                           if m != "image"]},
@@ -277,15 +258,6 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
     return path
 
 
-def format_metric(m: dict[str, Any]) -> str:
-    a = m.get("auc")
-    if isinstance(a, dict):
-        return f"AUC {a.get('auc', float('nan')):.3f} ({a.get('ci_low', 0):.3f}-{a.get('ci_high', 0):.3f})"
-    if "ccc" in m:
-        return f"MAPE {m['mape']:.1f}% CCC {m['ccc']:.3f}"
-    return "n/a"
-
-
 def _write_participant_oof(out_dir: Path, table: Any) -> None:
     """oof_participant.csv: mean-pooled participant-level predictions per combination."""
     import csv
@@ -310,43 +282,3 @@ def _dt_version() -> str:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-def _train_cfg(args: argparse.Namespace, cfg: Config) -> TrainConfig:
-    t = cfg.train
-    repl: dict[str, Any] = {}
-    if getattr(args, "epochs", None):
-        repl["epochs"] = int(args.epochs)
-        repl["warmup_epochs"] = min(t.warmup_epochs, max(int(args.epochs) - 1, 0))
-    if getattr(args, "backbone", None):
-        repl["backbone"] = args.backbone
-    if getattr(args, "modalities", None):
-        repl["modalities"] = parse_combination("+".join(args.modalities))
-    return dataclasses.replace(t, **repl) if repl else t
-
-
-def train_command(args: argparse.Namespace, cfg: Config) -> int:
-    """``dicom-node train``: the fold ensemble on an archive or DICOM folder (paper's protocol)."""
-    tcfg = _train_cfg(args, cfg)
-    source = Path(args.archive) if getattr(args, "archive", None) else cfg.node.data_dir
-    out = Path(args.out) if getattr(args, "out", None) else tcfg.output_dir
-    torch.set_num_threads(max(1, tcfg.torch_threads))
-    dist = init_distributed(tcfg.device)
-    try:
-        path = run_training(source, Path(args.labels), out, tcfg, dist=dist,
-                            resume=bool(getattr(args, "resume", False)),
-                            also=list(getattr(args, "also", None) or ()),
-                            keep_work=bool(getattr(args, "keep_checkpoints", False)))
-    finally:
-        if dist.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if path is not None:
-        print(f"model written to {path}")
-    return 0
-
-
-def evaluate_command(args: argparse.Namespace, cfg: Config) -> int:
-    """``dicom-node evaluate`` (lives in training/evaluate.py)."""
-    from training.evaluate import evaluate_command as run
-
-    return run(args, cfg)

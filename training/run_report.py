@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicom_node.config import TrainConfig
+from training.combination import ComboResult, scaled_features, subset_data
+from training.config import TrainConfig
 from training.data import Cohort
-from training.run import ComboResult, scaled_features, subset_data
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     RLELossless,
-    UID,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
 )

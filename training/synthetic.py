@@ -9,7 +9,6 @@ and the output is byte-identical for a seed whatever the number of workers.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -415,27 +414,3 @@ def generate_cohort(out_dir: Path, participants: int, seed: int,
     log.info("synthetic cohort: %d participants, %d studies, %d US, %d SEG in %.1f s (seed %d)",
              participants, len(studies), n_us, n_seg, summary.seconds, seed)
     return summary
-
-
-def synth_command(args: argparse.Namespace, cfg: Any) -> int:
-    """``dicom-node synth``: write a cohort and print its summary."""
-    try:
-        summary = generate_cohort(args.out, args.participants, args.seed, args.vendors,
-                                  args.follow_up, image_scale=getattr(args, "image_scale", 1.0),
-                                  workers=getattr(args, "workers", None))
-    except ValueError as exc:
-        print(f"dicom-node synth: {exc}")
-        return 2
-    n_other = int(getattr(args, "non_muscle", 0) or 0)
-    if n_other > 0:  # the input gate's negatives (training.synth_nonmuscle)
-        from training.synth_nonmuscle import write_nonmuscle
-
-        write_nonmuscle(Path(args.out), n_other, args.seed, getattr(args, "image_scale", 1.0))
-        print(f"{n_other} non-muscle US objects -> {Path(args.out) / 'nonmuscle'}")
-    print(f"{summary.participants} participants, {summary.studies} studies, "
-          f"{summary.us_objects} US objects, {summary.seg_objects} SEG -> {summary.out_dir} "
-          f"({summary.seconds:.1f} s)")
-    if getattr(args, "oracle", False):
-        auc = "n/a" if summary.oracle_auc is None else f"{summary.oracle_auc:.3f}"
-        print(f"oracle image-only AUC (latent muscle score): {auc}")
-    return 0

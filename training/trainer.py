@@ -13,6 +13,7 @@ per-epoch subset with DDP (gloo on CPU, NCCL on GPU); the per-process batch is
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from dicom_node.errors import TrainingError
+from inference.durable import write_durable
 from inference.model import ModelSpec, create_model
 from inference.transforms import augment_transforms, finish_transforms
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +223,7 @@ def predict(model: nn.Module, data: ArrayData, in_chans: int, batch_size: int,
 
 
 class _Checkpoints:
-    """Files of one fold's resumable state (written by rank 0, tmp + os.replace)."""
+    """Files of one fold's resumable state (written by rank 0 through inference.durable)."""
 
     def __init__(self, work_dir: Path, fold: int) -> None:
         self.dir = Path(work_dir) / f"fold_{fold}"
@@ -233,15 +235,15 @@ class _Checkpoints:
 
     def save_epoch(self, model: nn.Module, opt: torch.optim.Optimizer, progress: dict[str, Any],
                    best: bool) -> None:
-        from training.artifact import save_weights
+        from inference.artifact import save_weights
 
         self.dir.mkdir(parents=True, exist_ok=True)
         save_weights(model.state_dict(), self.last)
         if best:
             save_weights(model.state_dict(), self.best)
-        tmp = self.opt.with_name(self.opt.name + ".tmp")
-        torch.save({"optimizer": opt.state_dict()}, tmp)
-        os.replace(tmp, self.opt)
+        buf = io.BytesIO()
+        torch.save({"optimizer": opt.state_dict()}, buf)
+        write_durable(self.opt, buf.getvalue())
         _write_json(self.progress, progress)  # last: marks the epoch as complete
 
     def load_progress(self) -> dict[str, Any] | None:
@@ -251,9 +253,7 @@ class _Checkpoints:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_durable(path, json.dumps(obj, indent=1).encode("utf-8"))
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -278,7 +278,7 @@ def train_fold(
     """Train fold ``fold`` for ``cfg.epochs`` epochs and return the best-validation model.
 
     Args:
-        cfg: a :class:`dicom_node.config.TrainConfig` (epochs, lr, batch size, augmentation...).
+        cfg: a :class:`training.config.TrainConfig` (epochs, lr, batch size, augmentation...).
         work_dir: where the per-epoch checkpoints live (``fold_<k>/``).
         resume: continue from ``work_dir``'s last completed epoch of this fold, if any.
         on_epoch_end: called as ``fn(fold, epoch)`` after each epoch's checkpoint (tests use it
@@ -411,7 +411,7 @@ def train_fold(
 
 def save_done(work_dir: Path, result: FoldResult) -> None:
     """Mark a fold finished (rank 0): its best weights and validation predictions stay on disk."""
-    from training.artifact import save_weights
+    from inference.artifact import save_weights
 
     ck = _Checkpoints(work_dir, result.fold)
     ck.dir.mkdir(parents=True, exist_ok=True)

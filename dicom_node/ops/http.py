@@ -266,7 +266,7 @@ def model_identity(model_dir: Path | None) -> dict[str, Any] | None:
     """Name, version, UID and backbone from ``model.json`` (no weights read)."""
     if model_dir is None:
         return None
-    from inference.model import read_model_json
+    from inference.artifact import read_model_json
 
     raw = read_model_json(Path(model_dir))
     spec_raw = raw.get("spec")

@@ -32,9 +32,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from dicom_node.config import ResultsConfig
-from dicom_node.durable import fsync_dir, write_durable
 from dicom_node.errors import PermanentJobError, ResultsError
 from dicom_node.results.sanitize import ResultsInputError, sanitize_source  # noqa: F401 - re-exported
+from inference.durable import fsync_dir, write_durable
 from inference.gate import GateVerdict
 from inference.types import ImageScore, ModelInfo, StudyScore
 

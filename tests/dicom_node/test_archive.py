@@ -9,9 +9,9 @@ import json
 import pytest
 
 from dicom_node.archive import SCHEMA, Archive
-from dicom_node.durable import write_durable
 from dicom_node.errors import ArchiveError, OutOfResourcesError
 from dicom_node.validate import is_valid_uid, validate
+from inference.durable import write_durable
 from tests.dicom_node.node_data import make_us
 
 

@@ -34,6 +34,11 @@ def test_shipped_config_loads() -> None:
         ({"node": {"tls": {"enabled": True}}}, "node.tls.cert_file"),
         ({"node": {"colour": "blue"}}, "node.colour"),
         ({"scoring": {"enabled": True}}, "scoring.model_dir"),
+        ({"scoring": {"study_rule": "mode"}}, "scoring.study_rule"),
+        ({"reader": {"frame_policy": "first"}}, "reader.frame_policy"),
+        ({"train": {"folds": 1}}, "train.folds"),
+        ({"train": {"in_chans": 2}}, "train.in_chans"),
+        ({"train": {"modalities": []}}, "train.modalities"),
         ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 0}]},
          "destinations[0].port"),
     ],
@@ -55,3 +60,28 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_empty_allow_list_requires_explicit_opt_in(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="allowed_calling_aets"):
         config_from_dict({"scoring": {"enabled": False}}, base_dir=tmp_path)
+
+
+def test_policies_the_model_owns_default_to_the_model(tmp_path: Path) -> None:
+    """Unset frame/region policy and study rule mean "the model's" (None); set ones are kept."""
+    base = {"node": {"allow_any_calling_aet": True}, "scoring": {"enabled": False}}
+    cfg = config_from_dict(base, base_dir=tmp_path)
+    assert cfg.reader.frame_policy is None and cfg.reader.region_policy is None
+    assert cfg.scoring.study_rule is None
+    pinned = config_from_dict({**base, "reader": {"frame_policy": "all"},
+                               "scoring": {"enabled": False, "study_rule": "max"}},
+                              base_dir=tmp_path)
+    assert pinned.reader.frame_policy == "all" and pinned.scoring.study_rule == "max"
+    shipped = load_config(REPO / "config.toml")
+    assert shipped.reader.frame_policy is None and shipped.scoring.study_rule is None
+
+
+def test_library_configs_are_the_libraries_own() -> None:
+    """The node composes the libraries' dataclasses; old import paths keep working."""
+    import dicom_node.config as node_config
+    import inference.config
+    import training.config
+
+    assert node_config.ReaderConfig is inference.config.ReaderConfig
+    assert node_config.ScoringConfig is inference.config.ScoringConfig
+    assert node_config.TrainConfig is training.config.TrainConfig

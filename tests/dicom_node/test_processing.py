@@ -30,10 +30,10 @@ def _store_study(archive: Archive, files: list[Path]) -> None:
         archive.store(f.read_bytes(), info, calling_aet="MODALITY", transfer_syntax=ts)
 
 
-def _config(tmp_path: Path, model_dir: Path):  # noqa: ANN202
+def _config(tmp_path: Path, model_dir: Path, **scoring: object):  # noqa: ANN202
     return make_config(
         tmp_path / "node",
-        scoring={"enabled": True, "model_dir": str(model_dir), "device": "cpu"},
+        scoring={"enabled": True, "model_dir": str(model_dir), "device": "cpu", **scoring},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
     )
 
@@ -128,6 +128,16 @@ def test_build_processor_refuses_a_broken_artifact(tiny_model_dir, tmp_path) -> 
     (broken / raw["folds"][-1]["file"]).unlink()
     with pytest.raises(ModelArtifactError, match=raw["folds"][-1]["file"]):
         build_processor(_config(tmp_path, broken))
+
+
+def test_build_processor_refuses_a_config_that_contradicts_the_model(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001,E501
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    other = "max" if card["serving"]["study_rule"] != "max" else "median"
+    with pytest.raises(ModelArtifactError, match=f"scoring.study_rule = '{other}'"):
+        build_processor(_config(tmp_path, tiny_model_dir, study_rule=other))
+    processor = build_processor(_config(tmp_path, tiny_model_dir,
+                                         study_rule=card["serving"]["study_rule"]))
+    assert processor.pipeline.policy.study_rule == card["serving"]["study_rule"]
 
 
 @pytest.mark.parametrize("not_assessable", ["none", "sr"])

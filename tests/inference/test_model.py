@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dicom_node.errors import ModelArtifactError
-from inference.model import ModelSpec, create_model, default_cam_layer, load_artifact
-from training.artifact import build_model_json, write_artifact
+from inference.artifact import build_model_json, load_artifact, write_artifact
+from inference.model import ModelSpec, create_model, default_cam_layer
 
 SPEC = ModelSpec(backbone="test_convnext", input_size=32, in_chans=3)
 
@@ -52,8 +52,8 @@ def test_unknown_names_fail_loudly() -> None:
 
 
 def test_local_pretrained_weights_load(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
     import timm
+    from safetensors.torch import save_file
 
     src = timm.create_model("test_convnext", pretrained=False, num_classes=0)
     path = tmp_path / "w.safetensors"

@@ -9,12 +9,25 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 
-from dicom_node.errors import NoTissueRegionError, ReaderError, UnsupportedTransferSyntaxError
+from dicom_node.errors import (
+    NoTissueRegionError,
+    ReaderError,
+    UnsupportedTransferSyntaxError,
+)
 from inference.decode import decode_frames
 from inference.reader import read_frames, read_study
 from inference.us_regions import content_region
 from tests.inference.us_builders import (
-    COLS, ROWS, TISSUE, base_us, build, phantom, region_item, save, set_jpeg, set_native,
+    COLS,
+    ROWS,
+    TISSUE,
+    base_us,
+    build,
+    phantom,
+    region_item,
+    save,
+    set_jpeg,
+    set_native,
 )
 
 PHOTOMETRICS = ["MONOCHROME2", "MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR"]

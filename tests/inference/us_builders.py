@@ -19,8 +19,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
     generate_uid,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.model import load_artifact
+from inference.artifact import load_artifact
 from training.metrics import aggregate, evaluate_oof, youden_threshold
 from training.oof import read_oof
 

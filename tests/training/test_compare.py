@@ -8,11 +8,10 @@ import pytest
 
 from dicom_node.cli import main
 from dicom_node.errors import TrainingError
+from tests.training.test_report import synthetic_oof
 from training import metrics as M
 from training.compare import compare_runs
 from training.oof import OOFTable, write_oof
-
-from tests.training.test_report import synthetic_oof
 
 
 @pytest.fixture(autouse=True)

@@ -39,7 +39,7 @@ def test_two_process_ddp_trains_with_the_single_process_split(
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "DDP rank 1/2" in proc.stderr  # both ranks joined the gloo group
 
-    from inference.model import load_artifact
+    from inference.artifact import load_artifact
 
     art = load_artifact(out)
     assert art.raw["distributed"]["world_size"] == 2 and art.info.n_folds == 2

@@ -9,9 +9,15 @@ import pydicom
 import pytest
 
 from dicom_node.errors import TrainingError
-from training.features import (CLINICAL_FEATURES, LAB_FEATURES, FeaturePreprocessor,
-                               complete_cases, fill_from_header, header_clinical,
-                               parse_patient_age)
+from training.features import (
+    CLINICAL_FEATURES,
+    LAB_FEATURES,
+    FeaturePreprocessor,
+    complete_cases,
+    fill_from_header,
+    header_clinical,
+    parse_patient_age,
+)
 
 
 def _rows(n, seed, shift=0.0):
@@ -29,7 +35,8 @@ def _rows(n, seed, shift=0.0):
 
 
 def test_contract_order_matches_inference():
-    from inference.model import CLINICAL_FEATURES as C, LAB_FEATURES as L
+    from inference.model import CLINICAL_FEATURES as C
+    from inference.model import LAB_FEATURES as L
     assert CLINICAL_FEATURES == C and LAB_FEATURES == L
     assert len(CLINICAL_FEATURES) == 8 and len(LAB_FEATURES) == 14
 

@@ -61,7 +61,7 @@ def test_labels_by_patient_id_and_awgs(synth_cohort, tmp_path: Path) -> None:
 
 def test_evaluate_command_on_archive(archive_dir: Path, synth_cohort, tiny_model_dir: Path,
                                      tmp_path: Path) -> None:
-    from training.run import evaluate_command
+    from dicom_node.commands.train import evaluate_command
 
     cfg = config_from_dict({"node": {"allow_any_calling_aet": True}, "scoring": {"enabled": False}})
     out = tmp_path / "external"

@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.config import TrainConfig
 from inference.model import ModelSpec, create_model
-from training.trainer import (ArrayData, _epoch_indices, load_done, lr_at, predict, save_done,
-                              train_fold)
+from training.config import TrainConfig
+from training.trainer import (
+    ArrayData,
+    _epoch_indices,
+    load_done,
+    lr_at,
+    predict,
+    save_done,
+    train_fold,
+)
 
 CFG = TrainConfig(backbone="test_convnext", input_size=32, folds=2, epochs=3, warmup_epochs=1,
                   batch_size=8, lr=2e-3, seed=5, device="cpu")
