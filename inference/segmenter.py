@@ -12,15 +12,18 @@ native calibration.
 A mask is only returned when it passes quality control (:class:`QcLimits`): a failed image is
 not measured and not scored, and the reason is reported instead of guessed around.
 
-Artifact layout (``training.segmentation`` writes it, :func:`load_segmenter` is the only
-reader)::
+Artifact layout (``training.segmentation`` writes it through ``inference.artifact.write_artifact``,
+the classifier's atomic staging-directory writer; :func:`load_segmenter` is the only reader and
+checks fold files and weights with ``inference.artifact``'s helpers, so both models follow one
+set of conventions while the segmentation spec and QC limits live here, next to the code that
+uses them)::
 
     MODEL_DIR/model.json        {"task": "segmentation", "schema_version": 1, "name", "version",
                                  "model_uid", "spec": {architecture, arch_args, pixel_cm,
                                  fov_px, ...}, "qc": {...}, "folds": [{"file": ...}, ...], ...}
     MODEL_DIR/fold_<k>.safetensors
 
-It imports only numpy, scipy, torch, MONAI and safetensors (floor 1: no node, no training).
+It imports numpy, scipy, torch, MONAI and its own floor (no node, no training).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import torch.nn.functional as F
 from scipy import ndimage  # type: ignore[import-untyped]
 from torch import nn
 
+from inference.artifact import fold_files, load_weights
+from inference.errors import ModelArtifactError
 from inference.measurements import measure_roi
 from inference.types import USFrame
 
@@ -49,8 +54,12 @@ SCHEMA_VERSION = 1
 _REQUIRED = ("schema_version", "task", "name", "version", "model_uid", "spec", "folds")
 
 
-class SegmenterArtifactError(ValueError):
-    """The segmentation artifact is missing, malformed or inconsistent (names the path)."""
+class SegmenterArtifactError(ModelArtifactError, ValueError):
+    """The segmentation artifact is missing, malformed or inconsistent (names the path).
+
+    Also a ``ValueError`` because a bad :class:`SegmenterSpec` is a bad argument to its
+    constructor, as highdicom's constructors raise.
+    """
 
 
 @dataclass(frozen=True)
@@ -381,10 +390,6 @@ def parse_model_json(raw: Any, where: str = "model.json") -> tuple[SegmenterSpec
     if raw["schema_version"] != SCHEMA_VERSION:
         raise SegmenterArtifactError(
             f"{where}: schema_version {raw['schema_version']} (this node reads {SCHEMA_VERSION})")
-    folds = raw["folds"]
-    if not isinstance(folds, list) or not folds or not all(
-            isinstance(f, dict) and isinstance(f.get("file"), str) for f in folds):
-        raise SegmenterArtifactError(f"{where}: 'folds' must list at least one {{'file': ...}}")
     try:
         spec = SegmenterSpec.from_dict(raw["spec"])
         qc = QcLimits.from_dict(raw.get("qc", {}))
@@ -405,8 +410,6 @@ def load_segmenter(model_dir: Path, *, qc: QcLimits | None = None,
     Raises:
         SegmenterArtifactError: missing/invalid model.json, weights that do not fit the spec.
     """
-    from safetensors.torch import load_file
-
     model_dir = Path(model_dir)
     path = model_dir / "model.json"
     try:
@@ -414,17 +417,19 @@ def load_segmenter(model_dir: Path, *, qc: QcLimits | None = None,
     except (OSError, ValueError) as exc:
         raise SegmenterArtifactError(f"{path}: cannot read: {exc}") from exc
     spec, art_qc = parse_model_json(raw, str(path))
+    try:
+        files = fold_files(raw, model_dir)
+    except ModelArtifactError as exc:
+        raise SegmenterArtifactError(str(exc)) from None
     nets = []
-    for k, entry in enumerate(raw["folds"]):
+    for k, name in enumerate(files):
         if folds is not None and k not in folds:
             continue
-        wpath = model_dir / Path(entry["file"]).name
         net = create_network(spec)
         try:
-            state = load_file(str(wpath))
-            net.load_state_dict(state, strict=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise SegmenterArtifactError(f"{wpath}: weights do not load: {exc}") from exc
+            load_weights(net, model_dir / name)
+        except ModelArtifactError as exc:
+            raise SegmenterArtifactError(f"weights do not load: {exc}") from None
         nets.append(net.eval())
     if not nets:
         raise SegmenterArtifactError(f"{path}: no fold selected")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from pydicom.uid import generate_uid
 
-from dicom_node.errors import TrainingError
+from inference.artifact import data_fingerprint, package_versions, save_weights, write_artifact
+from inference.durable import write_durable
 from inference.reader import read_study
 from inference.segmenter import (
     SCHEMA_VERSION,
@@ -41,9 +42,9 @@ from inference.segmenter import (
     quality_control,
     to_grid,
 )
-from training.artifact import data_fingerprint, package_versions, write_artifact
 from training.cv import participant_folds
 from training.data import index_archive, read_labels
+from training.errors import TrainingError
 from training.segmentation_config import SegTrainConfig
 
 log = logging.getLogger(__name__)
@@ -292,13 +293,9 @@ def _load_done(work: Path, fold: int, fp: str) -> tuple[dict, list] | None:
 def _save_done(work: Path, fold: int, fp: str, state: Mapping[str, torch.Tensor],
                records: list[dict[str, Any]]) -> None:
     """Keep a finished fold (weights first, then the marker that says it is complete)."""
-    from training.artifact import save_weights
-
-    work.mkdir(parents=True, exist_ok=True)
     save_weights(state, work / f"fold_{fold}.safetensors")
-    tmp = work / f".fold_{fold}.json.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fp, "records": records}))
-    tmp.replace(work / f"fold_{fold}.json")
+    write_durable(work / f"fold_{fold}.json",
+                  json.dumps({"fingerprint": fp, "records": records}, default=str).encode())
 
 
 def train_segmenter(samples: Sequence[SegSample], out_dir: Path, cfg: SegTrainConfig, *,

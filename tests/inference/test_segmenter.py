@@ -141,7 +141,20 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SegmenterArtifactError, match="weights do not load"):
         load_segmenter(folder)
     (folder / "fold_0.safetensors").unlink()
-    with pytest.raises(SegmenterArtifactError, match="weights do not load"):
+    with pytest.raises(SegmenterArtifactError, match="fold file.* missing"):
+        load_segmenter(folder)
+
+
+def test_segmentation_artifact_is_a_model_artifact_error_and_not_a_classifier(
+        tmp_path: Path) -> None:
+    from inference.artifact import read_card
+    from inference.errors import ModelArtifactError
+
+    folder = _write_artifact(tmp_path / "m")
+    with pytest.raises(ModelArtifactError, match="segmentation_model_dir"):
+        read_card(folder)
+    (folder / "fold_0.safetensors").unlink()
+    with pytest.raises(ModelArtifactError):
         load_segmenter(folder)
 
 
