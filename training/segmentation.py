@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from pydicom.uid import generate_uid
 
-from inference.artifact import data_fingerprint, package_versions, save_weights, write_artifact
+from inference.artifact import (
+    data_fingerprint,
+    package_versions,
+    save_weights,
+    write_artifact,
+)
 from inference.durable import write_durable
 from inference.reader import read_study
 from inference.segmenter import (
