@@ -50,7 +50,7 @@ __all__ = [
 # or control characters; leading/trailing spaces are not significant and an all-space AE is invalid.
 _AE_TITLE_RE = re.compile(r"^[\x20-\x5B\x5D-\x7E]{1,16}$")
 
-OnMissingSeg = Literal["score-whole-region", "hold", "reject"]
+OnMissingSeg = Literal["score-whole-region", "hold", "reject", "auto"]
 
 
 def validate_ae_title(value: Any, key: str) -> str:
@@ -117,12 +117,20 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class CompletionConfig:
-    """When a study counts as complete (quiet period, ceiling, SEG policy)."""
+    """When a study counts as complete (quiet period, ceiling, SEG policy).
+
+    ``on_missing_seg`` None resolves when the config is loaded: ``auto`` (segment the images no
+    SEG covers) when ``scoring.segmentation_model_dir`` is set, else ``score-whole-region``.
+    ``seg_wait_seconds``: with ``auto``, how long (from the start of the receiving episode) a
+    quiet study waits for a human SEG before the node segments it; the other policies wait until
+    ``max_wait_seconds``.
+    """
 
     idle_seconds: float = 60.0
     max_wait_seconds: float = 900.0
     require_seg: bool = True
-    on_missing_seg: OnMissingSeg = "score-whole-region"
+    on_missing_seg: OnMissingSeg | None = None
+    seg_wait_seconds: float = 120.0
     poll_seconds: float = 2.0
 
 
@@ -147,6 +155,7 @@ class ResultsConfig:
     sc_series_description: str = "Sarcopenia Grad-CAM (research use)"
     sr_series_number: int = 9001
     sc_series_number: int = 9002
+    seg_series_number: int = 9003  # the AI SEGs of automatic ROIs
     burn_in_text: str = "RESEARCH USE ONLY - not for diagnosis"
     heatmap_jpeg: bool = False
     # a study with no image the model may score: send nothing, or an SR saying "not assessable"
@@ -315,6 +324,13 @@ def _validate(cfg: Config) -> Config:
     _check_positive(c.poll_seconds, "completion.poll_seconds")
     if c.max_wait_seconds < c.idle_seconds:
         raise ConfigError("completion.max_wait_seconds", "must be >= completion.idle_seconds")
+    _check_positive(c.seg_wait_seconds, "completion.seg_wait_seconds", allow_zero=True)
+    seg_model = cfg.scoring.segmentation_model_dir
+    on_missing = c.on_missing_seg or ("auto" if seg_model is not None else "score-whole-region")
+    if on_missing == "auto" and seg_model is None and cfg.scoring.enabled:
+        raise ConfigError("completion.on_missing_seg",
+                          "'auto' needs scoring.segmentation_model_dir (a model trained with "
+                          "`dicom-node train --task segmentation`)")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("worker.max_attempts", "must be >= 1")
     s = cfg.scoring
@@ -349,6 +365,7 @@ def _validate(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg,
         node=dataclasses.replace(node, ae_title=ae, allowed_calling_aets=callers),
+        completion=dataclasses.replace(c, on_missing_seg=on_missing),
         destinations=tuple(dests),
     )
 

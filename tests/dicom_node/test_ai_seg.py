@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from dicom_node.ai_seg import (
+from dicom_node.results.seg import (
     SEGMENT_LABEL,
     SegmentationModelId,
     build_ai_seg,
