@@ -66,3 +66,40 @@ def test_failed_qc_is_not_scored_and_says_why(pipelines, synth_cohort) -> None: 
     # any image that did pass is on the automatic ROI, every other one is listed with its reason
     assert all(im.roi_source == RoiSource.AUTO for im in score.images)
     assert any("quality control" in r for _, r in score.skipped)
+
+
+def test_results_carry_the_ai_seg_and_the_sr_references_it(pipelines, synth_cohort,
+                                                           tmp_path: Path) -> None:  # noqa: ANN001
+    import subprocess
+
+    import highdicom as hd
+    from pydicom import dcmread
+
+    from dicom_node.config import ResultsConfig
+    from dicom_node.results import build_results
+    from tests.conftest import require_tool
+
+    _, loose = pipelines
+    _, files = study_files(synth_cohort, "none")
+    score, read = loose.score_study(files, allow_missing_seg=False, auto_roi=True)
+    results = build_results(score, dict(read.datasets), ResultsConfig())
+    assert not results.errors
+    assert len(results.segmentations) == len(score.images)
+    seg_uids = {str(s.SOPInstanceUID) for s in results.segmentations}
+    for s in results.segmentations:
+        seg = hd.seg.Segmentation.from_dataset(s)
+        desc = seg.get_segment_description(1)
+        assert desc.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        assert desc.algorithm_identification[0].AlgorithmName == score.roi_model.name
+    text = str(results.sr)
+    assert all(uid in text for uid in seg_uids)  # each AI SEG is referenced by the SR
+    assert "ROI-AUTO" in text and "8359006" in text  # automatic ROI flagged (SCT Automated)
+    require_tool(Path("/usr/bin/dciodvfy").exists(), "dciodvfy")
+    for ds in results.datasets:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        dcmread(path)
+        out = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True,
+                             check=False)
+        errors = [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("Error")]
+        assert not errors, (ds.Modality, errors)
