@@ -35,6 +35,7 @@ from inference.config import (
 )
 from inference.gate import GateConfig, gate_config_from_dict
 from training.config import Modality, Target, TrainConfig, check_train_config
+from training.segmentation_config import SegTrainConfig
 from training.errors import TrainConfigError
 
 # Re-exported so ``from dicom_node.config import TrainConfig`` (etc.) keeps working.
@@ -208,6 +209,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    segmentation: SegTrainConfig = field(default_factory=SegTrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     source_path: Path | None = None
@@ -280,7 +282,7 @@ def _build(cls: Any, table: dict[str, Any], prefix: str, base_dir: Path) -> Any:
         kwargs[name] = _convert(value, hints[name], key, base_dir)
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
+    except (TypeError, ValueError) as exc:  # a required field is missing, a range check failed
         raise ConfigError(prefix or "<root>", str(exc)) from None
 
 
