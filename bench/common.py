@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+# the repository must come before bench/ itself, or bench/training.py shadows the training package
+if sys.path[:1] != [str(REPO)]:
     sys.path.insert(0, str(REPO))
 
-from dicom_node.demo_pacs import free_port
+from testing.peers import free_port  # noqa: E402  (needs the sys.path line above)
 
 
 def node_config(data_dir: Path, *, scoring: dict | None = None, destinations: list | None = None,

@@ -19,7 +19,7 @@ import common  # noqa: F401  (sets sys.path)
 from common import node_config, save_result
 
 from bench.usdata import us_instances
-from dicom_node.demo_pacs import NodeProcess, StorescpPeer, storescu
+from testing.peers import NodeProcess, StorescpPeer, storescu
 
 
 def _node_count(db: Path) -> int:
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     res = run(args.n, args.repeats)
-    print(f"ingest N={res['n']}: DCMTK storescp (TCP_NODELAY, 128 KiB PDU) {res['dcmtk_img_s']:.0f} "
-          f"img/s | dicom-node serve {res['node_img_s']:.0f} img/s | ratio {res['ratio']:.2f} "
+    print(f"ingest N={res['n']}: DCMTK storescp (TCP_NODELAY, 128 KiB PDU) "
+          f"{res['dcmtk_img_s']:.0f} img/s | dicom-node serve {res['node_img_s']:.0f} img/s "
+          f"| ratio {res['ratio']:.2f} "
           f"(target >= 0.5); stored {res['stored']}")
     save_result("ingest", res)
     return 0 if res["stored"].get("node") == res["n"] else 1

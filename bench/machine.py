@@ -1,7 +1,7 @@
 """Describe the machine a benchmark ran on and measure its practical FLOP/s anchor.
 
 Every ratio in BENCHMARKS.md is relative to a number measured in the same run, because this kind
-of machine is shared and noisy (±30 % run to run, see PERF_NOTES.md).
+of machine is shared and noisy (±30 % run to run).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def render(machine: dict, res: dict, seconds: float) -> str:
                 continue
             lines.append(
                 f"| scoring latency, 5-image study, {res['scoring']['folds']}-fold {bb}, {variant} "
-                f"| {b['whole_study_ms']:.0f} ms (ensemble+CAM {b['stages_ms'].get('ensemble', 0):.0f}"
+                f"| {b['whole_study_ms']:.0f} ms (ensemble+CAM "
+                f"{b['stages_ms'].get('ensemble', 0):.0f}"
                 f" ms, forward alone {b['forward_only_ms']:.0f} ms; max abs Δp "
                 f"{b['max_abs_dp_vs_first']:.1e}) | FLOP bound {m['flop_bound_ms']:.0f} ms "
                 f"({m['ensemble_gflop']:.0f} GFLOP) | {b['whole_over_bound']:.2f} "
@@ -83,7 +84,8 @@ def render(machine: dict, res: dict, seconds: float) -> str:
     if stages:
         lines += ["", ("Scoring stages of the first variant (fold weights untrained, random init: "
                        "timing does not depend on them):"), *stages]
-    errors = [f"- {k}: {v['error']}" for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    errors = [f"- {k}: {v['error']}" for k, v in res.items()
+              if isinstance(v, dict) and "error" in v]
     if errors:
         lines += ["", "Benchmarks that failed in this run:", *errors]
     return "\n".join(lines)

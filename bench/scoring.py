@@ -62,9 +62,9 @@ def _time_backend(model_dir: Path, files: list[Path], backend: str, cam_method: 
 
 
 def _results_and_send(score, read, workdir: Path, repeats: int) -> dict:
-    from dicom_node.demo_pacs import StorescpPeer
     from dicom_node.results import build_results
     from dicom_node.scu import store_files
+    from testing.peers import StorescpPeer
 
     build = []
     for _ in range(repeats):
@@ -114,7 +114,7 @@ def run(backbones: list[str], variants: list[str], repeats: int = 3, folds: int 
                 if eager is None:
                     eager = r
                     entry.update(_results_and_send(r["score"], r["read"], Path(tmp), repeats))
-                dp = max(abs(a - b) for a, b in zip(r["probs"], eager["probs"]))
+                dp = max(abs(a - b) for a, b in zip(r["probs"], eager["probs"], strict=True))
                 whole = r["score_ms"] + entry["sr_sc_build_ms"] + entry["send_ms"]
                 ens = r["stages_ms"].get("ensemble", float("nan"))
                 entry["backends"][variant] = {
@@ -125,7 +125,8 @@ def run(backbones: list[str], variants: list[str], repeats: int = 3, folds: int 
                     "max_abs_dp_vs_first": dp, "whole_study_ms": whole,
                     "whole_over_bound": whole / bound_ms,
                 }
-                print(f"  {bb} {variant}: study {whole:.0f} ms = {whole / bound_ms:.2f}× FLOP bound "
+                print(f"  {bb} {variant}: study {whole:.0f} ms = {whole / bound_ms:.2f}× "
+                      "FLOP bound "
                       f"({bound_ms:.0f} ms); ensemble+CAM {ens:.0f} ms = {ens / bound_ms:.2f}× "
                       f"bound, forward alone {r['forward_only_ms']:.0f} ms; stages "
                       f"{_fmt(r['stages_ms'])}; SR+SC build {entry['sr_sc_build_ms']:.0f} ms, send "

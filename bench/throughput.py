@@ -23,7 +23,7 @@ from common import node_config, save_result
 
 from bench.model_fixture import untrained_artifact
 from bench.usdata import us_instances
-from dicom_node.demo_pacs import NodeProcess, StorescpPeer, storescu
+from testing.peers import NodeProcess, StorescpPeer, storescu
 
 IDLE_SECONDS = 2.0
 
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput: {r['delivered']}/{r['studies']} studies from {r['modalities']} modalities "
           f"in {r['elapsed_s']:.0f} s = {r['studies_per_hour']:.0f} studies/hour "
           f"({r['folds']}-fold {r['backbone']}); latency after last instance p50 "
-          f"{r['latency_p50_s']} s, p95 {r['latency_p95_s']} s (includes {r['completion_idle_s']} s "
+          f"{r['latency_p50_s']} s, p95 {r['latency_p95_s']} s (includes "
+          f"{r['completion_idle_s']} s "
           f"completion quiet period); CPU {100 * r['cpu_utilisation']:.0f} %; errors {r['errors']}")
     save_result("throughput", r)
     return 0 if r["delivered"] == r["studies"] else 1

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args(argv)
     r = run(args.n, args.epochs, args.backbone, args.batch)
-    print(f"training {r['backbone']} {r['input_size']}² batch {r['batch']}, {r['n_images']} images: "
+    print(f"training {r['backbone']} {r['input_size']}² batch {r['batch']}, "
+          f"{r['n_images']} images: "
           f"trainer {r['trainer_img_s']:.2f} img/s vs bare timm loop {r['bare_img_s']:.2f} img/s "
           f"(last epoch) -> trainer time / bare time = {r['overhead_ratio']:.2f}")
     save_result("training", r)

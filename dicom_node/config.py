@@ -92,6 +92,9 @@ class NodeConfig:
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 60.0
     max_associations: int = 16
+    max_decoded_mb: int = 512
+    pending_timeout_seconds: float = 5.0
+    max_connections_per_peer: int = 8
     log_level: str = "INFO"
     tls: TLSConfig = field(default_factory=TLSConfig)
 
@@ -143,6 +146,10 @@ class WorkerConfig:
     max_attempts: int = 3
     retry_base_seconds: float = 30.0
     poll_seconds: float = 1.0
+    processes: int = 1
+    max_memory_mb: int = 3072
+    max_rss_mb: int = 0
+    job_timeout_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -312,6 +319,10 @@ def _validate(cfg: Config) -> Config:
         _check_positive(getattr(node, k), f"node.{k}")
     if node.max_associations < 1:
         raise ConfigError("node.max_associations", "must be >= 1")
+    _check_positive(node.max_decoded_mb, "node.max_decoded_mb")
+    _check_positive(node.pending_timeout_seconds, "node.pending_timeout_seconds")
+    if node.max_connections_per_peer < 1:
+        raise ConfigError("node.max_connections_per_peer", "must be >= 1")
     if node.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("node.log_level", f"{node.log_level!r} is not DEBUG/INFO/WARNING/ERROR")
     if not callers and not node.allow_any_calling_aet:
@@ -335,6 +346,11 @@ def _validate(cfg: Config) -> Config:
                           "`dicom-node train --task segmentation`)")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("worker.max_attempts", "must be >= 1")
+    if cfg.worker.processes < 1:
+        raise ConfigError("worker.processes", "must be >= 1")
+    for key in ("max_memory_mb", "max_rss_mb", "job_timeout_seconds"):
+        if getattr(cfg.worker, key) < 0:
+            raise ConfigError(f"worker.{key}", "must be >= 0 (0 = no limit)")
     s = cfg.scoring
     if s.enabled and s.model_dir is None:
         raise ConfigError(

@@ -2,7 +2,8 @@
 
 Claims are one ``UPDATE ... WHERE id = (SELECT ...) RETURNING *`` inside ``BEGIN IMMEDIATE``, so
 two workers (threads or processes) can never take the same job. A job left ``running`` by a
-process that died is put back to ``queued`` at start-up. Failures are retried with exponential
+process that died counts as a failed attempt at start-up (re-queued, or failed at
+``max_attempts``). Failures are retried with exponential
 backoff until ``max_attempts``; the last error is always kept.
 """
 
@@ -121,27 +122,24 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def requeue_orphans(archive: Archive) -> int:
-    """Put jobs left ``running`` by dead processes (or an earlier life of this pid) back in the queue."""
+def requeue_orphans(archive: Archive, *, retry_base_seconds: float = 0.0) -> int:
+    """Count jobs left ``running`` by dead processes as failed attempts (re-queued or failed).
+
+    The attempt was used up when the job was claimed; a process that died during it (often
+    because of that very study) must not get it back, or a poison study would loop for ever.
+    """
     me = os.getpid()
-    rows = archive.query("SELECT id, study_uid, worker_pid FROM jobs WHERE state = 'running'")
+    rows = archive.query("SELECT id, study_uid, kind, attempts, max_attempts, payload, worker_pid "
+                         "FROM jobs WHERE state = 'running'")
     orphans = [r for r in rows if r["worker_pid"] == me or not _alive(r["worker_pid"])]
-    now = time.time()
-    with archive.transaction() as conn:
-        for r in orphans:
-            conn.execute(
-                "UPDATE jobs SET state = 'queued', next_attempt_at = ?, worker_pid = NULL, "
-                "updated_at = ?, last_error = coalesce(last_error, '') || "
-                "'[re-queued: worker process died]' WHERE id = ? AND state = 'running'",
-                (now, now, r["id"]),
-            )
-            conn.execute(
-                "UPDATE studies SET state = 'complete' WHERE study_uid = ? AND state = 'scoring'",
-                (r["study_uid"],),
-            )
     for r in orphans:
-        log.warning("job %s (study %s): re-queued, its worker process %s is gone",
-                    r["id"], r["study_uid"], r["worker_pid"])
+        job = Job(id=r["id"], study_uid=r["study_uid"], kind=r["kind"], attempts=r["attempts"],
+                  max_attempts=r["max_attempts"], payload=json.loads(r["payload"] or "{}"))
+        retried = mark_failed(archive, job, f"worker process {r['worker_pid']} died during the job",
+                              retry_base_seconds=retry_base_seconds)
+        log.warning("job %s (study %s): worker process %s died during attempt %d/%d; %s",
+                    job.id, job.study_uid, r["worker_pid"], job.attempts, job.max_attempts,
+                    "re-queued" if retried else "failed")
     return len(orphans)
 
 

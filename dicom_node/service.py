@@ -1,8 +1,8 @@
 """``dicom-node serve`` (listener + completion + worker + sender) and ``dicom-node studies``.
 
 ``serve`` wires the parts together and owns their life cycle: start-up sweeps temp files and
-re-queues jobs of dead processes, SIGTERM/SIGINT stop the listener first (no new instances),
-then completion, the worker (after its current job) and the sender.
+counts jobs of dead processes as failed attempts, SIGTERM/SIGINT stop the listener first (no new
+instances), then completion, the worker (after its current job) and the sender.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
-from dicom_node.ops.http import model_check, start_status_server
+from dicom_node.flow.supervisor import Supervisor
+from dicom_node.ops.http import start_status_server
 from dicom_node.ops.status import human_time
 from dicom_node.queue import requeue_orphans
 from dicom_node.scp import start_scp
@@ -40,9 +41,9 @@ def _processor(cfg: Config) -> Processor:
 def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
     archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
-    n = requeue_orphans(archive)
+    n = requeue_orphans(archive, retry_base_seconds=cfg.worker.retry_base_seconds)
     if n:
-        log.warning("re-queued %d jobs left running by a previous process", n)
+        log.warning("%d job(s) left running by a previous process counted as failed attempts", n)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -52,18 +53,28 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    worker: Worker | None = None
+    worker: Worker | Supervisor | None = None
     delivery = None
     if cfg.worker.enabled:
-        worker = Worker(archive, _processor(cfg), cfg.worker)
+        processor = _processor(cfg)  # the whole model check runs now: a broken one stops serve
+        if cfg.scoring.enabled:
+            # scoring decodes untrusted pixel data: supervised processes do it, never this one
+            del processor
+            worker = Supervisor(archive, cfg)
+        else:
+            worker = Worker(archive, processor, cfg.worker)
     if cfg.scoring.enabled and cfg.destinations:
         # another module's loop; import only if used
         from dicom_node.sender import DeliveryLoop
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
-    status_server = start_status_server(cfg, model_check(worker.processor) if worker else None)
+    # ready once a scoring process has its model loaded (archive-only: nothing to wait for)
+    status_server = start_status_server(
+        cfg, worker.ready_check if isinstance(worker, Supervisor) else None)
     server = start_scp(cfg.node, archive)
+    if status_server is not None:
+        status_server.listener_started(server)
     monitor.start()
     if worker is not None:
         worker.start()

@@ -4,7 +4,7 @@ Two exact ways to get last-stage Grad-CAM (Selvaraju et al.) for a fold model:
 
 * :func:`gradcam_forward` uses torchcam's ``GradCAM``. Parameter gradients stay off and the autograd
   graph starts at the hooked activation, so the backward pass only runs through the head
-  (~1.0-1.04x the forward on ConvNeXt, PERF_NOTES) instead of the whole network (3.2x).
+  (~1.0-1.04x the forward on ConvNeXt, measured) instead of the whole network (3.2x).
 * :func:`gap_cam_forward` uses the fact that a global-average-pooling head makes the Grad-CAM
   channel weights equal to ``d logit / d pooled`` / (h*w). For a LayerNorm + Linear head (timm
   ConvNeXt) or a plain Linear head that derivative has a closed form, so the heat map is a few

@@ -149,7 +149,7 @@ def _iter_gray(ds: Dataset, indices: Sequence[int]) -> Iterator[tuple[int, np.nd
         # in such a header is a device quirk that would scramble the samples if honoured.
         opts["planar_configuration"] = 0
     # Pillow decodes baseline JPEG ~4x faster than gdcm/pylibjpeg here with identical samples
-    # (PERF_NOTES: decode dominates reading); anything it cannot do falls back to the others.
+    # (measured: decode dominates reading); anything it cannot do falls back to the others.
     plugin = "pillow" if ts == JPEGBaseline8Bit and "pillow" in decoder.available_plugins else ""
     done = 0
 

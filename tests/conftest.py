@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import config as pydicom_config
 
 from dicom_node.config import Config, config_from_dict
 
 # Cross-package session fixtures live in tests/fixtures/; each module registers itself here.
 pytest_plugins: list[str] = ["tests.fixtures.orthanc", "tests.fixtures.cohort",
                              "tests.fixtures.model"]
+
+
+@pytest.fixture(autouse=True)
+def strict_pydicom(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test reads and writes DICOM values with pydicom's validation set to RAISE.
+
+    Why: a builder that writes an invalid value, or code that relies on one being tolerated,
+    fails here instead of passing silently. Tests that feed the node deliberately hostile input
+    carry ``@pytest.mark.lenient_pydicom`` and run with pydicom's defaults, as the node does in
+    production; ``tests.builders.set_raw`` writes one invalid value on purpose.
+    """
+    settings = pydicom_config.settings
+    old = settings.reading_validation_mode, settings.writing_validation_mode
+    if request.node.get_closest_marker("lenient_pydicom") is None:
+        settings.reading_validation_mode = pydicom_config.RAISE
+        settings.writing_validation_mode = pydicom_config.RAISE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = old
 
 
 def require_tool(present: bool, what: str) -> None:

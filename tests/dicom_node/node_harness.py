@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import tomli_w
 
 from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
@@ -45,7 +48,8 @@ def running_node(cfg: Config, *, processor: Processor | None = archive_only_proc
         archive.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.1) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
+             interval: float = 0.1) -> object:
     """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -57,24 +61,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: f
         time.sleep(interval)
 
 
-def write_toml(cfg_dict: dict, path: Path) -> Path:
-    """Minimal TOML writer for the nested dicts tests use (str/int/float/bool/list of str)."""
-
-    def val(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = []
-    for section, table in cfg_dict.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {val(v)}" for k, v in table.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+def write_toml(cfg_dict: dict[str, Any], path: Path) -> Path:
+    """Write a node config mapping as TOML (what ``dicom-node serve --config`` reads)."""
+    path.write_text(tomli_w.dumps(cfg_dict))
     return path
 
 
@@ -91,7 +80,8 @@ class ServeProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "dicom_node.cli", "serve", "--config",
+                 str(self.config_path)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -87,7 +87,7 @@ def test_port_in_use(which: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_closed_port_names_the_socket_error(command: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.dicom_node.node_data import make_us, write
+    from tests.builders import make_us, write
 
     monkeypatch.chdir(tmp_path)
     port = free_port()  # nothing listens there

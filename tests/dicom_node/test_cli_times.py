@@ -11,8 +11,8 @@ import pytest
 from dicom_node.cli import main
 from dicom_node.scu import store_files
 from dicom_node.sender import enqueue
+from tests.builders import make_us, write
 from tests.conftest import free_port
-from tests.dicom_node.node_data import make_us, write
 from tests.dicom_node.node_harness import running_node, write_toml
 
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")

@@ -18,8 +18,8 @@ from dicom_node.config import CompletionConfig
 from dicom_node.queue import claim, jobs_for, mark_done
 from dicom_node.scu import store_files
 from dicom_node.validate import validate
+from tests.builders import make_seg, make_us
 from tests.conftest import make_config
-from tests.dicom_node.node_data import make_seg, make_us
 from tests.dicom_node.node_harness import running_node, wait_for
 
 

@@ -18,8 +18,8 @@ from pydicom import dcmread
 
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import store_files
+from tests.builders import write_study
 from tests.conftest import free_port
-from tests.dicom_node.node_data import write_study
 from tests.dicom_node.node_harness import ServeProcess, wait_for, write_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]

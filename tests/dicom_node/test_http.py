@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.ops.http import start_status_server
 from dicom_node.scu import store_files
+from tests.builders import make_us
 from tests.conftest import free_port, make_config, require_tool
-from tests.dicom_node.node_data import make_us
 from tests.dicom_node.node_harness import running_node, wait_for
 
 CHROMIUM = "/usr/bin/chromium"

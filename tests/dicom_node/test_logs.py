@@ -172,10 +172,12 @@ def test_library_chatter_silenced_below_warning() -> None:
             logging.getLogger(name).setLevel(logging.NOTSET)
 
 
+@pytest.mark.lenient_pydicom
 def test_sr_build_with_fuzzed_names_logs_no_name(captured: io.StringIO) -> None:
     """The real results build (highdicom SR + SC) on sources with hostile Patient Names."""
     from dicom_node import results as R
-    from tests.dicom_node.test_results import make_score, make_us
+    from tests.builders import us_series
+    from tests.dicom_node.test_results import make_score
 
     names = fuzzed_names()
     cfg = make_config(Path("/nonexistent-data"))
@@ -184,7 +186,7 @@ def test_sr_build_with_fuzzed_names_logs_no_name(captured: io.StringIO) -> None:
         warnings.simplefilter("always")  # every warning, not once per location
         for i, name in enumerate(names):
             study = generate_uid()
-            sources = [make_us(k, study_uid=study) for k in range(2)]
+            sources = us_series(2, study_uid=study, rows=96, cols=128)
             for ds in sources:
                 ds.PatientName = name
             score = make_score(sources)
@@ -201,11 +203,12 @@ def test_sr_build_with_fuzzed_names_logs_no_name(captured: io.StringIO) -> None:
 
 
 @pytest.mark.network
+@pytest.mark.lenient_pydicom
 def test_scp_with_fuzzed_names_logs_no_name(captured: io.StringIO, tmp_path) -> None:
     """Instances with hostile Patient Names pushed over C-STORE to a real listener."""
     from dicom_node.scu import store_files
+    from tests.builders import make_us
     from tests.conftest import free_port
-    from tests.dicom_node.node_data import make_us
     from tests.dicom_node.node_harness import running_node
 
     names = fuzzed_names(seed=11)

@@ -9,14 +9,14 @@ from pathlib import Path
 import highdicom as hd
 import pytest
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node import results as R
 from dicom_node import sender as S
 from dicom_node.config import DeliveryConfig, load_config
+from tests.builders import us_series
 from tests.conftest import free_port, make_config, require_tool
-from tests.dicom_node.test_results import make_score, make_us
+from tests.dicom_node.test_results import make_score
 from tests.fixtures.orthanc import start_orthanc, stop_orthanc
 
 pytestmark = pytest.mark.network
@@ -24,9 +24,7 @@ pytestmark = pytest.mark.network
 
 def _results(cfg, probs=(0.8, 0.6)):
     """Write a scored synthetic study's SR + heat maps into cfg's results dir."""
-    make_us.study_uid = generate_uid()
-    make_us.series_uid = generate_uid()
-    sources = [make_us(i) for i in range(2)]
+    sources = us_series(2, patient_id="SYN0001", rows=96, cols=128)
     score = make_score(sources, probs=probs)
     rs = R.build_results(score, {s.SOPInstanceUID: s for s in sources}, cfg.results)
     return score, rs, R.write_results(rs, cfg)
@@ -191,7 +189,7 @@ def test_tls_destination(tmp_path):
     """A destination with TLS verifies the PACS certificate and delivers; plain TCP does not."""
     import ssl
 
-    from tests.dicom_node.node_data import make_tls_files
+    from tests.builders import make_tls_files
 
     cert, key = make_tls_files(tmp_path / "tls")
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

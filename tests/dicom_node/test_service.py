@@ -11,7 +11,7 @@ from dicom_node.cli import main
 from dicom_node.completion import check_studies
 from dicom_node.config import CompletionConfig
 from dicom_node.validate import validate
-from tests.dicom_node.node_data import make_seg, make_us
+from tests.builders import make_seg, make_us
 from tests.dicom_node.node_harness import write_toml
 
 

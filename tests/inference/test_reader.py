@@ -17,17 +17,8 @@ from dicom_node.errors import (
 from inference.decode import decode_frames
 from inference.reader import read_frames, read_study
 from inference.us_regions import content_region
-from tests.inference.us_builders import (
-    COLS,
-    ROWS,
-    TISSUE,
-    base_us,
-    build,
-    phantom,
-    region_item,
-    save,
-    set_jpeg,
-    set_native,
+from tests.builders import (
+    COLS, ROWS, TISSUE, base_us, build, phantom, region_item, save, set_jpeg, set_native,
 )
 
 PHOTOMETRICS = ["MONOCHROME2", "MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR"]

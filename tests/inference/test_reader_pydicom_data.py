@@ -41,7 +41,9 @@ def test_multiframe_jpeg_ybr422_us_frame_policies() -> None:
     middle = read_frames(path)
     assert [f.frame_number for f in middle] == [16]  # 30 frames
     assert middle[0].crop_box == (31, 84, 240, 320)
-    assert middle[0].spacing_cm == pytest.approx((0.0510497, 0.0510497))
+    # 0.051 cm/px over 209 rows is 10.7 cm of depth: a calibration no linear MSK probe on a thigh
+    # has, so the reader reports no cm values for it (the input gate says why)
+    assert middle[0].spacing_cm is None
     best = read_frames(path, frame_policy="max-contrast")
     assert len(best) == 1
     ds = pydicom.dcmread(path)

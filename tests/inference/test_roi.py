@@ -10,23 +10,9 @@ import pytest
 
 from dicom_node.errors import SegmentationError
 from inference.reader import read_study
-from inference.roi import (
-    choose_segment,
-    load_segmentation,
-    masks_for_sources,
-    referenced_frames,
-)
-from tests.inference.us_builders import (
-    TISSUE,
-    base_us,
-    build,
-    make_cine_seg,
-    make_seg,
-    phantom,
-    region_item,
-    rf_mask,
-    save,
-    set_jpeg,
+from inference.roi import choose_segment, load_segmentation, masks_for_sources, referenced_frames
+from tests.builders import (
+    TISSUE, base_us, build, make_cine_seg, make_seg, phantom, region_item, rf_mask, save, set_jpeg,
 )
 
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 from pydicom import Dataset
 
 from inference.us_regions import plausible_spacing, regions_from_sequence
+from tests.builders import region_item
 
 
 def _ds(delta: float) -> Dataset:
-    item = Dataset()
-    item.RegionSpatialFormat, item.RegionDataType = 1, 1
-    item.RegionLocationMinX0, item.RegionLocationMinY0 = 0, 0
-    item.RegionLocationMaxX1, item.RegionLocationMaxY1 = 399, 299
-    item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3
-    item.PhysicalDeltaX = item.PhysicalDeltaY = delta
+    """A 300x400 tissue region (cm units) with square pixels of ``delta`` cm."""
     ds = Dataset()
-    ds.SequenceOfUltrasoundRegions = [item]
+    ds.SequenceOfUltrasoundRegions = [region_item((0, 0, 300, 400), delta=(delta, delta))]
     return ds
 
 

@@ -15,11 +15,10 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from dicom_node.cli import main
+from testing.validate import validate_files
 from tests.conftest import require_tool
 from training.synth_cohort import LABEL_COLUMNS
 from training.synthetic import generate_cohort
-
-VALIDATE = Path(__file__).resolve().parents[2] / ".." / "shared" / "tools" / "validate_dicom.sh"
 
 
 def _files(summary, kind: str):
@@ -136,16 +135,14 @@ def test_labels_csv_follows_the_contract(synth_cohort) -> None:
 
 def test_dciodvfy_accepts_one_image_and_one_seg_per_vendor(synth_cohort) -> None:
     require_tool(shutil.which("dciodvfy") is not None, "dicom3tools (dciodvfy)")
-    assert VALIDATE.exists(), f"{VALIDATE} missing: the repo expects shared/tools beside it"
     chosen: dict[tuple[str, str, str], Path] = {}
     for study, f in [*_files(synth_cohort, "us"), *_files(synth_cohort, "seg")]:
         key = (study["vendor"], f["kind"], f.get("quirk", "") + str(f["frames"] > 1))
         chosen.setdefault(key, synth_cohort.out_dir / f["path"])
     assert {v for v, _, _ in chosen} == {"supersonic", "mindray", "samsung"}
-    out = subprocess.run(["bash", str(VALIDATE), *map(str, chosen.values())],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "FAIL" not in out.stdout
+    status, report = validate_files(list(chosen.values()))
+    assert status == 0, report
+    assert "FAIL" not in report
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path: Path) -> None:

@@ -1,17 +1,24 @@
-"""Tiny ultrasound DICOM objects of every photometric interpretation / transfer syntax we read.
+"""The one set of US and SEG fixture builders for every test.
 
-Each builder returns a pydicom Dataset plus the grey image (0..1) a perfect reader must return,
-so tests compare decoded pixels with a known truth rather than with another decoder.
+US builders return pydicom Datasets with a complete, valid US header (the attributes dciodvfy
+asks for, and what the node indexes); ``build`` also returns the grey image (0..1) a perfect
+reader must return, so reader tests compare decoded pixels with a known truth rather than with
+another decoder. SEGs are built with highdicom. Everything is valid under strict pydicom
+(tests/conftest.py); ``set_raw`` writes a deliberately invalid value.
 """
 
 from __future__ import annotations
 
 import io
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from PIL import Image
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
@@ -32,7 +39,6 @@ LUMA = np.array([0.299, 0.587, 0.114])
 
 ROWS, COLS = 96, 128
 TISSUE = (20, 16, 84, 112)  # row0, col0, row1, col1 (end exclusive)
-
 
 def phantom(rows: int = ROWS, cols: int = COLS, box: tuple[int, int, int, int] = TISSUE,
             seed: int = 0, shift: int = 0) -> np.ndarray:
@@ -80,7 +86,9 @@ def region_item(box: tuple[int, int, int, int], delta: tuple[float, float] = (0.
 
 def base_us(rows: int = ROWS, cols: int = COLS, frames: int = 1,
             regions: list[Dataset] | None = None,
-            study_uid: str | None = None, series_uid: str | None = None) -> Dataset:
+            study_uid: str | None = None, series_uid: str | None = None, *,
+            patient_id: str = "RF0001", instance_number: int = 1) -> Dataset:
+    """A US (multi-frame when ``frames`` > 1) header without pixel data: a right thigh."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -91,7 +99,7 @@ def base_us(rows: int = ROWS, cols: int = COLS, frames: int = 1,
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.Modality = "US"
-    ds.PatientID = "RF0001"
+    ds.PatientID = patient_id
     ds.PatientName = "Test^Patient"
     ds.PatientBirthDate = "19500101"
     ds.PatientSex = "F"
@@ -100,10 +108,15 @@ def base_us(rows: int = ROWS, cols: int = COLS, frames: int = 1,
     ds.AccessionNumber = ""
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
+    ds.StudyDescription = "RF ultrasound"
     ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
+    ds.InstanceNumber = instance_number
     ds.Manufacturer = "TestVendor"
     ds.ManufacturerModelName = "T1"
+    ds.BodyPartExamined = "THIGH"
+    ds.Laterality = "R"
+    ds.PatientOrientation = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     if frames > 1:
@@ -132,7 +145,7 @@ def set_native(ds: Dataset, frames_rgb: np.ndarray, photometric: str,
         # A warm palette: index i -> (i, 0.8 i, 0.5 i); 16-bit LUT entries.
         lut = [ramp * 257, np.round(ramp * 0.8) .astype(np.uint16) * 257,
                np.round(ramp * 0.5).astype(np.uint16) * 257]
-        for name, tab in zip(("Red", "Green", "Blue"), lut):
+        for name, tab in zip(("Red", "Green", "Blue"), lut, strict=True):
             setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [256, 0, 16])
             setattr(ds, f"{name}PaletteColorLookupTableData", tab.astype("<u2").tobytes())
         ds.PixelData = g8.tobytes()
@@ -195,14 +208,23 @@ def build(photometric: str = "MONOCHROME2", syntax: str = "native", frames: int 
     return ds, expected
 
 
-def save(ds: Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def _centre_square(source: Dataset) -> np.ndarray:
+    rows, cols = int(source.Rows), int(source.Columns)
+    mask = np.zeros((rows, cols), dtype=bool)
+    mask[rows // 4: 3 * rows // 4, cols // 4: 3 * cols // 4] = True
+    return mask
 
 
-def make_seg(sources: list[Dataset], mask: np.ndarray, label: str = "Rectus femoris",
-             extra_segment: bool = False) -> hd.seg.Segmentation:
-    """A binary highdicom SEG over single-frame ``sources`` (mask (N, H, W))."""
+def make_seg(sources: Dataset | Sequence[Dataset], mask: np.ndarray | None = None,
+             label: str = "Rectus femoris", extra_segment: bool = False) -> hd.seg.Segmentation:
+    """A binary highdicom SEG over single-frame ``sources``.
+
+    ``mask`` is (N, H, W), one plane per source; without it, a centred square on each source.
+    ``extra_segment`` adds a subcutaneous-fat segment 1 before the muscle segment.
+    """
+    srcs = [sources] if isinstance(sources, Dataset) else list(sources)
+    if mask is None:
+        mask = np.stack([_centre_square(s) for s in srcs])
     descs = []
     pixel = mask
     if extra_segment:
@@ -221,11 +243,11 @@ def make_seg(sources: list[Dataset], mask: np.ndarray, label: str = "Rectus femo
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
         anatomic_regions=[codes.SCT.Thigh]))
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixel,
+        source_images=srcs, pixel_array=pixel,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descs, series_instance_uid=generate_uid(), series_number=200,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
-        manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="TestVendor",
+        manufacturer_model_name="Seg", software_versions="1", device_serial_number="1")
 
 
 def make_cine_seg(source: Dataset, mask: np.ndarray, frame_number: int) -> Dataset:
@@ -262,3 +284,77 @@ def rf_mask(rows: int = ROWS, cols: int = COLS, center: tuple[int, int] = (52, 6
     """An elliptic "rectus femoris" mask in full-frame coordinates."""
     yy, xx = np.mgrid[:rows, :cols]
     return ((yy - center[0]) / radii[0]) ** 2 + ((xx - center[1]) / radii[1]) ** 2 <= 1
+
+
+# ------------------------------------------------------------------------------------------
+# node-level studies: small noise images, written to folders
+# ------------------------------------------------------------------------------------------
+
+
+def make_us(study_uid: str | None = None, series_uid: str | None = None, *,
+            patient_id: str = "P001", size: int = 64, rows: int | None = None,
+            cols: int | None = None, seed: int = 0, instance_number: int = 1) -> Dataset:
+    """A MONOCHROME2 US Image Storage instance of random speckle (``size`` square by default)."""
+    rows, cols = rows or size, cols or size
+    ds = base_us(rows, cols, study_uid=study_uid, series_uid=series_uid, patient_id=patient_id,
+                 instance_number=instance_number)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 255, (rows, cols), dtype=np.uint8).tobytes()
+    return ds
+
+
+def us_series(n: int, *, study_uid: str | None = None, patient_id: str = "P001",
+              rows: int = 64, cols: int = 64, seed: int = 0) -> list[Dataset]:
+    """``n`` US instances of one new series (of a new study unless ``study_uid`` is given)."""
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    return [make_us(study_uid, series_uid, patient_id=patient_id, rows=rows, cols=cols,
+                    seed=seed + i, instance_number=i + 1) for i in range(n)]
+
+
+def write(ds: Dataset, folder: Path, name: str | None = None) -> Path:
+    """Save ``ds`` as a DICOM file in ``folder`` (named by its SOP Instance UID by default)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name or f"{ds.SOPInstanceUID}.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    """Save ``ds`` as a DICOM file at ``path``."""
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_study(folder: Path, n: int, *, study_uid: str | None = None, patient_id: str = "P001",
+                seed: int = 0) -> list[Path]:
+    """``n`` US instances of one study/series written to ``folder``."""
+    return [write(ds, folder) for ds in us_series(n, study_uid=study_uid, patient_id=patient_id,
+                                                   seed=seed)]
+
+
+def set_raw(ds: Dataset, keyword: str, value: str) -> Dataset:
+    """Set an element to an invalid value even when pydicom runs with strict validation."""
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        tag = tag_for_keyword(keyword)
+        ds.add_new(tag, dictionary_VR(tag), value)
+    finally:
+        config.settings.writing_validation_mode = old
+    return ds
+
+
+def make_tls_files(folder: Path) -> tuple[Path, Path]:
+    """A self-signed EC certificate for 127.0.0.1 made with the openssl CLI: (cert, key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
