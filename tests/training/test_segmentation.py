@@ -97,7 +97,7 @@ def test_config_rejects_nonsense() -> None:
 
 def test_the_nodes_own_automatic_segs_are_never_training_references(tmp_path: Path) -> None:
     from dicom_node.results.seg import SegmentationModelId, build_ai_seg
-    from tests.inference.us_builders import build, make_seg, rf_mask, save
+    from tests.builders import build, make_seg, rf_mask, save
 
     src, _ = build()
     src.PatientID = "P1"
