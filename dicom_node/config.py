@@ -35,8 +35,8 @@ from inference.config import (
 )
 from inference.gate import GateConfig, gate_config_from_dict
 from training.config import Modality, Target, TrainConfig, check_train_config
-from training.segmentation_config import SegTrainConfig
 from training.errors import TrainConfigError
+from training.segmentation_config import SegTrainConfig
 
 # Re-exported so ``from dicom_node.config import TrainConfig`` (etc.) keeps working.
 __all__ = [

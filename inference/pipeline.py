@@ -229,7 +229,7 @@ class ScoringPipeline:
         probs, spread = out.probability, out.spread
         for i, u in enumerate(usable):
             measurements = None
-            if u.roi_source in _MASKED:
+            if u.roi_source in _MASKED and u.frame.mask is not None:
                 measurements = measure_roi(u.frame.image, u.frame.mask, u.frame.spacing_cm)
             images.append(ImageScore(
                 frame=u.frame,

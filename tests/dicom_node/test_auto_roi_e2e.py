@@ -57,7 +57,8 @@ def test_study_without_seg_comes_back_with_sr_heatmaps_and_ai_seg(
 
     manifest = json.loads(synth_cohort.manifest.read_text())
     study = next(s for s in manifest["studies"]
-                 if s["seg"] == "none" and {f.get("transfer_syntax") for f in s["files"]} <= PUSHABLE)
+                 if s["seg"] == "none"
+                 and {f.get("transfer_syntax") for f in s["files"]} <= PUSHABLE)
     files = [synth_cohort.out_dir / f["path"] for f in study["files"] if f["kind"] == "us"]
 
     node_port, pacs_port, pacs_http = free_port(), free_port(), free_port()
