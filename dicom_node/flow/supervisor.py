@@ -22,13 +22,13 @@ import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from dicom_node.archive import Archive
 from dicom_node.config import Config
 from dicom_node.flow.scorer import ChildSettings, child_main, vm_mb
 from dicom_node.ops.logs import LEVELS, JsonFormatter
 from dicom_node.ops.metrics import record_job, record_stage
-from dicom_node.queue import Job, claim, mark_done, mark_failed
-from dicom_node.worker import JobContext
+from dicom_node.store.archive import Archive
+from dicom_node.store.queue import Job, claim, mark_done, mark_failed
+from dicom_node.worker import JobContext, job_context
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,7 @@ class _Slot:
 
     def _run(self, job: Job) -> None:
         assert self.proc is not None and self.conn is not None
-        ctx = JobContext(
-            job_id=job.id, study_uid=job.study_uid, attempt=job.attempts, payload=job.payload,
-            paths=tuple(self.archive.study_paths(job.study_uid)), data_dir=self.archive.data_dir,
-        )
+        ctx = job_context(self.archive, job)
         log.info("job %s (study %s): attempt %d/%d, %d instances -> scoring worker %d (pid %s)",
                  job.id, job.study_uid, job.attempts, job.max_attempts, len(ctx.paths),
                  self.index, self.proc.pid)
@@ -163,7 +160,8 @@ class _Slot:
         if permanent:  # the input can never succeed: this attempt is the last
             job = dataclasses.replace(job, max_attempts=job.attempts)
         if done is not None:
-            mark_done(self.archive, job, note=done.note)
+            # its results are queued in the same transaction (exactly-once results)
+            mark_done(self.archive, job, note=done.note, outbox=done.outbox)
             record_job("done")
             log.info("job %s (study %s): done%s", job.id, job.study_uid,
                      f" ({done.note})" if done.note else "")

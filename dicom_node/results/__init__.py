@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -58,6 +59,8 @@ THIGH = codes.SCT.Thigh  # 68367000
 # Private concepts: no standard code exists for these.
 ECHO_INTENSITY = Code("EI", PRIVATE_SCHEME, "Echo intensity (0-255 grey level)")
 DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the model")
+EXPECTED_SENSITIVITY = Code("SENS-CV", PRIVATE_SCHEME, "Sensitivity at threshold (CV)")
+EXPECTED_SPECIFICITY = Code("SPEC-CV", PRIVATE_SCHEME, "Specificity at threshold (CV)")
 ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
 ROI_SOURCE_AUTO = Code("ROI-AUTO", PRIVATE_SCHEME, "ROI: automatic segmentation (AI SEG)")
 SEGMENTATION_METHOD = codes.DCM.SegmentationMethod  # 122554
@@ -88,6 +91,14 @@ class ResultSet:
     @property
     def datasets(self) -> list[Dataset]:
         return [d for d in (self.sr, *self.heatmaps, *self.segmentations) if d is not None]
+
+
+UidFactory = Callable[[str], str]
+
+
+def _new_uid(role: str) -> str:
+    """A fresh random UID (``role`` only matters to factories that derive UIDs)."""
+    return str(generate_uid())
 
 
 def _model_uid(model: ModelInfo) -> str:
@@ -255,6 +266,7 @@ def build_sr(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
     auto_segs: dict[tuple[str, int], Dataset] | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 SR for a scored study (see the module docstring for the tree).
@@ -305,13 +317,19 @@ def build_sr(
     groups.extend(_not_scored_groups(score, algorithm, evidence))
     study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"study ({score.rule} of {len(score.images)} images)"
+            uid=uid("sr-tracking"), identifier=f"study ({score.rule} of {len(score.images)} images)"
         ),
         finding_type=SARCOPENIA,
         algorithm_id=algorithm,
         measurements=[m for m in (
             _measurement(PROBABILITY, score.probability, UNIT_PROBABILITY),
+            _measurement(PROBABILITY, score.fold_spread, UNIT_PROBABILITY, STANDARD_DEVIATION)
+            if score.fold_spread is not None else None,
             _measurement(DECISION_THRESHOLD, score.model.threshold, UNIT_PROBABILITY),
+            _measurement(EXPECTED_SENSITIVITY, score.model.expected_sensitivity, UNIT_PROBABILITY)
+            if score.model.expected_sensitivity is not None else None,
+            _measurement(EXPECTED_SPECIFICITY, score.model.expected_specificity, UNIT_PROBABILITY)
+            if score.model.expected_specificity is not None else None,
         ) if m is not None],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(SARCOPENIA, PRESENT if score.positive else ABSENT)
@@ -327,9 +345,9 @@ def build_sr(
     sr = hd.sr.ComprehensiveSR(
         evidence=unique,
         content=report[0],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uid("sr-series"),
         series_number=cfg.sr_series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uid("sr"),
         instance_number=1,
         manufacturer=cfg.manufacturer[:64],
         # COMPLETE only when every object of the study could be scored; never verified by a human.
@@ -407,6 +425,7 @@ def build_not_assessable_sr(
     sources: dict[str, Dataset],
     model: ModelInfo,
     cfg: ResultsConfig,
+    uid: UidFactory = _new_uid,
 ) -> hd.sr.ComprehensiveSR:
     """An SR saying the study is "not assessable" for sarcopenia, with the reason per image.
 
@@ -449,8 +468,8 @@ def build_not_assessable_sr(
         evidence.insert(0, headers[0])
     unique = _dedupe(evidence)
     sr = hd.sr.ComprehensiveSR(
-        evidence=unique, content=report[0], series_instance_uid=generate_uid(),
-        series_number=cfg.sr_series_number, sop_instance_uid=generate_uid(), instance_number=1,
+        evidence=unique, content=report[0], series_instance_uid=uid("sr-series"),
+        series_number=cfg.sr_series_number, sop_instance_uid=uid("sr"), instance_number=1,
         manufacturer=cfg.manufacturer[:64], is_complete=True, is_final=False, is_verified=False,
         institution_name=cfg.institution_name or None,
         contributing_equipment=[_contributing_equipment(model, cfg)])
@@ -494,7 +513,7 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
 
 
-def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.ndarray:
+def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float | None) -> np.ndarray:
     """RGB image: overlay on the cropped grayscale source, colour bar, probability and warning.
 
     The crop is scaled up to at least 384 pixels wide so the burned-in text stays legible.
@@ -520,10 +539,12 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
     font = ImageFont.load_default()
     draw.text((ow + margin + bar_w + 2, 0), "1", fill=(255, 255, 255), font=font)
     draw.text((ow + margin + bar_w + 2, oh - 12), "0", fill=(255, 255, 255), font=font)
-    verdict = "positive" if img.probability >= threshold else "negative"
+    # a per-image verdict only when the model has an image-level threshold
+    verdict = "" if threshold is None else (
+        ", positive" if img.probability >= threshold else ", negative")
     draw.text(
         (4, oh + 4),
-        f"Sarcopenia p={img.probability:.2f} (+/-{img.fold_spread:.2f}, {verdict})",
+        f"Sarcopenia p={img.probability:.2f} (+/-{img.fold_spread:.2f}{verdict})",
         fill=(255, 255, 255), font=font,
     )
     draw.text((4, oh + 20), "Grad-CAM, fold average", fill=(200, 200, 200), font=font)
@@ -532,10 +553,11 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
 
 
 def build_heatmaps(
-    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig
+    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig,
+    uid: UidFactory = _new_uid,
 ) -> list[hd.sc.SCImage]:
     """One Secondary Capture per scored image that has a heat map, all in one new series."""
-    series_uid = generate_uid()
+    series_uid = uid("sc-series")
     out: list[hd.sc.SCImage] = []
     for img in score.images:
         if img.heatmap is None:
@@ -544,7 +566,7 @@ def build_heatmaps(
         if src is None:
             continue
         src = sanitize_source(src)
-        rgb = render_heatmap(img, cfg.burn_in_text, score.model.threshold)
+        rgb = render_heatmap(img, cfg.burn_in_text, score.model.image_threshold)
         kwargs: dict = {}
         photometric = "RGB"
         if cfg.heatmap_jpeg:
@@ -562,7 +584,8 @@ def build_heatmaps(
             coordinate_system="PATIENT",
             series_instance_uid=series_uid,
             series_number=cfg.sc_series_number,
-            sop_instance_uid=generate_uid(),
+            # named by its source frame: the same whether built alone or with the others
+            sop_instance_uid=uid(f"sc-{img.frame.sop_instance_uid}-{img.frame.frame_number}"),
             instance_number=len(out) + 1,
             manufacturer=cfg.manufacturer[:64],
             patient_orientation=orientation or ("A", "F"),
@@ -600,6 +623,7 @@ def build_results(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
 ) -> ResultSet:
     """SR + heat maps for one scored study.
 
@@ -610,6 +634,9 @@ def build_results(
         cfg: identity of the algorithm and series numbering.
         predecessor: the SR of an earlier scoring of this study; the new SR lists it in
             PredecessorDocumentsSequence so a PACS can tell the rescore supersedes it.
+        uid: the UID of each new object by role (``sr``, ``sr-series``, ``sr-tracking``,
+            ``sc-series``, ``sc-<source SOP UID>-<frame>``); the node derives them from the job's
+            result key so a re-run rebuilds the same objects.
 
     A failure to build one object (the SR, or one heat map) is recorded in ``errors`` and the
     others are still returned: a finished score is never lost to one bad object.
@@ -619,10 +646,10 @@ def build_results(
         ResultsError: not a single object could be built.
     """
     errors: list[str] = []
-    auto_segs = build_ai_segs(score, sources, cfg, errors)
+    auto_segs = build_ai_segs(score, sources, cfg, errors, uid)
     sr = None
     try:
-        sr = build_sr(score, sources, cfg, predecessor, auto_segs)
+        sr = build_sr(score, sources, cfg, predecessor, uid, auto_segs)
     except PermanentJobError:
         raise
     except (ValueError, TypeError, AttributeError, ResultsError) as exc:
@@ -632,7 +659,7 @@ def build_results(
     for img in score.images:
         one = StudyScore(**{**score.__dict__, "images": [img]})
         try:
-            built = build_heatmaps(one, sources, cfg)
+            built = build_heatmaps(one, sources, cfg, uid)
         except PermanentJobError:
             raise
         except (ValueError, TypeError, AttributeError) as exc:
@@ -656,7 +683,8 @@ def build_results(
 
 
 def build_ai_segs(score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig,
-                  errors: list[str]) -> dict[tuple[str, int], Dataset]:
+                  errors: list[str], uid: UidFactory = _new_uid
+                  ) -> dict[tuple[str, int], Dataset]:
     """One AI DICOM-SEG per frame scored on the automatic ROI, all in one new series.
 
     Returns (SOP Instance UID, frame number) -> SEG; a SEG that cannot be built is recorded in
@@ -670,7 +698,7 @@ def build_ai_segs(score: StudyScore, sources: dict[str, Dataset], cfg: ResultsCo
         return out
     ident = SegmentationModelId(name=model.name, version=model.version,
                                 model_uid=_model_uid(model), manufacturer=cfg.manufacturer)
-    series_uid = str(generate_uid())
+    series_uid = uid("seg-series")
     for img in score.images:
         fr = img.frame
         src = sources.get(fr.sop_instance_uid)
@@ -681,6 +709,8 @@ def build_ai_segs(score: StudyScore, sources: dict[str, Dataset], cfg: ResultsCo
             full = full_frame_mask(fr.mask, fr.crop_box, int(src.Rows), int(src.Columns))
             seg = build_ai_seg(src, full, fr.frame_number, ident,
                                series_instance_uid=series_uid, series_number=cfg.seg_series_number,
+                               sop_instance_uid=uid(
+                                   f"seg-{fr.sop_instance_uid}-{fr.frame_number}"),
                                instance_number=len(out) + 1)
         except PermanentJobError:
             raise

@@ -24,12 +24,12 @@ from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, RLELossless
 
-from dicom_node.archive import Archive
+from dicom_node.store.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
 from dicom_node.flow.scorer import job_error
 from dicom_node.flow.supervisor import Supervisor, death_cause
-from dicom_node.queue import claim, enqueue, jobs_for, requeue_orphans
+from dicom_node.store.queue import claim, enqueue, jobs_for, requeue_orphans
 from dicom_node.scu import store_files
 from dicom_node.validate import InstanceInfo, validate
 from tests.builders import make_us
