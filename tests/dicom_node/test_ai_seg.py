@@ -18,8 +18,8 @@ from dicom_node.results.seg import (
     full_frame_mask,
 )
 from inference.reader import read_study
-from tests.conftest import require_tool
 from tests.builders import build, rf_mask, save
+from tests.conftest import require_tool
 
 MODEL = SegmentationModelId(name="dicom-node RF segmenter", version="3",
                             model_uid="1.2.826.0.1.3680043.8.498.12345")
