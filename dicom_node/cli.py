@@ -33,8 +33,8 @@ COMMANDS: dict[str, str] = {
     "evaluate": "dicom_node.commands.train:evaluate_command",
     "compare": "dicom_node.commands.train:compare_command",
     "score": "dicom_node.commands.score:score_command",
-    "outbox": "dicom_node.sender:outbox_command",
-    "resend": "dicom_node.sender:resend_command",
+    "outbox": "dicom_node.delivery.sender:outbox_command",
+    "resend": "dicom_node.delivery.sender:resend_command",
     "demo": "dicom_node.demo:demo_command",
 }
 
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="model dir (default train.output_dir)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--backbone", default=None)
+    p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
+                   help="train each backbone under the same folds into OUT/<name> and write "
+                        "OUT/backbones.md (AUCs, paired DeLong P values)")
     p.add_argument("--modalities", nargs="+", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     p.add_argument("--also", nargs="+", default=None, metavar="MODS",

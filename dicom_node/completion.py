@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_node.archive import Archive
 from dicom_node.config import CompletionConfig
-from dicom_node.queue import enqueue
+from dicom_node.loop import PollingLoop
+from dicom_node.store.db import Index
+from dicom_node.store.studies import (
+    apply_decision,
+    completion_instances,
+    receiving_studies,
+)
 from dicom_node.validate import SEG_SOP_CLASSES, US_SOP_CLASSES
 
 log = logging.getLogger(__name__)
@@ -89,34 +93,26 @@ def decide(study: dict[str, Any], instances: list[dict[str, Any]], cfg: Completi
     return Decision("complete", reason, bool(missing), payload)
 
 
-def check_studies(archive: Archive, cfg: CompletionConfig, *, max_attempts: int,
+def check_studies(index: Index, cfg: CompletionConfig, *, max_attempts: int,
                   now: float | None = None) -> list[tuple[str, Decision]]:
     """One pass over ``receiving`` studies; applies and returns the decisions taken."""
     now = time.time() if now is None else now
     taken: list[tuple[str, Decision]] = []
-    for study in archive.query("SELECT * FROM studies WHERE state = 'receiving'"):
+    for study in receiving_studies(index):
         uid = study["study_uid"]
-        instances = archive.query(
-            "SELECT sop_uid, sop_class_uid, referenced_sop_uids FROM instances WHERE study_uid = ?",
-            (uid,),
-        )
+        instances = completion_instances(index, uid)
         decision = decide(study, instances, cfg, now)
         if decision is None:
             continue
-        with archive.transaction() as conn:
-            # guard: an instance that arrived since we read the row means "not quiet yet"
-            cur = conn.execute(
-                "UPDATE studies SET state = ?, completed_at = ?, completion_reason = ?, "
-                "missing_seg = ?, note = ? WHERE study_uid = ? AND state = 'receiving' "
-                "AND last_received = ?",
-                (decision.state, now, decision.reason, int(decision.missing_seg), decision.note,
-                 uid, study["last_received"]),
-            )
-            if cur.rowcount != 1:
-                continue
-            job_id = None
-            if decision.state == "complete":
-                job_id = enqueue(conn, uid, "score", decision.payload, max_attempts=max_attempts, now=now)
+        applied, job_id = apply_decision(
+            index, uid, state=decision.state, reason=decision.reason,
+            missing_seg=decision.missing_seg, note=decision.note,
+            seen_last_received=study["last_received"], now=now,
+            job_payload=decision.payload if decision.state == "complete" else None,
+            max_attempts=max_attempts,
+        )
+        if not applied:
+            continue
         log.info("study %s: %s (%s, missing_seg=%s, %d instances)%s", uid, decision.state,
                  decision.reason, decision.missing_seg, len(instances),
                  f", job {job_id} queued" if job_id else "")
@@ -124,28 +120,17 @@ def check_studies(archive: Archive, cfg: CompletionConfig, *, max_attempts: int,
     return taken
 
 
-class CompletionMonitor:
+class CompletionMonitor(PollingLoop):
     """Background thread running :func:`check_studies` every ``cfg.poll_seconds``."""
 
-    def __init__(self, archive: Archive, cfg: CompletionConfig, *, max_attempts: int) -> None:
-        self.archive = archive
+    name = "completion"
+
+    def __init__(self, index: Index, cfg: CompletionConfig, *, max_attempts: int) -> None:
+        super().__init__(cfg.poll_seconds)
+        self.index = index
         self.cfg = cfg
         self.max_attempts = max_attempts
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
 
-    def start(self) -> CompletionMonitor:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                check_studies(self.archive, self.cfg, max_attempts=self.max_attempts)
-            except Exception:  # a bad pass must not end completion for good
-                log.exception("completion check failed; retrying in %.1f s", self.cfg.poll_seconds)
-            self._stop.wait(self.cfg.poll_seconds)
+    def poll(self) -> bool:
+        check_studies(self.index, self.cfg, max_attempts=self.max_attempts)
+        return False

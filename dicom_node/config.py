@@ -11,6 +11,7 @@ arguments; nothing here is a module global.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -137,6 +138,10 @@ class WorkerConfig:
     max_attempts: int = 3
     retry_base_seconds: float = 30.0
     poll_seconds: float = 1.0
+    processes: int = 1
+    max_memory_mb: int = 3072
+    max_rss_mb: int = 0
+    job_timeout_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -156,15 +161,49 @@ class ResultsConfig:
     not_assessable: Literal["none", "sr"] = "none"
 
 
+DESTINATION_KINDS = ("dimse", "stowrs")
+StowAuth = Literal["none", "basic", "bearer"]
+# keys that belong to one kind only: setting one on the other kind is a mistake worth naming
+_DIMSE_ONLY = ("ae_title", "host", "port", "storage_commitment",
+               "storage_commitment_timeout_seconds", "storage_commitment_wait_seconds")
+_STOWRS_ONLY = ("url", "auth", "username", "password", "token", "secret_file", "secret_env",
+                "tls_verify", "ca_file")
+
+
 @dataclass(frozen=True)
 class DestinationConfig:
-    """One PACS that results are sent to with C-STORE."""
+    """One place results are sent to: a PACS over DIMSE C-STORE or a DICOMweb STOW-RS service.
+
+    Which keys apply depends on ``kind``; :func:`_validate_destination` checks them per kind so a
+    ``stowrs`` entry without ``url`` (or a ``dimse`` one without ``host``) stops at load time.
+    Secrets (``password``/``token``) may come from ``secret_file`` or the environment variable
+    named by ``secret_env`` so config.toml need not hold them; they never appear in ``repr``.
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    # which dicom_node.delivery implementation sends to it
+    kind: str = "dimse"
+    # dimse
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: TLSConfig = field(default_factory=TLSConfig)
+    storage_commitment: bool = False
+    # how long a stored item may wait for the PACS's N-EVENT-REPORT before it is sent again
+    storage_commitment_timeout_seconds: float = 3600.0
+    # how long the sending association stays open for a report on that same association (0: none;
+    # most PACS, Orthanc included, report on a new association to the listener)
+    storage_commitment_wait_seconds: float = 0.0
+    # stowrs
+    url: str = ""
+    auth: StowAuth = "none"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    secret_file: Path | None = None
+    secret_env: str = ""
+    tls_verify: bool = True
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -324,6 +363,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("completion.max_wait_seconds", "must be >= completion.idle_seconds")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("worker.max_attempts", "must be >= 1")
+    if cfg.worker.processes < 1:
+        raise ConfigError("worker.processes", "must be >= 1")
+    for key in ("max_memory_mb", "max_rss_mb", "job_timeout_seconds"):
+        if getattr(cfg.worker, key) < 0:
+            raise ConfigError(f"worker.{key}", "must be >= 0 (0 = no limit)")
     s = cfg.scoring
     if s.enabled and s.model_dir is None:
         raise ConfigError(
@@ -338,9 +382,7 @@ def _validate(cfg: Config) -> Config:
         if d.name in names:
             raise ConfigError(f"{key}.name", f"duplicate destination name {d.name!r}")
         names.add(d.name)
-        _check_port(d.port, f"{key}.port")
-        _check_tls(d.tls, f"{key}.tls", server=False)
-        dests.append(dataclasses.replace(d, ae_title=validate_ae_title(d.ae_title, f"{key}.ae_title")))
+        dests.append(_validate_destination(d, key))
     if not 0 <= cfg.http.port <= 65535:  # 0: any free port (tests)
         raise ConfigError("http.port", f"{cfg.http.port} is not a TCP port (0-65535)")
     dl = cfg.delivery
@@ -358,6 +400,83 @@ def _validate(cfg: Config) -> Config:
         node=dataclasses.replace(node, ae_title=ae, allowed_calling_aets=callers),
         destinations=tuple(dests),
     )
+
+
+def _validate_destination(d: DestinationConfig, key: str) -> DestinationConfig:
+    """Per-kind checks of one ``[[destinations]]`` entry; returns it normalised (secret read)."""
+    if d.kind not in DESTINATION_KINDS:
+        raise ConfigError(f"{key}.kind",
+                          f"unknown kind {d.kind!r} (known: {', '.join(DESTINATION_KINDS)})")
+    default = DestinationConfig(name=d.name)
+    other = _STOWRS_ONLY if d.kind == "dimse" else _DIMSE_ONLY
+    for k in other:
+        if k != "tls" and getattr(d, k) != getattr(default, k):
+            raise ConfigError(f"{key}.{k}", f"does not apply to kind = {d.kind!r}")
+    if d.kind == "dimse":
+        if not d.ae_title:
+            raise ConfigError(f"{key}.ae_title", "is required for kind = 'dimse'")
+        if not d.host:
+            raise ConfigError(f"{key}.host", "is required for kind = 'dimse'")
+        if not d.port:
+            raise ConfigError(f"{key}.port", "is required for kind = 'dimse'")
+        _check_port(d.port, f"{key}.port")
+        _check_tls(d.tls, f"{key}.tls", server=False)
+        _check_positive(d.storage_commitment_timeout_seconds,
+                        f"{key}.storage_commitment_timeout_seconds")
+        _check_positive(d.storage_commitment_wait_seconds, f"{key}.storage_commitment_wait_seconds",
+                        allow_zero=True)
+        return dataclasses.replace(d, ae_title=validate_ae_title(d.ae_title, f"{key}.ae_title"))
+    # stowrs
+    if d.tls != default.tls:
+        raise ConfigError(f"{key}.tls",
+                          "does not apply to kind = 'stowrs' (use tls_verify, ca_file)")
+    if not d.url:
+        raise ConfigError(f"{key}.url", "is required for kind = 'stowrs' (the studies endpoint, "
+                          "e.g. https://pacs/dicom-web/studies)")
+    if not re.match(r"^https?://[^/\s]+", d.url):
+        raise ConfigError(f"{key}.url", f"{d.url!r} is not an http:// or https:// URL")
+    if d.ca_file is not None and not Path(d.ca_file).is_file():
+        raise ConfigError(f"{key}.ca_file", f"file not found: {d.ca_file}")
+    secret = _read_secret(d, key)
+    if d.auth == "none":
+        if d.username or secret:
+            raise ConfigError(f"{key}.auth", "is 'none' but credentials are set")
+        return d
+    if d.auth == "basic":
+        if not d.username:
+            raise ConfigError(f"{key}.username", "is required when auth = 'basic'")
+        if not secret:
+            raise ConfigError(f"{key}.password", "is required when auth = 'basic' (or secret_file "
+                              "/ secret_env)")
+        return dataclasses.replace(d, password=secret)
+    if not secret:
+        raise ConfigError(f"{key}.token", "is required when auth = 'bearer' (or secret_file / "
+                          "secret_env)")
+    return dataclasses.replace(d, token=secret)
+
+
+def _read_secret(d: DestinationConfig, key: str) -> str:
+    """The password/token from exactly one of: the key itself, ``secret_file``, ``secret_env``."""
+    sources = [k for k, v in (("password", d.password), ("token", d.token),
+                              ("secret_file", d.secret_file), ("secret_env", d.secret_env)) if v]
+    if len(sources) > 1:
+        raise ConfigError(f"{key}.{sources[1]}", f"give the secret once (also set: {sources[0]})")
+    if d.password and d.auth != "basic":
+        raise ConfigError(f"{key}.password", "only applies to auth = 'basic'")
+    if d.token and d.auth != "bearer":
+        raise ConfigError(f"{key}.token", "only applies to auth = 'bearer'")
+    if d.secret_file is not None:
+        try:
+            return Path(d.secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}.secret_file", f"cannot read: {exc}") from None
+    if d.secret_env:
+        value = os.environ.get(d.secret_env, "")
+        if not value:
+            raise ConfigError(f"{key}.secret_env", f"environment variable {d.secret_env} is unset "
+                              "or empty")
+        return value
+    return d.password or d.token
 
 
 def _check_tls(tls: TLSConfig, key: str, server: bool = True) -> None:

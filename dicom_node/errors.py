@@ -75,7 +75,26 @@ class OutOfResourcesError(ArchiveError):
 
 
 class DeliveryError(DicomNodeError):
-    """A C-STORE to a destination failed (association refused, non-success status, timeout)."""
+    """Sending to a destination failed (association refused, non-success status, timeout).
+
+    Attributes:
+        destination: the destination's name (or ``AET@host:port`` when no name is known).
+        reason: what went wrong, without patient data.
+        retryable: False when sending the same files again cannot succeed (unreadable file,
+            no acceptable presentation context); the outbox retries the others.
+        status: the DIMSE/HTTP status that caused it, if any.
+        partial: ``(SOP Instance UID, status)`` pairs received before the failure.
+    """
+
+    def __init__(self, reason: str, *, destination: str = "", retryable: bool = True,
+                 status: int | None = None,
+                 partial: list[tuple[str, int]] | None = None) -> None:
+        self.destination = destination
+        self.reason = reason
+        self.retryable = retryable
+        self.status = status
+        self.partial: list[tuple[str, int]] = list(partial or [])
+        super().__init__(f"{destination}: {reason}" if destination else reason)
 
 
 class ResultsError(DicomNodeError):

@@ -1,4 +1,8 @@
-"""The scoring job: complete study -> score -> SR + heat maps (archived) -> outbox -> study note.
+"""The scoring job: complete study -> score -> SR + heat maps (published once) -> outbox -> note.
+
+Results are keyed by (study, input instances, model) (:mod:`dicom_node.store.resultsets`): a
+job whose key already has a published set hands those files to delivery again instead of
+scoring, so a crash anywhere between scoring and delivery never yields a second result set.
 
 ``dicom-node serve`` installs :func:`build_processor`'s result as the worker's processor when
 scoring is enabled. The model artifact is loaded and checked when the processor is built (so
@@ -8,6 +12,7 @@ life of the process (a fresh process needs ~17 s before it can score).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -22,6 +27,7 @@ from inference.roi import RoiSource
 if TYPE_CHECKING:
     from pydicom import Dataset
 
+    from dicom_node.store.resultsets import ResultSet as ResultSetFolder
     from inference.pipeline import ScoringPipeline
     from inference.types import StudyScore
 
@@ -30,20 +36,26 @@ log = logging.getLogger(__name__)
 _NOTE_LIMIT = 2000
 
 
-def find_predecessor(results_dir: Path, study_uid: str) -> Dataset | None:
+def find_predecessor(results_dir: Path, study_uid: str, *, exclude_key: str = "") -> Dataset | None:
     """The latest SR this node wrote for ``study_uid`` earlier (a rescore references it).
 
-    Looks in ``results_dir/<StudyUID>/`` (where :func:`dicom_node.results.write_results` puts
-    every result); the latest by ContentDate/ContentTime wins. Headers only.
+    Looks at the study's published result sets (:mod:`dicom_node.store.resultsets`) and, for
+    archives written before them, ``results_dir/<StudyUID>/*.dcm``; the latest by
+    ContentDate/ContentTime wins. Headers only.
     """
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    folder = Path(results_dir) / study_uid
-    if not folder.is_dir():
-        return None
+    from dicom_node.store.resultsets import sets_of
+    from dicom_node.validate import is_valid_uid
+
+    candidates = [p for rs in sets_of(results_dir, study_uid) if rs.key != exclude_key
+                  for _, p in rs.files]
+    legacy = Path(results_dir) / study_uid
+    if is_valid_uid(study_uid) and legacy.is_dir():
+        candidates += sorted(legacy.glob("*.dcm"))
     best: tuple[tuple[str, str, float], Dataset] | None = None
-    for path in folder.glob("*.dcm"):
+    for path in candidates:
         try:
             ds = dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError) as exc:
@@ -85,6 +97,10 @@ class ScoringProcessor:
         self._pipeline: ScoringPipeline = ScoringPipeline(
             cfg.scoring.model_dir, cfg.scoring, cfg.reader, cfg.gate
         )
+        info = self._pipeline.info
+        # the model's identity in the exactly-once key of every result set
+        self.model_uid = str(info.model_uid or "") or hashlib.sha256(
+            f"{info.name}\0{info.version}".encode()).hexdigest()
         self._lock = threading.Lock()
 
     @property
@@ -94,11 +110,29 @@ class ScoringProcessor:
             return self._pipeline
 
     def __call__(self, ctx: JobContext) -> None:
-        from dicom_node.results import build_results, write_results
-        from dicom_node.sender import enqueue
+        from dicom_node.store import resultsets
 
         cfg = self.cfg
         ids = f"study {ctx.study_uid} job {ctx.job_id}"
+        key = resultsets.result_key(ctx.study_uid, ctx.sop_uids, self.model_uid)
+        done = resultsets.find(cfg.node.results_dir, ctx.study_uid, key)
+        if done is not None:
+            # an earlier attempt published this study version's results: deliver those, never
+            # a second set with new UIDs
+            log.info("%s: results of this study version exist (set %s); re-queued, not rescored",
+                     ids, key[:12])
+        else:
+            done = self._score(ctx, key, ids)
+            if done is None:  # not applicable, and no SR says so: nothing to deliver
+                return
+        ctx.note = done.note
+        self._queue(ctx, done, ids)
+
+    def _score(self, ctx: JobContext, key: str, ids: str) -> ResultSetFolder | None:
+        from dicom_node.results import build_results
+        from dicom_node.store import resultsets
+
+        cfg = self.cfg
         allow = bool(ctx.payload.get(
             "allow_missing_seg", cfg.completion.on_missing_seg == "score-whole-region"
         ))
@@ -107,48 +141,62 @@ class ScoringProcessor:
         try:
             score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
         except NothingToScoreError as exc:  # terminal: no retries, no sarcopenia verdict
-            self._not_applicable(ctx, exc, ids)
-            return
+            return self._not_applicable(ctx, exc, ids, key)
         record_pipeline_timings(score.timings_ms)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
-                 "positive" if score.positive else "negative", len(score.images), len(score.skipped))
+                 "positive" if score.positive else "negative", len(score.images),
+                 len(score.skipped))
         for uid, reason in score.skipped:
             log.info("%s: not used %s: %s", ids, uid, reason)
 
-        predecessor = find_predecessor(cfg.node.results_dir, ctx.study_uid)
+        predecessor = find_predecessor(cfg.node.results_dir, ctx.study_uid, exclude_key=key)
         if predecessor is not None:
             log.info("%s: rescore; predecessor SR %s", ids, predecessor.SOPInstanceUID)
         with timed("sr_build"):
-            results = build_results(score, _sources(read), cfg.results, predecessor)
-        paths = write_results(results, cfg)
+            results = build_results(score, _sources(read), cfg.results, predecessor,
+                                    uid=lambda role: resultsets.uid_for(key, role))
+        done = resultsets.publish(cfg.node.results_dir, ctx.study_uid, key, results.datasets,
+                                  note=study_note(score),
+                                  extra={"model_uid": self.model_uid, "job_id": ctx.job_id})
         log.info("%s: results archived (SR %s + %d heat map(s))", ids,
                  results.sr.SOPInstanceUID if results.sr is not None else "not built",
                  len(results.heatmaps))
-        if cfg.destinations:
-            names = [d.name for d in cfg.destinations]
-            enqueue(cfg.node.db_path, ctx.study_uid, paths, names)
-            log.info("%s: %d file(s) queued for %s", ids, len(paths), ", ".join(names))
-        else:
-            log.warning("%s: no [[destinations]] configured; results stay in %s", ids,
-                        cfg.node.results_dir / ctx.study_uid)
-        ctx.note = study_note(score)
+        return done
 
-
-    def _not_applicable(self, ctx: JobContext, exc: NothingToScoreError, ids: str) -> None:
-        """Record ``not-applicable: <reason>``; by ``results.not_assessable`` send an SR saying so."""
-        from dicom_node.results import ResultSet, build_not_assessable_sr, write_results
-        from dicom_node.sender import enqueue
+    def _not_applicable(self, ctx: JobContext, exc: NothingToScoreError, ids: str,
+                        key: str) -> ResultSetFolder | None:
+        """Record ``not-applicable: <reason>``; by ``results.not_assessable`` publish an SR
+        saying so."""
+        from dicom_node.results import build_not_assessable_sr
+        from dicom_node.store import resultsets
 
         log.info("%s: %s", ids, exc.state)
         ctx.note = (exc.state + "; " + "; ".join(f"{u}: {r}" for u, r in exc.reasons))[:_NOTE_LIMIT]
         if self.cfg.results.not_assessable != "sr" or not exc.sources:
-            return
+            return None
         sr = build_not_assessable_sr(ctx.study_uid, exc.state, exc.verdicts, exc.sources,
-                                     self.pipeline.info, self.cfg.results)
-        paths = write_results(ResultSet(sr=sr), self.cfg)
-        if self.cfg.destinations:
-            enqueue(self.cfg.node.db_path, ctx.study_uid, paths,
-                    [d.name for d in self.cfg.destinations])
+                                     self.pipeline.info, self.cfg.results,
+                                     uid=lambda role: resultsets.uid_for(key, role))
+        return resultsets.publish(self.cfg.node.results_dir, ctx.study_uid, key, [sr],
+                                  note=ctx.note,
+                                  extra={"model_uid": self.model_uid, "job_id": ctx.job_id})
+
+    def _queue(self, ctx: JobContext, done: ResultSetFolder, ids: str) -> None:
+        """Hand the files to the worker, which queues them as it marks the job done."""
+        from dicom_node.store.outbox import OutboxItem
+
+        cfg = self.cfg
+        if not cfg.destinations:
+            log.warning("%s: no [[destinations]] configured; results stay in %s", ids, done.folder)
+            return
+        data_dir = cfg.node.data_dir.resolve()
+        for d in cfg.destinations:
+            for sop_uid, path in done.files:
+                ctx.outbox.append(OutboxItem(ctx.study_uid, d.name,
+                                             str(path.resolve().relative_to(data_dir)), sop_uid,
+                                             done.key))
+        log.info("%s: %d file(s) to queue for %s", ids, len(done.files),
+                 ", ".join(d.name for d in cfg.destinations))
 
 
 def _sources(read: Any) -> dict[str, Any]:

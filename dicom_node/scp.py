@@ -1,7 +1,7 @@
 """The listener: a pynetdicom AE serving C-ECHO and C-STORE for US, SEG and SC objects.
 
 Handlers stay thin: :func:`handle_store` validates (:mod:`dicom_node.validate`), archives
-(:mod:`dicom_node.archive`) and maps every failure to a DIMSE status; a handler that raised
+(:mod:`dicom_node.store.archive`) and maps every failure to a DIMSE status; a handler that raised
 would make pynetdicom answer a generic 0xC211. Unknown callers are rejected at association by
 pynetdicom's ``require_calling_aet``; TLS wraps accepted sockets, with the handshake done in the
 association's own thread so a silent or plain-TCP client cannot stall the accept loop.
@@ -28,11 +28,12 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.archive import Archive
 from dicom_node.config import NodeConfig, TLSConfig
+from dicom_node.delivery.dimse import commitment_contexts, handle_commitment_report
 from dicom_node.errors import OutOfResourcesError, ValidationError
 from dicom_node.ops.metrics import record_instance
 from dicom_node.scu import set_tcp_nodelay
+from dicom_node.store.archive import Archive
 from dicom_node.validate import (
     DECODABLE_ENCAPSULATED,
     STATUS_CANNOT_UNDERSTAND,
@@ -348,6 +349,8 @@ def build_ae(node: NodeConfig) -> AE:
     syntaxes = list(storage_transfer_syntaxes())
     for sop_class in SUPPORTED_STORAGE:
         ae.add_supported_context(sop_class, syntaxes)
+    for cx in commitment_contexts():  # a PACS's storage commitment report on a new association
+        ae.add_supported_context(**cx)
     ae.require_calling_aet = [] if node.allow_any_calling_aet else list(node.allowed_calling_aets)
     ae.require_called_aet = node.require_called_aet
     ae.maximum_pdu_size = node.max_pdu
@@ -374,6 +377,7 @@ def start_scp(node: NodeConfig, archive: Archive) -> ThreadedAssociationServer:
         (evt.EVT_ABORTED, _on_end, [stats]),
         (evt.EVT_C_ECHO, handle_echo, [stats]),
         (evt.EVT_C_STORE, handle_store, [archive, stats, node]),
+        (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [archive]),
     ]
     server = cast(_NodeServer, ae.make_server(
         (node.host, node.port), evt_handlers=handlers, ssl_context=server_ssl_context(node.tls),

@@ -13,9 +13,10 @@ import logging
 import socket
 import ssl
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -27,6 +28,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -59,7 +61,7 @@ def _load(item: str | Path | Dataset) -> Dataset:
     try:
         return dcmread(str(item))
     except (InvalidDicomError, OSError) as exc:
-        raise DeliveryError(f"{item}: not a readable DICOM file ({exc})") from exc
+        raise DeliveryError(f"{item}: not a readable DICOM file ({exc})", retryable=False) from exc
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -101,7 +103,8 @@ def plan_contexts(datasets: Iterable[Dataset]) -> list[tuple[str, tuple[str, ...
             out.append((sop, tuple(syntaxes)))
     if len(out) > _MAX_CONTEXTS:
         raise DeliveryError(
-            f"{len(out)} presentation contexts needed; at most 128 fit in one association")
+            f"{len(out)} presentation contexts needed; at most 128 fit in one association",
+            retryable=False)
     return out
 
 
@@ -125,11 +128,16 @@ def store_files(
     tls_context: ssl.SSLContext | None = None,
     max_pdu: int = 131072,
     timeout: float = 30.0,
+    extra_contexts: Sequence[str] = (),
+    evt_handlers: Sequence[tuple[Any, ...]] = (),
+    before_release: Callable[[Association, list[tuple[str, int]]], None] | None = None,
 ) -> list[tuple[str, int]]:
     """Send objects over ONE association and return ``[(sop_instance_uid, status), ...]``.
 
     Statuses are the peer's DIMSE status per object (0x0000 success, 0xB000-0xB007 warnings,
-    anything else a failure); the caller decides what to retry.
+    anything else a failure); the caller decides what to retry. ``extra_contexts`` (e.g. Storage
+    Commitment), ``evt_handlers`` and ``before_release(assoc, results)`` let a caller use the same
+    association after the C-STOREs.
 
     Raises:
         DeliveryError: a file cannot be read, the association is rejected/aborted/not
@@ -142,10 +150,12 @@ def store_files(
     ae = _make_ae(calling_aet, timeout, max_pdu)
     for sop, syntaxes in plan_contexts(datasets):
         ae.add_requested_context(sop, list(syntaxes))
+    for sop in extra_contexts:
+        ae.add_requested_context(sop)
     tls_args = (tls_context, host) if tls_context is not None else None
     assoc = ae.associate(
         host, port, ae_title=called_aet, max_pdu=max_pdu, tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), *evt_handlers],
     )
     if not assoc.is_established:
         why = association_failure(assoc, host, port, timeout)
@@ -157,16 +167,15 @@ def store_files(
             try:
                 status = assoc.send_c_store(ds)
             except ValueError as exc:  # no accepted context / cannot encode
-                err = DeliveryError(f"{sop_uid}: {exc}")
-                err.partial = results  # type: ignore[attr-defined]
-                raise err from exc
+                raise DeliveryError(f"{sop_uid}: {exc}", retryable=False, partial=results) from exc
             if not status or "Status" not in status:
-                err = DeliveryError(
-                    f"association to {called_aet}@{host}:{port} dropped while sending {sop_uid}"
+                raise DeliveryError(
+                    f"association to {called_aet}@{host}:{port} dropped while sending {sop_uid}",
+                    partial=results,
                 )
-                err.partial = results  # type: ignore[attr-defined]
-                raise err
             results.append((sop_uid, int(status.Status)))
+        if before_release is not None:
+            before_release(assoc, results)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -1,8 +1,9 @@
 """``dicom-node serve`` (listener + completion + worker + sender) and ``dicom-node studies``.
 
 ``serve`` wires the parts together and owns their life cycle: start-up sweeps temp files and
-re-queues jobs of dead processes, SIGTERM/SIGINT stop the listener first (no new instances),
-then completion, the worker (after its current job) and the sender.
+unpublished result folders and counts a job left running by a dead process as a failed attempt;
+SIGTERM/SIGINT stop the listener first (no new instances), then completion, the worker (after
+its current job) and the sender.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import sys
 import threading
 from typing import Any
 
-from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
-from dicom_node.ops.http import model_check, start_status_server
+from dicom_node.flow.supervisor import Supervisor
+from dicom_node.ops.http import start_status_server
 from dicom_node.ops.status import human_time
-from dicom_node.queue import requeue_orphans
 from dicom_node.scp import start_scp
+from dicom_node.store.archive import Archive
+from dicom_node.store.queue import requeue_orphans
+from dicom_node.store.resultsets import sweep_temp
+from dicom_node.store.studies import study_table
 from dicom_node.worker import Processor, Worker, archive_only_processor
 
 log = logging.getLogger(__name__)
@@ -40,9 +44,10 @@ def _processor(cfg: Config) -> Processor:
 def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; return 0 after a clean shutdown."""
     archive = Archive(cfg.node.data_dir, disk_reserve_mb=cfg.node.disk_reserve_mb).init()
-    n = requeue_orphans(archive)
+    sweep_temp(cfg.node.results_dir)  # result sets a crash left unpublished
+    n = requeue_orphans(archive, retry_base_seconds=cfg.worker.retry_base_seconds)
     if n:
-        log.warning("re-queued %d jobs left running by a previous process", n)
+        log.warning("%d job(s) left running by a previous process counted as failed attempts", n)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -52,18 +57,28 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    worker: Worker | None = None
+    worker: Worker | Supervisor | None = None
     delivery = None
     if cfg.worker.enabled:
-        worker = Worker(archive, _processor(cfg), cfg.worker)
+        processor = _processor(cfg)  # the whole model check runs now: a broken one stops serve
+        if cfg.scoring.enabled:
+            # scoring decodes untrusted pixel data: supervised processes do it, never this one
+            del processor
+            worker = Supervisor(archive, cfg)
+        else:
+            worker = Worker(archive, processor, cfg.worker)
     if cfg.scoring.enabled and cfg.destinations:
         # another module's loop; import only if used
-        from dicom_node.sender import DeliveryLoop
+        from dicom_node.delivery.sender import DeliveryLoop
 
         delivery = DeliveryLoop(cfg)
     monitor = CompletionMonitor(archive, cfg.completion, max_attempts=cfg.worker.max_attempts)
-    status_server = start_status_server(cfg, model_check(worker.processor) if worker else None)
+    # ready once a scoring process has its model loaded (archive-only: nothing to wait for)
+    status_server = start_status_server(
+        cfg, worker.ready_check if isinstance(worker, Supervisor) else None)
     server = start_scp(cfg.node, archive)
+    if status_server is not None:
+        status_server.listener_started(server)
     monitor.start()
     if worker is not None:
         worker.start()
@@ -85,44 +100,6 @@ def serve_command(args: argparse.Namespace, cfg: Config) -> int:
         archive.close()
         log.info("node stopped")
     return 0
-
-
-def study_table(archive: Archive) -> list[dict[str, Any]]:
-    """One dict per study: state, counts, latest job and (if a sender exists) delivery counts."""
-    studies = archive.query(
-        "SELECT s.*, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid) AS instances, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'US') AS us, "
-        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid AND i.modality = 'SEG') AS seg "
-        "FROM studies s ORDER BY s.first_received"
-    )
-    jobs = archive.query(
-        "SELECT study_uid, id, state, attempts, last_error FROM jobs WHERE id IN "
-        "(SELECT max(id) FROM jobs GROUP BY study_uid)"
-    )
-    by_study = {j["study_uid"]: j for j in jobs}
-    has_outbox = archive.db()["outbox"].exists()
-    outbox: dict[str, dict[str, int]] = {}
-    if has_outbox and "study_uid" in archive.db()["outbox"].columns_dict:
-        sql = "SELECT study_uid, state, count(*) AS n FROM outbox GROUP BY study_uid, state"
-        for r in archive.query(sql):
-            outbox.setdefault(r["study_uid"], {})[str(r["state"])] = int(r["n"])
-    out = []
-    for s in studies:
-        j = by_study.get(s["study_uid"])
-        row = {
-            "study_uid": s["study_uid"], "patient_id": s["patient_id"], "state": s["state"],
-            "instances": s["instances"], "us": s["us"], "seg": s["seg"],
-            "first_received": s["first_received"], "last_received": s["last_received"],
-            "completion_reason": s["completion_reason"], "missing_seg": bool(s["missing_seg"]),
-            "reopen_count": s["reopen_count"], "note": s["note"] or "",
-            "job": None if j is None else {"id": j["id"], "state": j["state"],
-                                           "attempts": j["attempts"], "last_error": j["last_error"]},
-        }
-        if has_outbox:
-            row["delivery"] = outbox.get(s["study_uid"], {})
-        out.append(row)
-    return out
 
 
 def studies_command(args: argparse.Namespace, cfg: Config) -> int:

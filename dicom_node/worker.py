@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.archive import Archive
 from dicom_node.config import WorkerConfig
+from dicom_node.loop import PollingLoop
 from dicom_node.ops.metrics import record_job
-from dicom_node.queue import Job, claim, mark_done, mark_failed
+from dicom_node.store.archive import Archive
+from dicom_node.store.outbox import OutboxItem
+from dicom_node.store.queue import Job, claim, mark_done, mark_failed
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class JobContext:
         data_dir: the node's data folder (``results/`` and ``failed/`` live under it).
         note: a processor may set a short human-readable outcome; it is stored in
             ``studies.note`` when the job succeeds.
+        sop_uids: SOP Instance UIDs of ``paths``, same order (the study version's identity).
+        outbox: files a processor wants delivered; they are queued in the same transaction
+            that marks the job done (never one without the other).
     """
 
     job_id: int
@@ -49,6 +53,8 @@ class JobContext:
     paths: tuple[Path, ...]
     data_dir: Path
     note: str = field(default="")
+    sop_uids: tuple[str, ...] = ()
+    outbox: list[OutboxItem] = field(default_factory=list)
 
 
 Processor = Callable[[JobContext], None]
@@ -70,16 +76,23 @@ def run_one(archive: Archive, processor: Processor, cfg: WorkerConfig) -> bool:
     return True
 
 
-def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) -> None:
-    ctx = JobContext(
+def job_context(archive: Archive, job: Job) -> JobContext:
+    """The context a processor gets for a claimed job (also used by a scoring process)."""
+    files = archive.study_files(job.study_uid)
+    return JobContext(
         job_id=job.id, study_uid=job.study_uid, attempt=job.attempts, payload=job.payload,
-        paths=tuple(archive.study_paths(job.study_uid)), data_dir=archive.data_dir,
+        paths=tuple(p for _, p in files), data_dir=archive.data_dir,
+        sop_uids=tuple(u for u, _ in files),
     )
+
+
+def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) -> None:
+    ctx = job_context(archive, job)
     log.info("job %s (study %s): attempt %d/%d, %d instances", job.id, job.study_uid,
              job.attempts, job.max_attempts, len(ctx.paths))
     try:
         processor(ctx)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of a job is recorded, never fatal
         error = f"{type(exc).__name__}: {exc}"
         retried = mark_failed(archive, job, error, retry_base_seconds=cfg.retry_base_seconds)
         log.error("job %s (study %s): attempt %d failed: %s; %s", job.id, job.study_uid,
@@ -87,37 +100,27 @@ def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) ->
         log.debug("job %s traceback:\n%s", job.id, traceback.format_exc())
         record_job("retry" if retried else "failed")
         return
-    mark_done(archive, job, note=ctx.note)
+    mark_done(archive, job, note=ctx.note, outbox=ctx.outbox)
     record_job("done")
-    log.info("job %s (study %s): done%s", job.id, job.study_uid, f" ({ctx.note})" if ctx.note else "")
+    log.info("job %s (study %s): done%s", job.id, job.study_uid,
+             f" ({ctx.note})" if ctx.note else "")
 
 
-class Worker:
+class Worker(PollingLoop):
     """Background thread polling the queue every ``cfg.poll_seconds``."""
 
+    name = "worker"
+
     def __init__(self, archive: Archive, processor: Processor, cfg: WorkerConfig) -> None:
+        super().__init__(cfg.poll_seconds)
         self.archive = archive
         self.processor = processor
         self.cfg = cfg
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
 
     def start(self) -> Worker:
-        self._thread.start()
+        log.info("worker started (pid %d)", os.getpid())
+        super().start()
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the current job (if any) and stop."""
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        log.info("worker started (pid %d)", os.getpid())
-        while not self._stop.is_set():
-            try:
-                busy = run_one(self.archive, self.processor, self.cfg)
-            except Exception:  # e.g. the database briefly unavailable
-                log.exception("worker loop error; continuing")
-                busy = False
-            if not busy:
-                self._stop.wait(self.cfg.poll_seconds)
+    def poll(self) -> bool:
+        return run_one(self.archive, self.processor, self.cfg)

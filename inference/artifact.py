@@ -33,6 +33,7 @@ from torch import nn
 
 from inference.config import FramePolicy, RegionPolicy, StudyRule
 from inference.durable import fsync_dir, write_durable
+from inference.ensemble import FoldCalibration
 from inference.errors import ModelArtifactError
 from inference.model import ModelSpec, create_model
 from inference.types import ModelInfo
@@ -50,6 +51,9 @@ REQUIRED_KEYS: tuple[str, ...] = (
 # How a crop is made (transforms.roi_box + eval_transforms); recorded so a reader can check it.
 CROP_SEMANTICS = "roi-box-plus-margin"
 INTENSITY = "0..1 (clipped); outside ROI zeroed; crop to ROI box + margin"
+# spec.fov_cm > 0: a fov_cm square around the ROI box centre, zero-padded, from the pixel spacing
+PHYSICAL_CROP_SEMANTICS = "physical-fov-around-roi"
+PHYSICAL_INTENSITY = "0..1 (clipped); outside ROI zeroed; fixed field of view in cm around the ROI"
 
 _PACKAGES = ("dicom-node", "torch", "timm", "monai", "numpy", "scikit-learn", "safetensors",
              "pydicom", "highdicom")
@@ -64,7 +68,12 @@ class Decision:
         method: "youden_j" (maximises sensitivity + specificity - 1) or "fixed".
         level: the unit the threshold was tuned on ("participant", "study" or "image").
         rule: how image probabilities were pooled to that level ("mean", "max", "median").
-        predictions: which predictions it was tuned on ("out-of-fold").
+        predictions: which predictions it was tuned on ("out-of-fold", or
+            "out-of-fold-calibrated": each participant's outer-fold model, calibrated).
+        expected: what CV measured at the threshold on those predictions (sensitivity,
+            specificity, n, n_positive, ece, brier); the SR quotes it as the operating point.
+        image_threshold: a per-image threshold, when one was tuned; heat maps carry an image
+            verdict only then.
     """
 
     threshold: float = 0.5
@@ -72,9 +81,13 @@ class Decision:
     level: str = "participant"
     rule: StudyRule = "mean"
     predictions: str = "out-of-fold"
+    expected: Mapping[str, float] = field(default_factory=dict)
+    image_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["expected"] = dict(self.expected)
+        return d
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,8 @@ class ServingPolicy:
 class ModelCard:
     """What ``model.json`` says, checked and frozen (no weights).
 
-    ``calibration`` is None until a calibrated model is written (a later schema fills it).
+    ``calibration`` is model.json's raw table (None for models trained before calibration);
+    ``calibrator`` is it parsed and checked against the number of folds.
     """
 
     name: str
@@ -112,6 +126,7 @@ class ModelCard:
     fold_files: tuple[str, ...]
     calibration: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    calibrator: FoldCalibration = field(default_factory=FoldCalibration)
 
     @property
     def threshold(self) -> float:
@@ -119,9 +134,18 @@ class ModelCard:
 
     @property
     def info(self) -> ModelInfo:
+        exp = self.decision.expected
         return ModelInfo(name=self.name, version=self.version, model_uid=self.model_uid,
                          backbone=self.spec.backbone, threshold=self.threshold,
-                         n_folds=len(self.fold_files))
+                         n_folds=len(self.fold_files), calibration=self.calibrator.method,
+                         expected_sensitivity=_opt_float(exp.get("sensitivity")),
+                         expected_specificity=_opt_float(exp.get("specificity")),
+                         image_threshold=self.decision.image_threshold,
+                         decision_level=self.decision.level)
+
+
+def _opt_float(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 @dataclass(frozen=True)
@@ -258,11 +282,21 @@ def read_card(model_dir: Path, *, require_fold_files: bool = True) -> ModelCard:
         level=str(d.get("level", "participant")),
         rule=_choice(d.get("rule", "mean"), StudyRule, "decision.rule", path),
         predictions=str(d.get("predictions", "out-of-fold")),
+        expected={k: float(v) for k, v in (d.get("expected") or {}).items()
+                  if isinstance(v, (int, float))},
+        image_threshold=_opt_float(d.get("image_threshold")),
     )
+    try:
+        calibrator = FoldCalibration.from_dict(raw.get("calibration"), len(files))
+    except ValueError as exc:
+        raise ModelArtifactError(f"{path}: {exc}") from exc
+    if decision.level not in ("participant", "study", "image"):
+        raise ModelArtifactError(f"{path}: decision.level {decision.level!r} is not participant, "
+                                 "study or image")
     return ModelCard(
         name=str(raw["name"]), version=str(raw["version"]), model_uid=str(raw["model_uid"]),
         schema_version=int(raw["schema_version"]), spec=spec, decision=decision, policy=policy,
-        fold_files=files, calibration=raw.get("calibration"), raw=raw,
+        fold_files=files, calibration=raw.get("calibration"), raw=raw, calibrator=calibrator,
     )
 
 
@@ -438,8 +472,9 @@ def build_model_json(
             "input_size": spec.input_size,
             "in_chans": spec.in_chans,
             "roi_margin": spec.roi_margin,
-            "crop": CROP_SEMANTICS,
-            "intensity": INTENSITY,
+            "crop": CROP_SEMANTICS if spec.fov_cm <= 0 else PHYSICAL_CROP_SEMANTICS,
+            "fov_cm": spec.fov_cm,
+            "intensity": INTENSITY if spec.fov_cm <= 0 else PHYSICAL_INTENSITY,
             "frame_policy": spec.frame_policy,
         },
         "folds": folds,

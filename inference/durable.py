@@ -8,6 +8,7 @@ durable once the directory entry is, hence the directory fsyncs.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -44,7 +45,8 @@ def write_durable(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     end with :func:`fsync_dir`.
     """
     makedirs_durable(path.parent)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
+    unique = f"{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.{unique}.tmp"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -56,3 +58,21 @@ def write_durable(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def publish_dir(tmp: Path, final: Path) -> bool:
+    """Rename a fully written (and fsynced) folder into place; the rename is the commit point.
+
+    Returns False (and removes ``tmp``) when ``final`` already exists: another writer published
+    the same content first, and the existing folder is kept unchanged.
+    """
+    fsync_dir(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    fsync_dir(final.parent)
+    return True

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,80 @@ class EnsembleOutput:
     def spread(self) -> np.ndarray:
         """Per-image uncertainty: population standard deviation over folds."""
         return self.fold_probabilities.std(axis=0)
+
+
+@dataclass(frozen=True)
+class FoldCalibration:
+    """Per-fold probability calibrators, as stored in model.json's ``calibration`` table.
+
+    Each fold model's sigmoid output is mapped to a calibrated probability by its own calibrator
+    (fitted on that fold's inner-validation participants), and the node averages the *calibrated*
+    probabilities over folds: the threshold in model.json is on this scale.
+
+    Attributes:
+        method: "platt" (p' = sigmoid(a * logit(p) + b)), "isotonic" (piecewise-linear
+            interpolation through ``x``/``y`` breakpoints, clipped at the ends) or "none".
+        folds: one parameter dict per fold ({"a", "b"} or {"x", "y"}).
+    """
+
+    method: str = "none"
+    folds: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: Any, n_folds: int) -> FoldCalibration:
+        """Parse and check ``model.json``'s ``calibration`` (None or method "none": identity)."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise ValueError("calibration must be an object or null")
+        method = raw.get("method", "none")
+        if method == "none":
+            return cls()
+        if method not in ("platt", "isotonic"):
+            raise ValueError(f"calibration.method {method!r} is not platt, isotonic or none")
+        folds = raw.get("folds")
+        if not isinstance(folds, list) or len(folds) != n_folds:
+            raise ValueError(f"calibration.folds must list one calibrator per fold ({n_folds})")
+        out = []
+        for k, f in enumerate(folds):
+            if not isinstance(f, dict):
+                raise ValueError(f"calibration.folds[{k}] must be an object")
+            if method == "platt":
+                a, b = f.get("a"), f.get("b")
+                if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in (a, b)):
+                    raise ValueError(f"calibration.folds[{k}] needs finite numbers a and b")
+                out.append({"a": float(a), "b": float(b)})
+            else:
+                x = np.asarray(f.get("x", []), dtype=np.float64)
+                y = np.asarray(f.get("y", []), dtype=np.float64)
+                if x.size < 1 or x.shape != y.shape or np.any(np.diff(x) < 0) \
+                        or np.any((y < 0) | (y > 1)):
+                    raise ValueError(f"calibration.folds[{k}] needs increasing x and y in 0..1 "
+                                     "of the same length")
+                out.append({"x": x.tolist(), "y": y.tolist()})
+        return cls(method, tuple(out))
+
+    def apply(self, fold_probabilities: np.ndarray) -> np.ndarray:
+        """(folds, images) raw probabilities -> calibrated probabilities, same shape."""
+        p = np.asarray(fold_probabilities, dtype=np.float64)
+        if self.method == "none":
+            return p
+        if p.shape[0] != len(self.folds):
+            raise ValueError(f"{p.shape[0]} fold outputs for {len(self.folds)} calibrators")
+        return np.stack([apply_calibrator(self.method, f, row)
+                         for f, row in zip(self.folds, p, strict=True)])
+
+
+def apply_calibrator(method: str, params: dict[str, Any], p: np.ndarray) -> np.ndarray:
+    """One fold's calibrator on raw probabilities (training fits, serving applies: one formula)."""
+    p = np.asarray(p, dtype=np.float64)
+    if method == "platt":
+        q = np.clip(p, 1e-7, 1 - 1e-7)
+        z = params["a"] * np.log(q / (1 - q)) + params["b"]
+        return 1.0 / (1.0 + np.exp(-z))
+    if method == "isotonic":
+        return np.interp(p, params["x"], params["y"])
+    return p
 
 
 def study_probability(image_probabilities: Sequence[float], rule: str) -> float:

@@ -51,6 +51,8 @@ class ModelSpec:
         arch: registry name; derived from ``modalities`` when empty.
         frame_policy: which frames of a cine loop were used in training.
         pretrained: local weights file used for initialisation at training time (provenance only).
+        fov_cm: > 0: the input is a fixed field of view of this many cm around the ROI
+            (physically scaled); 0: the ROI box plus ``roi_margin`` (inference.transforms).
     """
 
     backbone: str = "convnext_tiny"
@@ -68,6 +70,7 @@ class ModelSpec:
     arch: str = ""
     frame_policy: str = "middle"
     pretrained: str | None = None
+    fov_cm: float = 0.0
 
     def __post_init__(self) -> None:
         mods = tuple(self.modalities)

@@ -66,7 +66,8 @@ class ScoringPipeline:
         spec = self.artifact.spec
         # the crop margin comes from model.json, never from the node's config: it must match
         # training
-        self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin)
+        self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin,
+                                          spec.fov_cm)
         try:
             self.ensemble = FoldEnsemble(
                 list(self.artifact.models),
@@ -112,7 +113,7 @@ class ScoringPipeline:
         from inference.ensemble import study_probability
         from inference.measurements import measure_roi
         from inference.reader import read_study
-        from inference.transforms import roi_box
+        from inference.transforms import fov_box, roi_box
 
         timings: dict[str, float] = {}
         # --- input gate (inference.gate): images it stops are never read or scored ---------
@@ -129,7 +130,13 @@ class ScoringPipeline:
         study_uid = _study_uid(read, paths)
         usable: list[_Usable] = []
         unscored: list[USFrame] = []
+        physical = self.artifact.spec.fov_cm > 0
         for frame in read.frames:
+            if physical and not frame.spacing_cm:  # the model's input is sized in cm
+                read.problems.append((frame.sop_instance_uid,
+                                      f"frame {frame.frame_number}: no pixel spacing (US region "
+                                      "calibration) for the model's physically scaled input"))
+                continue
             if frame.mask is not None and bool(np.any(frame.mask)):
                 usable.append(_Usable(frame, RoiSource.SEG))
             elif allow_missing_seg:
@@ -174,13 +181,18 @@ class ScoringPipeline:
         if out.cams is not None:
             for i, u in enumerate(usable):
                 mask = u.frame.mask if u.roi_source == RoiSource.SEG else None
-                box = roi_box(mask, u.frame.image.shape, margin)
+                box = (fov_box(mask, u.frame.image.shape, u.frame.spacing_cm,
+                               self.artifact.spec.fov_cm) if physical
+                       else roi_box(mask, u.frame.image.shape, margin))
                 heatmaps[i] = cams_to_frame(out.cams[i], u.frame.image.shape, box)
         timings["cam"] = _ms(t0)
 
         t0 = time.perf_counter()
         images: list[ImageScore] = []
-        probs, spread = out.probability, out.spread
+        # each fold's calibrator on its own output, then the mean over folds: the scale on which
+        # model.json's threshold was chosen
+        fold_cal = self.artifact.card.calibrator.apply(out.fold_probabilities)
+        probs, spread = fold_cal.mean(axis=0), fold_cal.std(axis=0)
         for i, u in enumerate(usable):
             measurements = None
             if u.roi_source == RoiSource.SEG:
@@ -188,7 +200,7 @@ class ScoringPipeline:
             images.append(ImageScore(
                 frame=u.frame,
                 probability=float(probs[i]),
-                fold_probabilities=[float(p) for p in out.fold_probabilities[:, i]],
+                fold_probabilities=[float(p) for p in fold_cal[:, i]],
                 fold_spread=float(spread[i]),
                 heatmap=heatmaps[i],
                 measurements=measurements,
@@ -197,7 +209,9 @@ class ScoringPipeline:
             ))
         timings["measurements"] = _ms(t0)
 
-        probability = study_probability([im.probability for im in images], self.policy.study_rule)
+        rule = self.policy.study_rule
+        probability = study_probability([im.probability for im in images], rule)
+        per_fold = [study_probability(row, rule) for row in fold_cal]
         score = StudyScore(
             study_instance_uid=study_uid,
             patient_id=usable[0].frame.patient_id,
@@ -209,6 +223,7 @@ class ScoringPipeline:
             skipped=skipped,
             timings_ms=timings,
             gate=list(verdicts.values()),
+            fold_spread=float(np.std(per_fold)),
         )
         log.info(
             "study %s: p=%.3f (%s, threshold %.3f) from %d image(s), %d skipped; ms %s",
@@ -264,7 +279,8 @@ class ScoringPipeline:
 
     def _preprocess(self, u: _Usable) -> Any:
         """The shared eval transforms on one frame -> (C, S, S) tensor."""
-        data: dict[str, Any] = {"image": np.asarray(u.frame.image, dtype=np.float32)[None]}
+        data: dict[str, Any] = {"image": np.asarray(u.frame.image, dtype=np.float32)[None],
+                                "spacing_cm": u.frame.spacing_cm}
         if u.roi_source == RoiSource.SEG:
             data["mask"] = np.asarray(u.frame.mask, dtype=bool)[None]
         return self.transforms(data)["image"]

@@ -52,6 +52,28 @@ def roi_box(
     return max(0, r0 - dr), max(0, c0 - dc), min(h, r1 + dr), min(w, c1 + dc)
 
 
+def fov_box(
+    mask: np.ndarray | None, shape: tuple[int, int], spacing_cm: tuple[float, float] | None,
+    fov_cm: float,
+) -> tuple[int, int, int, int]:
+    """A ``fov_cm`` x ``fov_cm`` window centred on the ROI box (or the image), in pixels.
+
+    The window may extend past the image (it is zero-padded there), so every crop covers the same
+    physical area and a small muscle stays small after resizing.
+
+    Raises:
+        ValueError: no usable pixel spacing (the image carries no US region calibration).
+    """
+    if spacing_cm is None or not all(np.isfinite(v) and v > 0 for v in spacing_cm):
+        raise ValueError("a physically scaled crop needs the pixel spacing (US region "
+                         "calibration), and this image has none")
+    r0, c0, r1, c1 = roi_box(mask, shape, 0.0)
+    cr, cc = (r0 + r1) / 2.0, (c0 + c1) / 2.0
+    hr = fov_cm / float(spacing_cm[0]) / 2.0
+    hc = fov_cm / float(spacing_cm[1]) / 2.0
+    return (int(round(cr - hr)), int(round(cc - hc)), int(round(cr + hr)), int(round(cc + hc)))
+
+
 class MaskAndCropROId(MapTransform):
     """Zero the image outside the ROI mask, then crop it to the ROI box with a relative margin.
 
@@ -60,11 +82,14 @@ class MaskAndCropROId(MapTransform):
     image. Without a mask the whole image passes through unchanged.
     """
 
-    def __init__(self, image_key: str = "image", mask_key: str = "mask", margin: float = 0.1):
+    def __init__(self, image_key: str = "image", mask_key: str = "mask", margin: float = 0.1,
+                 fov_cm: float = 0.0, spacing_key: str = "spacing_cm"):
         super().__init__(keys=[image_key], allow_missing_keys=False)
         self.image_key = image_key
         self.mask_key = mask_key
         self.margin = float(margin)
+        self.fov_cm = float(fov_cm)
+        self.spacing_key = spacing_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -85,16 +110,37 @@ class MaskAndCropROId(MapTransform):
                 m2d = None
         if m2d is not None:
             image = image * m2d[None].astype(np.float32)
+        spacing = d.pop(self.spacing_key, None)
+        if self.fov_cm > 0:
+            d[self.image_key] = _padded_crop(image, fov_box(m2d, image.shape[1:], spacing,
+                                                            self.fov_cm))
+            return d
         r0, c0, r1, c1 = roi_box(m2d, image.shape[1:], self.margin)
         d[self.image_key] = np.ascontiguousarray(image[:, r0:r1, c0:c1])
         return d
 
 
-def preprocess_transforms(input_size: int, roi_margin: float) -> Compose:
-    """Deterministic part: ROI mask + crop, resize to ``input_size``², clip to 0..1 -> (1, S, S)."""
+def _padded_crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """(C, H, W)[box] with zeros where the box leaves the image."""
+    r0, c0, r1, c1 = box
+    _, h, w = image.shape
+    out = np.zeros((image.shape[0], max(r1 - r0, 1), max(c1 - c0, 1)), dtype=np.float32)
+    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
+    if rr1 > rr0 and cc1 > cc0:
+        out[:, rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = image[:, rr0:rr1, cc0:cc1]
+    return out
+
+
+def preprocess_transforms(input_size: int, roi_margin: float, fov_cm: float = 0.0) -> Compose:
+    """Deterministic part: ROI mask + crop, resize to ``input_size``², clip to 0..1 -> (1, S, S).
+
+    ``fov_cm`` > 0: the crop is a fixed ``fov_cm`` square around the ROI (needs the data key
+    "spacing_cm"), so the network sees the muscle's true size; 0: the ROI box plus ``roi_margin``
+    stretched to the input size (size information lost, the paper's crop).
+    """
     return Compose(
         [
-            MaskAndCropROId(margin=roi_margin),
+            MaskAndCropROId(margin=roi_margin, fov_cm=fov_cm),
             Resized(keys="image", spatial_size=(input_size, input_size), mode="area"),
             ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
         ]
@@ -144,10 +190,11 @@ def augment_transforms(train_cfg: Any) -> Compose:
     return Compose(steps)
 
 
-def eval_transforms(input_size: int, in_chans: int, roi_margin: float) -> Compose:
+def eval_transforms(input_size: int, in_chans: int, roi_margin: float,
+                    fov_cm: float = 0.0) -> Compose:
     """What the scorer (and validation during training) applies to every frame."""
     return Compose(
-        [preprocess_transforms(input_size, roi_margin), finish_transforms(in_chans)]
+        [preprocess_transforms(input_size, roi_margin, fov_cm), finish_transforms(in_chans)]
     )
 
 
@@ -155,7 +202,8 @@ def train_transforms(train_cfg: Any) -> Compose:
     """Eval preprocessing + the random augmentations, from a :class:`TrainConfig`."""
     return Compose(
         [
-            preprocess_transforms(train_cfg.input_size, train_cfg.roi_margin),
+            preprocess_transforms(train_cfg.input_size, train_cfg.roi_margin,
+                                  float(getattr(train_cfg, "fov_cm", 0.0))),
             augment_transforms(train_cfg),
             finish_transforms(train_cfg.in_chans),
         ]

@@ -123,6 +123,11 @@ class ModelInfo:
     backbone: str
     threshold: float
     n_folds: int
+    calibration: str = "none"  # "platt", "isotonic" or "none": the scale of the probabilities
+    expected_sensitivity: float | None = None  # at ``threshold``, as cross-validation measured
+    expected_specificity: float | None = None
+    image_threshold: float | None = None  # per-image verdicts (heat maps) only when set
+    decision_level: str = "participant"
 
 
 @dataclass
@@ -136,6 +141,8 @@ class StudyScore:
         positive: probability >= model threshold ("Sarcopenia present").
         rule: the aggregation rule used (mean / max / median).
         images: one entry per scored frame.
+        fold_spread: standard deviation over folds of each fold's study probability (its
+            calibrated images pooled by ``rule``); an uncertainty on ``probability``.
         model: identity of the model.
         skipped: (SOP Instance UID, reason) for objects that could not be used.
         timings_ms: per-stage wall time, for logs and benchmarks.
@@ -152,3 +159,4 @@ class StudyScore:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     gate: list[GateVerdict] = field(default_factory=list)
+    fold_spread: float | None = None

@@ -8,7 +8,7 @@ and benchmarks need lives here.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,15 @@ class OrthancServer(OrthancPeer):
 
     def __init__(self, workdir: Path, callers: Sequence[str] = TEST_CALLERS,
                  ae_title: str = "ORTHANC", port: int | None = None,
-                 http_port: int | None = None, start_timeout: float = 60.0) -> None:
+                 http_port: int | None = None, start_timeout: float = 60.0,
+                 extra_config: Mapping[str, Any] | None = None) -> None:
         super().__init__(workdir, callers, ae_title=ae_title, port=port, http_port=http_port,
-                         start_timeout=start_timeout)
+                         start_timeout=start_timeout, extra_config=extra_config)
+
+    @property
+    def url(self) -> str:
+        """The REST (and DICOMweb plugin) root."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def dicom_port(self) -> int:

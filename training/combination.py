@@ -27,8 +27,12 @@ class ComboResult:
     modalities: tuple[str, ...]
     spec: ModelSpec
     folds: list[FoldResult]
-    oof: np.ndarray  # per-sample out-of-fold prediction
+    oof: np.ndarray  # per-sample out-of-fold prediction (raw model probability)
     scalers: list[dict[str, Any]] = field(default_factory=list)  # per fold
+    # per fold: (sample indices, raw probabilities, labels) the epoch was selected on; nested
+    # selection: the inner-validation participants, where the calibrator is fitted too
+    selection_sets: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    selection: str = "nested"
 
 
 def parse_combination(text: str | Sequence[str]) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ from inference.config import DeviceName, FramePolicy
 
 Modality = Literal["image", "clinical", "lab"]
 Target = Literal["binary", "regression"]
+Selection = Literal["nested", "optimistic"]
+CalibrationMethod = Literal["auto", "platt", "isotonic", "none"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class TrainConfig:
 
     backbone: str = "convnext_tiny"
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    pretrained: Path | None = None
+    # a local weights file, "timm" (timm's default tag for the backbone) or a hub tag
+    # ("hf-hub:org/name", "timm/<model>.<tag>"); see training.pretrained
+    pretrained: str | None = None
     input_size: int = 224
     in_chans: int = 3
     folds: int = 5
@@ -40,6 +44,9 @@ class TrainConfig:
     brightness: float = 0.2
     contrast: float = 0.2
     roi_margin: float = 0.1
+    # > 0: physically scaled input, a fixed field of view of fov_cm x fov_cm around the ROI
+    # (resampled from the US calibration, ROI masked); 0: the ROI box + roi_margin stretched
+    fov_cm: float = 0.0
     modalities: tuple[Modality, ...] = ("image",)
     mlp_hidden: int = 128
     mlp_dropout: float = 0.2
@@ -48,6 +55,11 @@ class TrainConfig:
     target: Target = "binary"
     regression_column: str = "asmi"
     seed: int = 42
+    # "nested": epochs are selected (and calibrators fitted) on an inner validation split of each
+    # outer training fold, so the outer predictions are untouched out-of-fold results;
+    # "optimistic": selected on the outer fold itself (the paper's way; reported as optimistic)
+    selection: Selection = "nested"
+    calibration: CalibrationMethod = "auto"
     num_workers: int = 0
     device: DeviceName = "auto"
     torch_threads: int = 2
@@ -74,5 +86,11 @@ def check_train_config(t: TrainConfig) -> None:
         raise TrainConfigError("lr", "must be > 0")
     if t.in_chans not in (1, 3):
         raise TrainConfigError("in_chans", "must be 1 or 3")
+    if t.fov_cm < 0:
+        raise TrainConfigError("fov_cm", "must be >= 0 (0: ROI box crop)")
+    if t.selection not in ("nested", "optimistic"):
+        raise TrainConfigError("selection", "must be 'nested' or 'optimistic'")
+    if t.calibration not in ("auto", "platt", "isotonic", "none"):
+        raise TrainConfigError("calibration", "must be 'auto', 'platt', 'isotonic' or 'none'")
     if not t.modalities:
         raise TrainConfigError("modalities", "must name at least one of image, clinical, lab")

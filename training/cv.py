@@ -63,3 +63,16 @@ def balanced_indices(labels: Sequence[float], rng: np.random.Generator) -> np.nd
     else:
         idx = np.concatenate([neg, rng.choice(pos, size=len(neg), replace=False)])
     return rng.permutation(idx)
+
+
+def inner_validation_mask(
+    participant_ids: Sequence[str], strata: Sequence[int], n_splits: int, seed: int
+) -> np.ndarray:
+    """Nested selection: True for the samples of an outer training fold held out for validation.
+
+    One stratified participant-level split (1/``n_splits`` of the participants), seeded, so the
+    epoch is selected and the calibrator fitted on participants the outer fold never sees.
+    """
+    n_groups = len(set(np.asarray(participant_ids).tolist()))
+    fold_of = participant_folds(participant_ids, strata, max(2, min(n_splits, n_groups)), seed)
+    return fold_of == 0

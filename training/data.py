@@ -190,12 +190,15 @@ def load_cohort(
     regression_column: str = "asmi",
     complete_cases: bool = False,
     require_roi: bool = True,
+    fov_cm: float = 0.0,
 ) -> Cohort:
     """Read every labelled study once and build the in-memory sample list.
 
     Args:
         require_roi: frames without a matching DICOM-SEG ROI are skipped (the paper trains on
             ROI-masked images); False lets an external validation use the whole tissue region.
+        fov_cm: > 0: physically scaled crops (a fixed field of view in cm around the ROI); a
+            study whose frames carry no pixel spacing is then excluded with the reason.
     """
     from inference.transforms import preprocess_transforms
     from training.features import (
@@ -211,7 +214,7 @@ def load_cohort(
     records, excluded = match_studies(rows, index, target=target,
                                       regression_column=regression_column)
     use_image = "image" in modalities
-    pre = preprocess_transforms(input_size, roi_margin)
+    pre = preprocess_transforms(input_size, roi_margin, fov_cm)
     samples: list[Sample] = []
     problems: list[tuple[str, str]] = []
     kept: list[StudyRecord] = []
@@ -239,8 +242,15 @@ def load_cohort(
             samples.append(Sample(rec.participant_id, rec.study_uid, "", 1, rec.label, vendor,
                                   rec.row))
             continue
+        if fov_cm > 0 and not any(f.spacing_cm for f in frames):
+            kept.pop()
+            excluded.append((rec.study_uid, "no pixel spacing (US region calibration) for the "
+                                            "physically scaled crop"))
+            continue
         for f in frames:
-            d = {"image": f.image[None].astype(np.float32)}
+            if fov_cm > 0 and not f.spacing_cm:
+                continue
+            d = {"image": f.image[None].astype(np.float32), "spacing_cm": f.spacing_cm}
             if f.mask is not None:
                 d["mask"] = f.mask[None]
             img = np.asarray(pre(d)["image"], dtype=np.float32)
@@ -248,8 +258,9 @@ def load_cohort(
                                   f.frame_number, rec.label, f.manufacturer or vendor, rec.row,
                                   img))
     if complete_cases:
-        cols = [*(CLINICAL_FEATURES if "clinical" in modalities else ()),
-                *(LAB_FEATURES if "lab" in modalities else ())]
+        # as the paper: a participant missing any clinical or laboratory value is left out of
+        # every combination, the image-only one included, so all combinations share one cohort
+        cols = [*CLINICAL_FEATURES, *LAB_FEATURES]
         keep_idx, dropped = cc([r.row for r in kept], cols, [r.study_uid for r in kept])
         dropped_ids = {d[0] for d in dropped}
         excluded.extend(dropped)

@@ -27,8 +27,8 @@ Thresholds are applied as ``probability >= threshold`` -> positive, everywhere i
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Literal, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -42,7 +42,8 @@ Level = Literal["image", "study", "participant"]
 Rule = Literal["mean", "max", "median"]
 
 # Rows of the paper's Figure 3 / Table 2, in order.
-TABLE_ROWS: tuple[str, ...] = ("AUC (95% CI)", "Sensitivity", "Specificity", "Accuracy", "F1 score")
+TABLE_ROWS: tuple[str, ...] = ("AUC (95% CI)", "Sensitivity", "Specificity", "Accuracy",
+                              "F1 score (binary)", "F1 score (macro)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,6 +62,8 @@ class AUCResult:
     n_pos: int
     n_neg: int
     alpha: float = 0.95
+    # image level: "participant-cluster bootstrap" (images of one person are not independent)
+    ci_method: str = "delong"
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ class BinaryMetrics:
     fp: int
     tn: int
     fn: int
+    macro_f1: float = float("nan")  # mean of both classes' F1 (the paper's internal F1 values)
 
 
 def youden_threshold(y_true: Sequence[float], y_score: Sequence[float]) -> float:
@@ -211,6 +215,7 @@ def binary_metrics(y_true: Sequence[float], y_score: Sequence[float],
         ppv=ratio(tp, tp + fp),
         npv=ratio(tn, tn + fn),
         tp=tp, fp=fp, tn=tn, fn=fn,
+        macro_f1=float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=0.0)),
     )
 
 
@@ -368,7 +373,58 @@ def evaluate(y_true: Sequence[float], y_score: Sequence[float], threshold: float
     s = np.asarray(y_score, dtype=np.float64)
     thr = youden_threshold(y, s) if threshold is None else float(threshold)
     ci = bootstrap_ci(y, s, thr, groups, n_boot, seed, alpha) if n_boot > 0 else {}
-    return MetricsSummary(delong_auc(y, s, alpha), binary_metrics(y, s, thr), ci, level, len(y))
+    auc = delong_auc(y, s, alpha)
+    if level == "image" and groups is not None and "auc" in ci and np.isfinite(ci["auc"][0]):
+        # images of one participant are not independent: DeLong's CI would be too narrow
+        auc = replace(auc, ci_low=ci["auc"][0], ci_high=ci["auc"][1],
+                      ci_method="participant-cluster bootstrap")
+    return MetricsSummary(auc, binary_metrics(y, s, thr), ci, level, len(y))
+
+
+FOLD_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "f1", "macro_f1")
+
+
+def fold_summary(agg: Aggregated, threshold: float) -> dict[str, tuple[float, float, int]]:
+    """Mean, SD (ddof=1) and count over folds of each metric at ``threshold`` (the paper's way).
+
+    A fold with one class only contributes no AUC, sensitivity or specificity.
+    """
+    vals: dict[str, list[float]] = {k: [] for k in FOLD_METRICS}
+    for k in sorted(set(agg.folds.tolist())):
+        m = agg.folds == k
+        y, p = agg.labels[m], agg.scores[m]
+        b = binary_metrics(y, p, threshold)
+        for name in ("accuracy", "f1", "macro_f1"):
+            vals[name].append(getattr(b, name))
+        if 0 < int(y.sum()) < len(y):
+            vals["auc"].append(_rank_auc(y, p))
+            vals["sensitivity"].append(b.sensitivity)
+            vals["specificity"].append(b.specificity)
+    return {k: (float(np.mean(v)) if v else float("nan"),
+                float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), len(v))
+            for k, v in vals.items()}
+
+
+def delong_between(table: OOFTable, combos: Sequence[str], level: Level = "participant",
+                   rule: Rule = "mean") -> list[dict[str, Any]]:
+    """Paired DeLong tests between every two combinations on the cases both have (the paper's
+    P values between image, clinical, laboratory and fusion models)."""
+    aggs = {c: aggregate(table.select(modalities=c), level, rule) for c in combos}
+    rows = []
+    for i, a in enumerate(combos):
+        for b in combos[i + 1:]:
+            ka = dict(zip(aggs[a].keys, range(len(aggs[a].keys)), strict=True))
+            kb = dict(zip(aggs[b].keys, range(len(aggs[b].keys)), strict=True))
+            common = [k for k in ka if k in kb]
+            ia = np.asarray([ka[k] for k in common], dtype=int)
+            ib = np.asarray([kb[k] for k in common], dtype=int)
+            y = aggs[a].labels[ia] if len(ia) else np.zeros(0)
+            if len(common) < 3 or not 0 < int(y.sum()) < len(y):
+                continue
+            t = delong_test_paired(y, aggs[a].scores[ia], aggs[b].scores[ib])
+            rows.append({"a": a, "b": b, "n": len(common), "auc_a": t.auc_a, "auc_b": t.auc_b,
+                         "difference": t.difference, "p_value": t.p_value})
+    return rows
 
 
 def evaluate_oof(table: OOFTable, level: Level = "participant", rule: Rule = "mean",
@@ -403,7 +459,8 @@ def metrics_table(summaries: Mapping[str, MetricsSummary]) -> list[list[str]]:
     rows.append(["AUC (95% CI)", *(
         f"{s.auc.auc:.3f} ({s.auc.ci_low:.3f}-{s.auc.ci_high:.3f})" for s in summaries.values())])
     for label, attr in (("Sensitivity", "sensitivity"), ("Specificity", "specificity"),
-                        ("Accuracy", "accuracy"), ("F1 score", "f1")):
+                        ("Accuracy", "accuracy"), ("F1 score (binary)", "f1"),
+                        ("F1 score (macro)", "macro_f1")):
         cells = []
         for s in summaries.values():
             v = getattr(s.at_threshold, attr)

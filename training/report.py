@@ -25,9 +25,10 @@ import base64
 import html
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,8 @@ from training import metrics as M
 from training.oof import OOFTable
 
 log = logging.getLogger(__name__)
+
+MIN_SUBGROUP_POSITIVES = 10  # below this a subgroup's sensitivity/AUC is flagged as noise
 
 
 @dataclass
@@ -56,6 +59,12 @@ class ReportData:
         cam_images: (caption, RGB uint8 (H, W, 3)) Grad-CAM overlays.
         fold_info: per-fold rows (e.g. {"fold": 0, "best_epoch": 12, "val_auc": 0.81}).
         notes: free paragraphs appended at the end.
+        selection: "nested" (epochs selected on inner validation splits: the OOF predictions are
+            untouched) or "optimistic" (selected on the reported folds; labelled so); "" for
+            external validation.
+        histories: combination -> per-fold per-epoch history (learning curves).
+        operating_point: model.json's decision (threshold, level, rule, expected sens/spec).
+        calibration: model.json's calibration table (method, candidates' Brier/ECE).
     """
 
     oof: OOFTable
@@ -73,6 +82,10 @@ class ReportData:
     cam_images: Sequence[tuple[str, np.ndarray]] = ()
     fold_info: Sequence[Mapping[str, Any]] = ()
     notes: Sequence[str] = ()
+    selection: str = ""
+    histories: Mapping[str, Sequence[Sequence[Mapping[str, float]]]] = field(default_factory=dict)
+    operating_point: Mapping[str, Any] | None = None
+    calibration: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -152,6 +165,16 @@ def write_report(run_dir: Path, data: ReportData) -> ReportOutput:
     doc.h(1, data.title)
     doc.p("Research use only. Every figure and number below is recomputed from the out-of-fold "
           "predictions stored in oof.csv.")
+    if data.selection == "optimistic":
+        doc.p("**Optimistic cross-validation**: each fold's epoch was selected on the same "
+              "validation fold whose predictions are reported below, and the threshold was tuned "
+              "on them; the numbers overstate what a new cohort will show.")
+    elif data.selection == "nested":
+        doc.p("Nested selection: each fold's epoch was selected, and its calibrator fitted, on an "
+              "inner validation split of that fold's training participants; the out-of-fold "
+              "predictions below were made once by the selected model and never tuned on. Only "
+              "the threshold is chosen on them (Youden's J), so sensitivity/specificity at it are "
+              "mildly optimistic.")
     if data.run_info:
         doc.h(2, "Run")
         doc.table([["Setting", "Value"], *([k, _fmt(v)] for k, v in data.run_info.items())])
@@ -201,7 +224,6 @@ def write_report(run_dir: Path, data: ReportData) -> ReportOutput:
 def _classification_section(doc: _Doc, data: ReportData, combos: list[str]
                             ) -> tuple[dict[str, M.MetricsSummary], dict[str, M.MetricsSummary]]:
     import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
     from sklearn.metrics import roc_curve
 
     thr = dict(data.thresholds or {})
@@ -236,6 +258,8 @@ def _classification_section(doc: _Doc, data: ReportData, combos: list[str]
     if image_summaries:
         doc.h(3, "Image level (same thresholds)")
         doc.table(M.metrics_table(image_summaries))
+
+    _paper_conventions(doc, data, aggs, summaries)
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, agg in aggs.items():
@@ -273,21 +297,60 @@ def _classification_section(doc: _Doc, data: ReportData, combos: list[str]
     ax.set_title(f"Confusion matrix at threshold {b.threshold:.3f}")
     doc.figure(fig, f"Confusion matrix ({primary})")
 
-    n_bins = max(2, min(10, len(agg.labels) // 10))
-    prob = np.clip(agg.scores, 0, 1)
-    frac, mean_pred = calibration_curve(agg.labels, prob, n_bins=n_bins, strategy="quantile")
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    prec, rec, _ = precision_recall_curve(agg.labels, agg.scores)
     fig, ax = plt.subplots(figsize=(5, 5))
+    ap = average_precision_score(agg.labels, agg.scores)
+    ax.plot(rec, prec, label=f"{primary} (AP {ap:.3f})")
+    ax.axhline(float(agg.labels.mean()), color="k", ls="--", lw=1, label="prevalence")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Precision-recall (pooled out-of-fold)")
+    ax.legend(loc="lower left")
+    doc.figure(fig, f"Precision-recall curve ({primary})")
+
+    from training.calibration import brier, expected_calibration_error, reliability_bins
+
+    prob = np.clip(agg.scores, 0, 1)
+    n_bins = 10 if len(prob) >= 50 else max(2, len(prob) // 5)
+    bins = reliability_bins(agg.labels, prob, n_bins)
+    ece = expected_calibration_error(agg.labels, prob, n_bins)
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(5, 6.5), height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-    ax.plot(mean_pred, frac, "o-", label=primary)
-    ax.set_xlabel("mean predicted probability")
+    ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-",
+            label=f"{primary} (ECE {ece:.3f})")
     ax.set_ylabel("observed fraction with sarcopenia")
-    ax.set_title("Calibration (quantile bins)")
+    ax.set_title(f"Reliability diagram ({len(bins)} equal-count bins)")
     ax.legend(loc="upper left")
-    doc.figure(fig, f"Calibration plot ({primary})")
-    doc.p(f"Brier score: {float(np.mean((prob - agg.labels) ** 2)):.4f}")
+    axh.hist(prob, bins=20, range=(0, 1), color="grey")
+    axh.set_xlabel("predicted probability")
+    axh.set_ylabel("cases")
+    doc.figure(fig, f"Reliability diagram ({primary})")
+    doc.p(f"Brier score {brier(agg.labels, prob):.4f}; expected calibration error (ECE, "
+          f"{len(bins)} equal-count bins) {ece:.4f}; mean probability {prob.mean():.3f} vs "
+          f"prevalence {agg.labels.mean():.3f}.")
+    if data.calibration:
+        cands = data.calibration.get("candidates") or {}
+        doc.p(f"Calibration: {data.calibration.get('method')} per fold, fitted on "
+              f"{data.calibration.get('fitted_on')}"
+              + ("; candidates (study-level Brier / ECE of the calibrated out-of-fold "
+                 "predictions): " + ", ".join(f"{k} {v['brier_study']:.4f} / {v['ece_study']:.4f}"
+                                              for k, v in cands.items()) if cands else "") + ".")
+    op = data.operating_point
+    if op and op.get("expected"):
+        e = op["expected"]
+        doc.p(f"Operating point served by the node: threshold {op['threshold']:.4f} on "
+              f"{op.get('level')}-level {op.get('rule')}-pooled calibrated probabilities; "
+              f"expected sensitivity {M.fmt_pct(e.get('sensitivity', float('nan')))} %, "
+              f"specificity {M.fmt_pct(e.get('specificity', float('nan')))} % "
+              f"(out-of-fold, n = {int(e.get('n', 0))}).")
 
     doc.h(3, "Per-vendor breakdown")
-    rows = [["Vendor", "n (pos/neg)", "AUC (95% CI)", "Sensitivity", "Specificity", "Accuracy"]]
+    rows = [["Vendor", "n (pos/neg)", "AUC (95% CI)", "Sensitivity", "Specificity", "Accuracy",
+             "Note"]]
     for v in sorted(set(agg.vendors)):
         m = np.array([x == v for x in agg.vendors])
         y, p = agg.labels[m], agg.scores[m]
@@ -299,9 +362,67 @@ def _classification_section(doc: _Doc, data: ReportData, combos: list[str]
         bm = M.binary_metrics(y, p, b.threshold)
         rows.append([v or "(unknown)", f"{len(y)} ({npos}/{len(y) - npos})", auc,
                      M.fmt_pct(bm.sensitivity), M.fmt_pct(bm.specificity),
-                     M.fmt_pct(bm.accuracy)])
+                     M.fmt_pct(bm.accuracy),
+                     f"warning: {npos} positives (< {MIN_SUBGROUP_POSITIVES}), not interpretable"
+                     if npos < MIN_SUBGROUP_POSITIVES else ""])
     doc.table(rows)
+    _learning_curves(doc, data)
     return summaries, image_summaries
+
+
+def _paper_conventions(doc: _Doc, data: ReportData, aggs: Mapping[str, M.Aggregated],
+                       summaries: Mapping[str, M.MetricsSummary]) -> None:
+    """Mean +- SD over folds (the paper's convention) next to the pooled values, and the
+    between-combination DeLong tests on common participants."""
+    doc.h(3, "Mean ± SD over folds (the paper's convention) vs pooled out-of-fold")
+    rows = [["Combination", "Metric", "mean ± SD over folds", "pooled"]]
+    for c, agg in aggs.items():
+        fs = M.fold_summary(agg, summaries[c].at_threshold.threshold)
+        pooled = summaries[c]
+        for name in M.FOLD_METRICS:
+            mean, sd, n = fs[name]
+            pv = pooled.auc.auc if name == "auc" else getattr(pooled.at_threshold, name)
+            fmt = (lambda v: f"{v:.3f}") if name == "auc" else M.fmt_pct
+            rows.append([c, name, f"{fmt(mean)} ± {fmt(sd) if sd == sd else 'n/a'} ({n} folds)",
+                         fmt(pv)])
+    doc.table(rows)
+    doc.p("F1 (binary) counts sarcopenia as the positive class; F1 (macro) averages both classes' "
+          "F1 (the paper's internal-validation F1 values are macro-F1). Image-level AUC CIs "
+          "resample participants (cluster bootstrap), since images of one person are not "
+          "independent.")
+    if len(aggs) > 1:
+        tests = M.delong_between(data.oof, list(aggs), data.level, data.rule)
+        doc.h(3, "Between-combination DeLong tests (paired, common participants)")
+        rows = [["A", "B", "n", "AUC A", "AUC B", "A - B", "P"]]
+        rows += [[t["a"], t["b"], str(t["n"]), f"{t['auc_a']:.3f}", f"{t['auc_b']:.3f}",
+                  f"{t['difference']:+.3f}", f"{t['p_value']:.3g}"] for t in tests]
+        doc.table(rows)
+
+
+def _learning_curves(doc: _Doc, data: ReportData) -> None:
+    """Training loss and selection score per epoch and fold, from the stored history."""
+    import matplotlib.pyplot as plt
+
+    if not data.histories:
+        return
+    doc.h(3, "Learning curves")
+    for combo, folds in data.histories.items():
+        if not any(folds):
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for k, hist in enumerate(folds):
+            ep = [h["epoch"] + 1 for h in hist]
+            a1.plot(ep, [h["train_loss"] for h in hist], label=f"fold {k}")
+            score = [h["val_score"] if h["val_score"] > -1e8 else np.nan for h in hist]
+            a2.plot(ep, score, label=f"fold {k}")
+        a1.set_xlabel("epoch")
+        a1.set_ylabel("training loss")
+        a2.set_xlabel("epoch")
+        a2.set_ylabel("selection AUC" + (" (inner validation)" if data.selection == "nested"
+                                         else ""))
+        a2.legend(fontsize=7)
+        fig.suptitle(f"Learning curves: {combo}")
+        doc.figure(fig, f"Learning curves ({combo})")
 
 
 def _regression_section(doc: _Doc, data: ReportData, combos: list[str]

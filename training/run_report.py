@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def write_run_report(out_dir: Path, table: Any, cohort: Cohort, fold_of: np.ndarray,
             results: Sequence[ComboResult], cfg: TrainConfig, thresholds: dict[str, float],
-            n_boot: int) -> None:
+            n_boot: int, operating_point: dict[str, Any] | None = None,
+            calibration: dict[str, Any] | None = None) -> None:
     """D2's report (training/report.py) with SHAP and Grad-CAM samples; never loses the model."""
     try:
         from training.report import ReportData, write_report
@@ -39,11 +40,14 @@ def write_run_report(out_dir: Path, table: Any, cohort: Cohort, fold_of: np.ndar
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
                 "downsample_negatives": cfg.downsample_negatives, "target": cfg.target,
                 "complete_cases": cfg.complete_cases, "served": combination_name(main.modalities),
+                "selection": cfg.selection if cfg.selection == "nested"
+                else "optimistic (epoch selected on the reported folds)",
+                "calibration": (calibration or {}).get("method", "none"),
                 "samples": len(cohort.samples), "studies": len(cohort.studies),
                 "participants": len({s.participant_id for s in cohort.samples})}
     fold_info = [{"combination": combination_name(c.modalities), "fold": r.fold,
-                  "best_epoch": r.best_epoch + 1, "val_score": round(r.best_score, 4),
-                  "val_images": int((fold_of == r.fold).sum())}
+                  "best_epoch": r.best_epoch + 1, "selection_score": round(r.best_score, 4),
+                  "outer_fold_images": int((fold_of == r.fold).sum())}
                  for c in results for r in c.folds]
     shap = cams = None
     try:
@@ -59,7 +63,10 @@ def write_run_report(out_dir: Path, table: Any, cohort: Cohort, fold_of: np.ndar
             oof=table, run_info=run_info, thresholds=thresholds or None,
             primary=combination_name(main.modalities), target=cfg.target, n_boot=n_boot,
             seed=cfg.seed, excluded=list(cohort.excluded), shap=shap, cam_images=cams or (),
-            fold_info=fold_info))
+            fold_info=fold_info, selection=cfg.selection,
+            histories={combination_name(c.modalities): [r.history for r in c.folds]
+                       for c in results},
+            operating_point=operating_point, calibration=calibration))
     except Exception:  # noqa: BLE001 - the model itself is fine
         log.exception("report generation failed (the model in %s is complete)", out_dir)
 

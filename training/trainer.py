@@ -171,6 +171,7 @@ class FoldResult:
     val_pred: np.ndarray
     history: list[dict[str, float]] = field(default_factory=list)
     target_scaling: dict[str, float] | None = None
+    test_pred: np.ndarray | None = None  # predictions on the held-out (outer) fold, best epoch
 
 
 def _seed_for(*parts: int) -> int:
@@ -274,10 +275,14 @@ def train_fold(
     resume: bool = False,
     pretrained: Path | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
+    test: ArrayData | None = None,
 ) -> FoldResult:
     """Train fold ``fold`` for ``cfg.epochs`` epochs and return the best-validation model.
 
     Args:
+        val: the data the epoch is selected on (nested selection: the inner validation split).
+        test: data the selected model predicts but never looks at while training or selecting
+            (nested selection: the outer fold, whose predictions become the OOF results).
         cfg: a :class:`training.config.TrainConfig` (epochs, lr, batch size, augmentation...).
         work_dir: where the per-epoch checkpoints live (``fold_<k>/``).
         resume: continue from ``work_dir``'s last completed epoch of this fold, if any.
@@ -404,9 +409,13 @@ def train_fold(
         raw = predict(model, val, spec.in_chans, cfg.batch_size, device, dist)
         best_pred = raw * t_std + t_mean if regression else 1.0 / (1.0 + np.exp(-raw))
     pred = best_pred
+    test_pred = None
+    if test is not None:
+        raw = predict(model, test, spec.in_chans, cfg.batch_size, device, dist)
+        test_pred = raw * t_std + t_mean if regression else 1.0 / (1.0 + np.exp(-raw))
     return FoldResult(fold, best_epoch, best_score,
                       {k: v.detach().cpu() for k, v in best_state.items()}, pred, history,
-                      {"mean": t_mean, "std": t_std} if regression else None)
+                      {"mean": t_mean, "std": t_std} if regression else None, test_pred)
 
 
 def save_done(work_dir: Path, result: FoldResult) -> None:
@@ -418,7 +427,9 @@ def save_done(work_dir: Path, result: FoldResult) -> None:
     save_weights(result.best_state, ck.best)
     _write_json(ck.done, {"fold": result.fold, "best_epoch": result.best_epoch,
                           "best_score": result.best_score, "val_pred": result.val_pred.tolist(),
-                          "history": result.history, "target_scaling": result.target_scaling})
+                          "history": result.history, "target_scaling": result.target_scaling,
+                          "test_pred": None if result.test_pred is None
+                          else result.test_pred.tolist()})
 
 
 def load_done(work_dir: Path, fold: int) -> FoldResult | None:
@@ -429,7 +440,9 @@ def load_done(work_dir: Path, fold: int) -> FoldResult | None:
     d = json.loads(ck.done.read_text())
     return FoldResult(fold, int(d["best_epoch"]), float(d["best_score"]), _load_state(ck.best),
                       np.asarray(d["val_pred"], dtype=np.float64), list(d["history"]),
-                      d.get("target_scaling"))
+                      d.get("target_scaling"),
+                      None if d.get("test_pred") is None
+                      else np.asarray(d["test_pred"], dtype=np.float64))
 
 
 def _epoch_indices(y: np.ndarray, balance: bool, seed: int, fold: int, epoch: int) -> np.ndarray:

@@ -101,7 +101,7 @@ def write_offline_outputs(
     for i, im in enumerate(score.images, start=1):
         if im.heatmap is None:
             continue
-        rgb = render_heatmap(im, cfg.results.burn_in_text, score.model.threshold)
+        rgb = render_heatmap(im, cfg.results.burn_in_text, score.model.image_threshold)
         p = folder / f"heatmap_{i:02d}_{im.frame.sop_instance_uid}_f{im.frame.frame_number}.png"
         Image.fromarray(rgb).save(p)
         previews.append(p)

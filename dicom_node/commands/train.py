@@ -40,14 +40,21 @@ def train_command(args: argparse.Namespace, cfg: Config) -> int:
     torch.set_num_threads(max(1, tcfg.torch_threads))
     dist = init_distributed(tcfg.device)
     try:
-        path = run_training(source, Path(args.labels), out, tcfg, dist=dist,
-                            resume=bool(args.resume), also=list(args.also or ()),
-                            keep_work=bool(args.keep_checkpoints))
+        if getattr(args, "backbones", None):
+            from training.backbones import run_backbones
+
+            path = run_backbones(source, Path(args.labels), out, tcfg, args.backbones, dist=dist,
+                                 resume=bool(args.resume), also=list(args.also or ()),
+                                 keep_work=bool(args.keep_checkpoints))
+        else:
+            path = run_training(source, Path(args.labels), out, tcfg, dist=dist,
+                                resume=bool(args.resume), also=list(args.also or ()),
+                                keep_work=bool(args.keep_checkpoints))
     finally:
         if dist.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if path is not None:
-        print(f"model written to {path}")
+        print(f"{'comparison' if getattr(args, 'backbones', None) else 'model'} written to {path}")
     return 0
 
 

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -140,7 +140,8 @@ class OrthancPeer:
 
     def __init__(self, workdir: Path, callers: Sequence[str], ae_title: str = "ORTHANC",
                  port: int | None = None, http_port: int | None = None,
-                 start_timeout: float = 60.0) -> None:
+                 start_timeout: float = 60.0,
+                 extra_config: Mapping[str, Any] | None = None) -> None:
         binary = orthanc_binary()
         if binary is None:
             raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
@@ -153,6 +154,7 @@ class OrthancPeer:
         (self.dir / "storage").mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / "orthanc.log"
         password = secrets.token_urlsafe(18)
+        self.user, self.password = "demo", password  # REST and DICOMweb basic auth
         self._auth = "Basic " + base64.b64encode(f"demo:{password}".encode()).decode()
         conf = {
             "Name": "dicom-node-demo", "StorageDirectory": str(self.dir / "storage"),
@@ -167,6 +169,10 @@ class OrthancPeer:
             "DicomModalitiesInDatabase": False, "OverwriteInstances": True, "SaveJobs": False,
             "UnknownSopClassAccepted": False,
         }
+        for key, value in (extra_config or {}).items():  # tables (DicomModalities) are merged
+            old = conf.get(key)
+            conf[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) \
+                else value
         conf_path = self.dir / "orthanc.json"
         conf_path.write_text(json.dumps(conf, indent=1))
         conf_path.chmod(0o600)

@@ -20,6 +20,7 @@ import shutil
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
@@ -37,18 +38,46 @@ Check = Callable[[], tuple[bool, str]]
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def listener_check(host: str, port: int) -> Check:
-    """Ready when a TCP connection to the DICOM listener succeeds."""
-    target = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
+class ListenerCheck:
+    """Ready once the DICOM listener is bound.
 
-    def check() -> tuple[bool, str]:
+    Probing with a TCP connection would take one of the listener's association slots for every
+    ``/readyz`` poll (an orchestrator polls often), so the check looks at the server object that
+    ``serve`` hands over once the listener is up: its socket is open (``shutdown`` closes it).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address = f"{host}:{port}"
+        self._target = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
+        self._port = port
+        self._server: Any = None
+        self._probed: tuple[float, tuple[bool, str]] | None = None
+
+    def _probe(self) -> tuple[bool, str]:
         try:
-            with socket.create_connection((target, port), timeout=2.0):
-                return True, f"accepting on {host}:{port}"
+            with socket.create_connection((self._target, self._port), timeout=2.0):
+                return True, f"accepting on {self.address}"
         except OSError as exc:
-            return False, f"{host}:{port}: {(exc.strerror or str(exc)).lower()}"
+            return False, f"{self.address}: {(exc.strerror or str(exc)).lower()}"
 
-    return check
+    def attach(self, server: Any) -> None:
+        """The listener (pynetdicom's ThreadingTCPServer) is up; judge it from now on."""
+        self._server = server
+
+    def __call__(self) -> tuple[bool, str]:
+        server = self._server
+        if server is None:  # not handed over (a listener run elsewhere): probe, at most every 2 s
+            now = time.monotonic()
+            if self._probed is None or now - self._probed[0] > 2.0:
+                self._probed = (now, self._probe())
+            return self._probed[1]
+        try:
+            bound = server.socket.fileno() >= 0
+        except (AttributeError, OSError):
+            bound = False
+        if not bound:
+            return False, f"{self.address}: socket closed"
+        return True, f"accepting on {self.address}"
 
 
 def index_check(db_path: Path) -> Check:
@@ -249,9 +278,15 @@ class _Handler(BaseHTTPRequestHandler):
 class StatusServer:
     """A running status server; :meth:`stop` shuts it down."""
 
-    def __init__(self, httpd: ThreadingHTTPServer) -> None:
+    def __init__(self, httpd: ThreadingHTTPServer, listener: ListenerCheck | None = None) -> None:
         self.httpd = httpd
+        self.listener = listener
         self.thread = threading.Thread(target=httpd.serve_forever, name="http-status", daemon=True)
+
+    def listener_started(self, server: Any) -> None:
+        """Hand over the DICOM listener so ``/readyz`` can judge it without connecting."""
+        if self.listener is not None:
+            self.listener.attach(server)
 
     @property
     def port(self) -> int:
@@ -289,7 +324,7 @@ def start_status_server(cfg: Config, model_ready: Check | None = None) -> Status
     if http_cfg is None or not http_cfg.enabled:
         return None
     checks: dict[str, Check] = {
-        "listener": listener_check(cfg.node.host, cfg.node.port),
+        "listener": ListenerCheck(cfg.node.host, cfg.node.port),
         "index": index_check(cfg.node.db_path),
         "disk": disk_check(cfg.node.data_dir, cfg.node.disk_reserve_mb),
     }
@@ -307,7 +342,8 @@ def start_status_server(cfg: Config, model_ready: Check | None = None) -> Status
         exc.address = f"{http_cfg.host}:{http_cfg.port} (http)"  # type: ignore[attr-defined]
         raise
     httpd.daemon_threads = True
-    server = StatusServer(httpd)
+    listener = checks["listener"]
+    server = StatusServer(httpd, listener if isinstance(listener, ListenerCheck) else None)
     server.thread.start()
     log.info("status server on http://%s:%d/ (/healthz /readyz /metrics)", http_cfg.host,
              server.port)

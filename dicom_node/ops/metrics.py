@@ -126,11 +126,13 @@ def record_model(info: Mapping[str, object]) -> None:
 def read_index_gauges(db_path: Path, now: float | None = None) -> dict[str, dict[str, float]]:
     """Read-only snapshot of the index for the gauges: studies by state, queue depth and age.
 
-    Returns ``{"studies": {state: n}, "depth": {queue: n}, "oldest_age": {queue: seconds}}``;
+    Returns ``{"studies": {state: n}, "depth": {queue: n}, "oldest_age": {queue: seconds},
+    "outbox": {"destination\tstate": n}}``;
     empty dicts when the index (or a table) does not exist yet.
     """
     now = time.time() if now is None else now
-    out: dict[str, dict[str, float]] = {"studies": {}, "depth": {}, "oldest_age": {}}
+    out: dict[str, dict[str, float]] = {"studies": {}, "depth": {}, "oldest_age": {},
+                                        "outbox": {}}
     if not Path(db_path).exists():
         return out
     uri = f"file:{Path(db_path).resolve()}?mode=ro"
@@ -139,6 +141,10 @@ def read_index_gauges(db_path: Path, now: float | None = None) -> dict[str, dict
         if "studies" in tables:
             for state, n in conn.execute("SELECT state, count(*) FROM studies GROUP BY state"):
                 out["studies"][str(state)] = float(n)
+        if "outbox" in tables:  # keyed "destination\tstate"
+            for dest, state, n in conn.execute(
+                    "SELECT destination, state, count(*) FROM outbox GROUP BY destination, state"):
+                out["outbox"][f"{dest}\t{state}"] = float(n)
         queues = (("jobs", "jobs", "state IN ('queued', 'running')"),
                   ("outbox", "outbox", "state = 'pending'"))
         for name, table, where in queues:
@@ -172,9 +178,15 @@ class IndexCollector(Collector):
         for queue in ("jobs", "outbox"):
             depth.add_metric([queue], snap["depth"].get(queue, 0.0))
             age.add_metric([queue], snap["oldest_age"].get(queue, 0.0))
+        items = GaugeMetricFamily("dicom_node_outbox_items",
+                                  "Outbox rows by destination and state (pending, sent, "
+                                  "committed, expired)", labels=["destination", "state"])
+        for key, n in sorted(snap["outbox"].items()):
+            items.add_metric(key.split("\t", 1), n)
         yield studies
         yield depth
         yield age
+        yield items
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())

@@ -116,11 +116,11 @@ def heatmap_files(results_dir: Path, study_uid: str) -> list[Path]:
     """The study's heat-map Secondary Capture files (the SR is not an image)."""
     from pydicom import dcmread
 
-    folder = Path(results_dir) / study_uid
-    if not folder.is_dir() or folder.resolve().parent != Path(results_dir).resolve():
-        return []
+    from dicom_node.store.resultsets import sets_of
+
+    sets = sets_of(results_dir, study_uid)  # the latest result set is the study's current one
     out = []
-    for path in sorted(folder.glob("*.dcm")):
+    for path in sorted(p for _, p in sets[-1].files) if sets else []:
         try:
             ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
         except Exception:  # noqa: BLE001, S112 - an unreadable file is simply not shown

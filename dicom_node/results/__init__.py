@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -58,6 +59,8 @@ THIGH = codes.SCT.Thigh  # 68367000
 # Private concepts: no standard code exists for these.
 ECHO_INTENSITY = Code("EI", PRIVATE_SCHEME, "Echo intensity (0-255 grey level)")
 DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the model")
+EXPECTED_SENSITIVITY = Code("SENS-CV", PRIVATE_SCHEME, "Sensitivity at threshold (CV)")
+EXPECTED_SPECIFICITY = Code("SPEC-CV", PRIVATE_SCHEME, "Specificity at threshold (CV)")
 ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
 GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
 IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")
@@ -83,6 +86,14 @@ class ResultSet:
     @property
     def datasets(self) -> list[Dataset]:
         return [d for d in (self.sr, *self.heatmaps) if d is not None]
+
+
+UidFactory = Callable[[str], str]
+
+
+def _new_uid(role: str) -> str:
+    """A fresh random UID (``role`` only matters to factories that derive UIDs)."""
+    return str(generate_uid())
 
 
 def _model_uid(model: ModelInfo) -> str:
@@ -244,6 +255,7 @@ def build_sr(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 SR for a scored study (see the module docstring for the tree)."""
     sources = {uid: sanitize_source(ds) for uid, ds in sources.items()}
@@ -287,13 +299,19 @@ def build_sr(
     groups.extend(_not_scored_groups(score, algorithm, evidence))
     study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"study ({score.rule} of {len(score.images)} images)"
+            uid=uid("sr-tracking"), identifier=f"study ({score.rule} of {len(score.images)} images)"
         ),
         finding_type=SARCOPENIA,
         algorithm_id=algorithm,
         measurements=[m for m in (
             _measurement(PROBABILITY, score.probability, UNIT_PROBABILITY),
+            _measurement(PROBABILITY, score.fold_spread, UNIT_PROBABILITY, STANDARD_DEVIATION)
+            if score.fold_spread is not None else None,
             _measurement(DECISION_THRESHOLD, score.model.threshold, UNIT_PROBABILITY),
+            _measurement(EXPECTED_SENSITIVITY, score.model.expected_sensitivity, UNIT_PROBABILITY)
+            if score.model.expected_sensitivity is not None else None,
+            _measurement(EXPECTED_SPECIFICITY, score.model.expected_specificity, UNIT_PROBABILITY)
+            if score.model.expected_specificity is not None else None,
         ) if m is not None],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(SARCOPENIA, PRESENT if score.positive else ABSENT)
@@ -309,9 +327,9 @@ def build_sr(
     sr = hd.sr.ComprehensiveSR(
         evidence=unique,
         content=report[0],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=uid("sr-series"),
         series_number=cfg.sr_series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=uid("sr"),
         instance_number=1,
         manufacturer=cfg.manufacturer[:64],
         # COMPLETE only when every object of the study could be scored; never verified by a human.
@@ -386,6 +404,7 @@ def build_not_assessable_sr(
     sources: dict[str, Dataset],
     model: ModelInfo,
     cfg: ResultsConfig,
+    uid: UidFactory = _new_uid,
 ) -> hd.sr.ComprehensiveSR:
     """An SR saying the study is "not assessable" for sarcopenia, with the reason per image.
 
@@ -428,8 +447,8 @@ def build_not_assessable_sr(
         evidence.insert(0, headers[0])
     unique = _dedupe(evidence)
     sr = hd.sr.ComprehensiveSR(
-        evidence=unique, content=report[0], series_instance_uid=generate_uid(),
-        series_number=cfg.sr_series_number, sop_instance_uid=generate_uid(), instance_number=1,
+        evidence=unique, content=report[0], series_instance_uid=uid("sr-series"),
+        series_number=cfg.sr_series_number, sop_instance_uid=uid("sr"), instance_number=1,
         manufacturer=cfg.manufacturer[:64], is_complete=True, is_final=False, is_verified=False,
         institution_name=cfg.institution_name or None,
         contributing_equipment=[_contributing_equipment(model, cfg)])
@@ -473,7 +492,7 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
 
 
-def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.ndarray:
+def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float | None) -> np.ndarray:
     """RGB image: overlay on the cropped grayscale source, colour bar, probability and warning.
 
     The crop is scaled up to at least 384 pixels wide so the burned-in text stays legible.
@@ -499,10 +518,12 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
     font = ImageFont.load_default()
     draw.text((ow + margin + bar_w + 2, 0), "1", fill=(255, 255, 255), font=font)
     draw.text((ow + margin + bar_w + 2, oh - 12), "0", fill=(255, 255, 255), font=font)
-    verdict = "positive" if img.probability >= threshold else "negative"
+    # a per-image verdict only when the model has an image-level threshold
+    verdict = "" if threshold is None else (
+        ", positive" if img.probability >= threshold else ", negative")
     draw.text(
         (4, oh + 4),
-        f"Sarcopenia p={img.probability:.2f} (+/-{img.fold_spread:.2f}, {verdict})",
+        f"Sarcopenia p={img.probability:.2f} (+/-{img.fold_spread:.2f}{verdict})",
         fill=(255, 255, 255), font=font,
     )
     draw.text((4, oh + 20), "Grad-CAM, fold average", fill=(200, 200, 200), font=font)
@@ -511,10 +532,11 @@ def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float) -> np.n
 
 
 def build_heatmaps(
-    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig
+    score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig,
+    uid: UidFactory = _new_uid,
 ) -> list[hd.sc.SCImage]:
     """One Secondary Capture per scored image that has a heat map, all in one new series."""
-    series_uid = generate_uid()
+    series_uid = uid("sc-series")
     out: list[hd.sc.SCImage] = []
     for img in score.images:
         if img.heatmap is None:
@@ -523,7 +545,7 @@ def build_heatmaps(
         if src is None:
             continue
         src = sanitize_source(src)
-        rgb = render_heatmap(img, cfg.burn_in_text, score.model.threshold)
+        rgb = render_heatmap(img, cfg.burn_in_text, score.model.image_threshold)
         kwargs: dict = {}
         photometric = "RGB"
         if cfg.heatmap_jpeg:
@@ -541,7 +563,8 @@ def build_heatmaps(
             coordinate_system="PATIENT",
             series_instance_uid=series_uid,
             series_number=cfg.sc_series_number,
-            sop_instance_uid=generate_uid(),
+            # named by its source frame: the same whether built alone or with the others
+            sop_instance_uid=uid(f"sc-{img.frame.sop_instance_uid}-{img.frame.frame_number}"),
             instance_number=len(out) + 1,
             manufacturer=cfg.manufacturer[:64],
             patient_orientation=orientation or ("A", "F"),
@@ -579,6 +602,7 @@ def build_results(
     sources: dict[str, Dataset],
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
+    uid: UidFactory = _new_uid,
 ) -> ResultSet:
     """SR + heat maps for one scored study.
 
@@ -589,6 +613,9 @@ def build_results(
         cfg: identity of the algorithm and series numbering.
         predecessor: the SR of an earlier scoring of this study; the new SR lists it in
             PredecessorDocumentsSequence so a PACS can tell the rescore supersedes it.
+        uid: the UID of each new object by role (``sr``, ``sr-series``, ``sr-tracking``,
+            ``sc-series``, ``sc-<source SOP UID>-<frame>``); the node derives them from the job's
+            result key so a re-run rebuilds the same objects.
 
     A failure to build one object (the SR, or one heat map) is recorded in ``errors`` and the
     others are still returned: a finished score is never lost to one bad object.
@@ -600,7 +627,7 @@ def build_results(
     errors: list[str] = []
     sr = None
     try:
-        sr = build_sr(score, sources, cfg, predecessor)
+        sr = build_sr(score, sources, cfg, predecessor, uid)
     except PermanentJobError:
         raise
     except (ValueError, TypeError, AttributeError, ResultsError) as exc:
@@ -610,7 +637,7 @@ def build_results(
     for img in score.images:
         one = StudyScore(**{**score.__dict__, "images": [img]})
         try:
-            built = build_heatmaps(one, sources, cfg)
+            built = build_heatmaps(one, sources, cfg, uid)
         except PermanentJobError:
             raise
         except (ValueError, TypeError, AttributeError) as exc:

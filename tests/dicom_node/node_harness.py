@@ -14,12 +14,12 @@ from typing import Any
 
 import tomli_w
 
-from dicom_node.archive import Archive
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
 from dicom_node.errors import DeliveryError
 from dicom_node.scp import start_scp
 from dicom_node.scu import echo
+from dicom_node.store.archive import Archive
 from dicom_node.worker import Processor, Worker, archive_only_processor
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from dicom_node.archive import SCHEMA, Archive
-from dicom_node.errors import ArchiveError, OutOfResourcesError
-from dicom_node.validate import is_valid_uid, validate
+from dicom_node.errors import OutOfResourcesError
+from dicom_node.store.archive import Archive, uid_name
+from dicom_node.store.db import SCHEMA
+from dicom_node.validate import validate
 from inference.durable import write_durable
 from tests.builders import make_us
 
@@ -33,9 +34,11 @@ def archive(tmp_path):
 def test_store_layout_hash_and_contract_columns(archive):
     ds = make_us(patient_id="PX")
     raw, info = _raw_info(ds)
-    out = archive.store(raw, info, calling_aet="MOD", transfer_syntax=ds.file_meta.TransferSyntaxUID)
+    out = archive.store(raw, info, calling_aet="MOD",
+                        transfer_syntax=ds.file_meta.TransferSyntaxUID)
     assert out.kind == "stored"
-    expected = archive.archive_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    expected = (archive.archive_dir / uid_name(ds.StudyInstanceUID) / uid_name(ds.SeriesInstanceUID)
+                / f"{uid_name(ds.SOPInstanceUID)}.dcm")
     assert out.path == expected
     assert out.path.read_bytes() == raw
     row = archive.query("SELECT * FROM instances")[0]
@@ -62,12 +65,30 @@ def test_resend_same_is_duplicate_and_different_replaces(archive):
     assert archive.instance_count() == 1
 
 
-def test_invalid_uid_never_becomes_a_path(archive):
+def test_no_uid_becomes_a_path(archive):
+    """File names are hashes: even a hostile UID stays one level inside its parent folder."""
     _, info = _raw_info(make_us())
-    for bad in ("1.2/../..", "..", "1.2.3/x", "1..2", "", "1.2 .3"):
-        assert not is_valid_uid(bad)
-        with pytest.raises(ArchiveError):
-            archive.relative_path(info.__class__(**{**info.__dict__, "series_uid": bad}))
+    for bad in ("1.2/../..", "..", "1.2.3/x", "1..2", "", "01.2", "/etc/passwd", "a\x00b"):
+        for field in ("study_uid", "series_uid", "sop_uid"):
+            rel = archive.relative_path(info.__class__(**{**info.__dict__, field: bad}))
+            assert len(rel.parts) == 4 and rel.parts[0] == "archive"
+            assert all(len(part.removesuffix(".dcm")) == 32 for part in rel.parts[1:])
+            assert (archive.data_dir / rel).resolve().is_relative_to(archive.archive_dir)
+
+
+def test_instances_filed_under_the_older_uid_layout_still_read(archive):
+    """An index row written by an older node (UID-named folders) is read through its path."""
+    ds = make_us(patient_id="PX")
+    raw, info = _raw_info(ds)
+    archive.store(raw, info, calling_aet="MOD", transfer_syntax=ds.file_meta.TransferSyntaxUID)
+    old = f"archive/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    write_durable(archive.data_dir / old, raw)
+    (archive.data_dir / archive.relative_path(info)).unlink()
+    with archive.transaction() as conn:
+        conn.execute("UPDATE instances SET path = ?", (old,))
+    assert archive.study_paths(ds.StudyInstanceUID) == [archive.data_dir / old]
+    again = archive.store(raw, info, calling_aet="MOD", transfer_syntax="1.2.840.10008.1.2.1")
+    assert again.kind == "duplicate" and again.path == archive.data_dir / old
 
 
 def test_quarantine_keeps_file_and_reason_with_generated_name(archive):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
+from dicom_node.delivery.sender import enqueue
 from dicom_node.scu import store_files
-from dicom_node.sender import enqueue
 from tests.builders import make_us, write
 from tests.conftest import free_port
 from tests.dicom_node.node_harness import running_node, write_toml

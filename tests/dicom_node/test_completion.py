@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from dicom_node.archive import Archive
 from dicom_node.completion import check_studies
 from dicom_node.config import CompletionConfig
-from dicom_node.queue import claim, jobs_for, mark_done
 from dicom_node.scu import store_files
+from dicom_node.store.archive import Archive
+from dicom_node.store.queue import claim, jobs_for, mark_done
 from dicom_node.validate import validate
 from tests.builders import make_seg, make_us
 from tests.conftest import make_config
@@ -29,9 +29,11 @@ def _store(archive: Archive, ds, at: float) -> None:
     ds.save_as(buf, enforce_file_format=True)
     info = validate(ds, affected_sop_class=ds.SOPClassUID, affected_sop_instance=ds.SOPInstanceUID,
                     transfer_syntax=ds.file_meta.TransferSyntaxUID)
-    archive.store(buf.getvalue(), info, calling_aet="TEST", transfer_syntax=ds.file_meta.TransferSyntaxUID)
+    archive.store(buf.getvalue(), info, calling_aet="TEST",
+                  transfer_syntax=ds.file_meta.TransferSyntaxUID)
     with archive.transaction() as conn:
-        conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?", (at, ds.StudyInstanceUID))
+        conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
+                     (at, ds.StudyInstanceUID))
         conn.execute(
             "UPDATE studies SET first_received = ?, receiving_since = ? WHERE study_uid = ? "
             "AND first_received > ?", (at, at, ds.StudyInstanceUID, at),
@@ -184,7 +186,7 @@ def test_duplicate_resend_does_not_reopen(archive):
 
 @pytest.mark.network
 def test_monitor_and_worker_threads_end_to_end(tmp_path):
-    """Real listener + monitor + worker: US then a late SEG -> one job, study scored archive-only."""
+    """Real listener + monitor + worker: US then a late SEG -> one job, scored archive-only."""
     cfg = make_config(tmp_path / "node", completion={
         "idle_seconds": 0.5, "max_wait_seconds": 30, "poll_seconds": 0.1, "require_seg": True})
     with running_node(cfg) as archive:

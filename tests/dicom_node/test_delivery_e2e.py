@@ -21,8 +21,8 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 
 from dicom_node import results as R
-from dicom_node import sender as S
 from dicom_node.config import load_config
+from dicom_node.delivery import sender as S
 from dicom_node.scu import echo
 from tests.conftest import free_port, require_tool
 from tests.fixtures.orthanc import orthanc_binary, start_orthanc, stop_orthanc

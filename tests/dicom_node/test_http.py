@@ -260,8 +260,8 @@ def test_status_page_metrics_match_orthanc(synth_cohort, tiny_model_dir, tmp_pat
 
 def test_page_shows_failures_escaped_and_no_patient_data(tmp_path: Path) -> None:
     """A failed study's reason is on the page, as text: study data never becomes markup."""
-    from dicom_node.archive import Archive
     from dicom_node.ops.http import StatusContext, render_page
+    from dicom_node.store.archive import Archive
 
     archive = Archive(tmp_path / "data").init()
     try:

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.archive import Archive
 from dicom_node.completion import check_studies
 from dicom_node.errors import ModelArtifactError
 from dicom_node.processing import build_processor, find_predecessor
-from dicom_node.queue import enqueue
+from dicom_node.store.archive import Archive
+from dicom_node.store.queue import enqueue
+from dicom_node.store.resultsets import study_folder
 from dicom_node.validate import validate
 from dicom_node.worker import run_one
 from tests.conftest import make_config
@@ -39,22 +40,31 @@ def _config(tmp_path: Path, model_dir: Path, **scoring: object):  # noqa: ANN202
 
 
 def _sr_files(results: Path) -> list[Path]:
-    return [p for p in results.glob("*.dcm") if dcmread(p, stop_before_pixels=True).Modality == "SR"]
+    return [p for p in results.glob("*/*.dcm")
+            if dcmread(p, stop_before_pixels=True).Modality == "SR"]
 
 
-def test_processor_scores_archives_queues_and_notes(tiny_model_dir, synth_cohort, tmp_path) -> None:  # noqa: ANN001,E501
+def _run_due(archive: Archive, processor, cfg) -> bool:
+    with archive.transaction() as conn:  # jobs queued "in the future" by check_studies: due now
+        conn.execute("UPDATE jobs SET next_attempt_at = 0")
+    return run_one(archive, processor, cfg.worker)
+
+
+def test_processor_scores_archives_queues_and_notes(tiny_model_dir, synth_cohort, tmp_path) -> None:
     cfg = _config(tmp_path, tiny_model_dir)
     archive = Archive(cfg.node.data_dir).init()
     try:
-        study, files = study_files(synth_cohort, "none")  # no SEG: scored on the whole region
+        study, files = study_files(synth_cohort, "normal")
         uid = study["study_uid"]
-        _store_study(archive, files)
+        us_files = [f for f in files
+                    if dcmread(f, stop_before_pixels=True).Modality == "US"]
+        seg_files = [f for f in files if f not in us_files]
+        assert us_files and seg_files
+        _store_study(archive, us_files)  # the SEG comes late: scored on the whole region first
         taken = check_studies(archive, cfg.completion, max_attempts=2, now=time.time() + 3600)
         assert [t[0] for t in taken] == [uid] and taken[0][1].payload["allow_missing_seg"]
-        with archive.transaction() as conn:  # the job was queued "in the future": make it due
-            conn.execute("UPDATE jobs SET next_attempt_at = 0")
         processor = build_processor(cfg)
-        assert run_one(archive, processor, cfg.worker)
+        assert _run_due(archive, processor, cfg)
 
         row = archive.study(uid)
         assert row["state"] == "scored", row
@@ -62,38 +72,55 @@ def test_processor_scores_archives_queues_and_notes(tiny_model_dir, synth_cohort
         job = archive.query("SELECT state, last_error FROM jobs WHERE study_uid = ?", (uid,))[0]
         assert job["state"] == "done"
 
-        results = cfg.node.results_dir / uid
-        written = sorted(results.glob("*.dcm"))
-        n_us = sum(f["kind"] == "us" for f in study["files"])
-        assert len(written) == 1 + n_us
+        results = study_folder(cfg.node.results_dir, uid)
+        assert results.name != uid and uid not in str(results)  # no UID in a path
+        written = sorted(results.glob("*/*.dcm"))
+        assert len(written) == 1 + len(us_files)
         srs = _sr_files(results)
         assert len(srs) == 1
         sr1 = dcmread(srs[0])
         assert sr1.StudyInstanceUID == uid and sr1.PatientID == study["patient_id"]
-        outbox = archive.query("SELECT destination, state, path, sop_uid FROM outbox "
+        outbox = archive.query("SELECT id, destination, state, path, sop_uid FROM outbox "
                                "WHERE study_uid = ?", (uid,))
         assert len(outbox) == len(written)
-        assert {r["destination"] for r in outbox} == {"pacs"} and {r["state"] for r in outbox} == {"pending"}
+        assert {r["destination"] for r in outbox} == {"pacs"}
+        assert {r["state"] for r in outbox} == {"pending"}
         assert all((cfg.node.data_dir / r["path"]).is_file() for r in outbox)
 
-        # a rescore (e.g. after a late SEG) references the first SR as its predecessor
+        # the same study version again (a crash before the job was marked done, or a re-run):
+        # the published set is queued again, nothing is rescored and no row is duplicated
         with archive.transaction() as conn:
             conn.execute("UPDATE studies SET state = 'complete' WHERE study_uid = ?", (uid,))
             enqueue(conn, uid, "score", {"allow_missing_seg": True}, max_attempts=2)
         pipeline = processor.pipeline
         assert run_one(archive, processor, cfg.worker)
         assert processor.pipeline is pipeline  # the model is loaded once per process
+        assert _sr_files(results) == srs and sorted(results.glob("*/*.dcm")) == written
+        assert archive.query("SELECT id, destination, state, path, sop_uid FROM outbox "
+                             "WHERE study_uid = ?", (uid,)) == outbox
+        assert archive.study(uid)["note"] == row["note"]
+
+        # the late SEG makes a new study version: rescored, the first SR is its predecessor
+        _store_study(archive, seg_files)
+        check_studies(archive, cfg.completion, max_attempts=2, now=time.time() + 7200)
+        assert _run_due(archive, processor, cfg)
         srs = _sr_files(results)
         assert len(srs) == 2
-        sr2 = dcmread(next(p for p in srs if p.name != f"{sr1.SOPInstanceUID}.dcm"))
-        ref = sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        sr2 = dcmread(next(p for p in srs if dcmread(p).SOPInstanceUID != sr1.SOPInstanceUID))
+        series_ref = sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        ref = series_ref.ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == sr1.SOPInstanceUID
         assert find_predecessor(cfg.node.results_dir, uid).SOPInstanceUID == sr2.SOPInstanceUID
+        new_set = set(results.glob("*/*.dcm")) - set(written)
+        assert len(new_set) == 1 + len(us_files)
+        assert len(archive.query("SELECT id FROM outbox WHERE study_uid = ?", (uid,))) == (
+            len(outbox) + len(new_set))
     finally:
         archive.close()
 
 
-def test_unusable_study_fails_the_job_with_the_reasons(tiny_model_dir, synth_cohort, tmp_path) -> None:  # noqa: ANN001,E501
+def test_unusable_study_fails_the_job_with_the_reasons(tiny_model_dir, synth_cohort,
+                                                       tmp_path) -> None:
     cfg = _config(tmp_path, tiny_model_dir)
     archive = Archive(cfg.node.data_dir).init()
     try:
@@ -108,18 +135,13 @@ def test_unusable_study_fails_the_job_with_the_reasons(tiny_model_dir, synth_coh
         assert job["state"] == "failed"
         assert "ScoringError" in job["last_error"] and "DICOM-SEG" in job["last_error"]
         assert archive.study(uid)["state"] == "failed"
-        assert not (cfg.node.results_dir / uid).exists()
-        if _has_outbox(archive):  # created lazily by the sender module
-            assert not archive.query("SELECT * FROM outbox")
+        assert not study_folder(cfg.node.results_dir, uid).exists()
+        assert not archive.query("SELECT * FROM outbox")
     finally:
         archive.close()
 
 
-def _has_outbox(archive: Archive) -> bool:
-    return bool(archive.query("SELECT name FROM sqlite_master WHERE name = 'outbox'"))
-
-
-def test_build_processor_refuses_a_broken_artifact(tiny_model_dir, tmp_path) -> None:  # noqa: ANN001
+def test_build_processor_refuses_a_broken_artifact(tiny_model_dir, tmp_path) -> None:
     with pytest.raises(ModelArtifactError, match="does not exist"):
         build_processor(_config(tmp_path, tmp_path / "nowhere"))
     broken = tmp_path / "broken"
@@ -142,7 +164,7 @@ def test_build_processor_refuses_a_config_that_contradicts_the_model(tiny_model_
 
 @pytest.mark.parametrize("not_assessable", ["none", "sr"])
 def test_nothing_to_score_ends_not_applicable_without_retry(tiny_model_dir, synth_cohort, tmp_path,
-                                                            not_assessable) -> None:  # noqa: ANN001
+                                                            not_assessable) -> None:
     import dataclasses
 
     import numpy as np
@@ -167,12 +189,14 @@ def test_nothing_to_score_ends_not_applicable_without_retry(tiny_model_dir, synt
         assert job["state"] == "done" and job["attempts"] == 1
         note = archive.study(uid)["note"]
         assert note.startswith("not-applicable: ") and "sector-geometry" in note
-        srs = _sr_files(cfg.node.results_dir / uid) if (cfg.node.results_dir / uid).exists() else []
+        srs = _sr_files(study_folder(cfg.node.results_dir, uid))
+        queued = archive.query("SELECT sop_uid FROM outbox WHERE study_uid = ?", (uid,))
         if not_assessable == "none":
-            assert not srs
+            assert not srs and not queued
         else:
             assert len(srs) == 1
-            text = str(dcmread(srs[0]))
-            assert "Undetermined" in text and "Thigh" not in text
+            sr = dcmread(srs[0])
+            assert "Undetermined" in str(sr) and "Thigh" not in str(sr)
+            assert [r["sop_uid"] for r in queued] == [sr.SOPInstanceUID]
     finally:
         archive.close()

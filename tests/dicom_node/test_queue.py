@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -9,9 +10,20 @@ import time
 
 import pytest
 
-from dicom_node.archive import Archive
 from dicom_node.config import WorkerConfig
-from dicom_node.queue import claim, enqueue, jobs_for, mark_failed, requeue_orphans
+from dicom_node.loop import PollingLoop
+from dicom_node.store.archive import Archive
+from dicom_node.store.outbox import OutboxItem, add_items
+from dicom_node.store.queue import (
+    backoff_delay,
+    claim,
+    enqueue,
+    fail_job,
+    jobs_for,
+    mark_done,
+    mark_failed,
+    requeue_orphans,
+)
 from dicom_node.worker import JobContext, Worker, run_one
 
 
@@ -26,7 +38,8 @@ def _study(archive: Archive, uid: str, state: str = "complete") -> None:
     with archive.transaction() as conn:
         conn.execute(
             "INSERT INTO studies (study_uid, patient_id, state, first_received, last_received, "
-            "receiving_since, missing_seg, reopen_count, note) VALUES (?, 'P', ?, 0, 0, 0, 0, 0, '')",
+            "receiving_since, missing_seg, reopen_count, note) "
+            "VALUES (?, 'P', ?, 0, 0, 0, 0, 0, '')",
             (uid, state),
         )
 
@@ -62,7 +75,8 @@ def test_claims_from_two_processes_never_overlap(archive, tmp_path):
     for i in range(30):
         _job(archive, f"2.{i}")
     code = (
-        "import sys; from dicom_node.archive import Archive; from dicom_node.queue import claim\n"
+        "import sys; from dicom_node.store.archive import Archive\n"
+        "from dicom_node.store.queue import claim\n"
         "a = Archive(sys.argv[1]).init(); ids = []\n"
         "while (j := claim(a)) is not None: ids.append(j.id)\n"
         "print(' '.join(map(str, ids)))"
@@ -133,7 +147,8 @@ def test_worker_survives_failing_processor_and_passes_context(archive, tmp_path)
     finally:
         worker.stop()
     assert states == {"5.bad": "failed", "5.good": "done"}
-    assert archive.study("5.good")["state"] == "scored" and archive.study("5.good")["note"] == "scored ok"
+    good_row = archive.study("5.good")
+    assert good_row["state"] == "scored" and good_row["note"] == "scored ok"
     bad = archive.study("5.bad")
     assert bad["state"] == "failed" and "model exploded" in bad["note"]
     assert [c.attempt for c in seen if c.study_uid == "5.bad"] == [1, 2]
@@ -144,3 +159,86 @@ def test_worker_survives_failing_processor_and_passes_context(archive, tmp_path)
 
 def test_run_one_returns_false_on_empty_queue(archive):
     assert run_one(archive, lambda ctx: None, WorkerConfig()) is False
+
+
+def test_a_dead_worker_counts_as_an_attempt_and_ends_failed(archive):
+    """Each death of the process running a job is one attempt: no endless re-queueing."""
+    _job(archive, "7.poison", max_attempts=2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first = claim(archive, pid=dead.pid)
+    assert first is not None and first.study_uid == "7.poison"
+    assert requeue_orphans(archive) == 1
+    row = jobs_for(archive, "7.poison")[0]
+    assert (row["state"], row["attempts"]) == ("queued", 1) and "died" in row["last_error"]
+    again = claim(archive, pid=dead.pid)
+    assert again is not None and again.id == first.id and again.attempts == 2
+    # a supervisor records the death by job id alone
+    assert fail_job(archive, again.id, "scoring process killed by SIGKILL",
+                    retry_base_seconds=1) is False
+    row = jobs_for(archive, "7.poison")[0]
+    assert (row["state"], row["attempts"]) == ("failed", 2) and "SIGKILL" in row["last_error"]
+    assert archive.study("7.poison")["state"] == "failed"
+    _job(archive, "7.next")
+    nxt = claim(archive)
+    assert nxt is not None and nxt.study_uid == "7.next"
+
+
+def test_mark_done_queues_the_results_in_the_same_transaction(archive):
+    _job(archive, "8.1")
+    job = claim(archive)
+    items = [OutboxItem("8.1", "pacs", f"results/x/{i}.dcm", f"9.{i}", "key") for i in range(3)]
+    mark_done(archive, job, note="ok", outbox=items)
+    rows = archive.query("SELECT destination, path, sop_uid, state, result_key FROM outbox")
+    assert [(r["sop_uid"], r["state"], r["result_key"]) for r in rows] == [
+        (f"9.{i}", "pending", "key") for i in range(3)]
+    # queueing the same files again (a re-run of the same study version) adds nothing
+    with archive.transaction() as conn:
+        add_items(conn, items)
+    assert len(archive.query("SELECT id FROM outbox")) == 3
+    # a failure inside the transaction leaves neither the rows nor the job done
+    _job(archive, "8.2")
+    job2 = claim(archive)
+    bad = [OutboxItem("8.2", "pacs", "results/y.dcm", "9.9"), None]
+    with pytest.raises(AttributeError):
+        mark_done(archive, job2, outbox=bad)  # type: ignore[list-item]
+    assert jobs_for(archive, "8.2")[0]["state"] == "running"
+    assert not archive.query("SELECT id FROM outbox WHERE study_uid = '8.2'")
+
+
+def test_backoff_delay_doubles_to_the_ceiling_with_bounded_jitter():
+    rng = random.Random(7)
+    assert [backoff_delay(a, 2.0) for a in range(1, 5)] == [2.0, 4.0, 8.0, 16.0]
+    assert backoff_delay(10, 2.0, 60.0) == 60.0
+    spread = [backoff_delay(3, 2.0, 60.0, 0.25, rng) for _ in range(200)]
+    assert all(6.0 <= d <= 10.0 for d in spread) and max(spread) - min(spread) > 1.0
+
+
+def test_polling_loop_survives_a_failing_pass_and_wakes_early():
+    calls: list[float] = []
+    done = threading.Event()
+
+    class Flaky(PollingLoop):
+        name = "flaky"
+
+        def poll(self) -> bool:
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise RuntimeError("first pass fails")
+            if len(calls) == 3:
+                done.set()
+            return False
+
+    loop = Flaky(poll_seconds=3600).start()  # without wake() the second pass would take an hour
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.wake()
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.wake()
+        assert done.wait(10)
+    finally:
+        loop.stop(timeout=5)
+    assert len(calls) == 3 and loop.stopping

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import SecondaryCaptureImageStorage, UltrasoundImageSt
 
 from dicom_node.errors import DeliveryError
 from dicom_node.scu import echo, store_files
+from dicom_node.store.archive import uid_name
 from tests.builders import (
     make_seg,
     make_tls_files,
@@ -93,8 +94,8 @@ def test_pynetdicom_push_us_and_seg_indexed(node, tmp_path):
     row = archive.query("SELECT * FROM instances WHERE sop_uid = ?", (us.SOPInstanceUID,))[0]
     geometry = (row["rows"], row["columns"], row["frames"], row["photometric"])
     assert geometry == (64, 64, 1, "MONOCHROME2")
-    assert row["path"] == \
-        f"archive/{us.StudyInstanceUID}/{us.SeriesInstanceUID}/{us.SOPInstanceUID}.dcm"
+    assert row["path"] == (f"archive/{uid_name(us.StudyInstanceUID)}/"
+                           f"{uid_name(us.SeriesInstanceUID)}/{uid_name(us.SOPInstanceUID)}.dcm")
     # re-send: idempotent (same hash -> no new row, still success)
     assert _send(cfg, [us]) == [(us.SOPInstanceUID, 0)]
     assert archive.instance_count() == 2

@@ -12,8 +12,8 @@ from pydicom.filebase import DicomBytesIO
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node import results as R
-from dicom_node import sender as S
 from dicom_node.config import DeliveryConfig, load_config
+from dicom_node.delivery import sender as S
 from tests.builders import us_series
 from tests.conftest import free_port, make_config, require_tool
 from tests.dicom_node.test_results import make_score

@@ -6,10 +6,11 @@ import io
 import json
 import time
 
-from dicom_node.archive import Archive
 from dicom_node.cli import main
 from dicom_node.completion import check_studies
 from dicom_node.config import CompletionConfig
+from dicom_node.store.archive import Archive
+from dicom_node.store.outbox import OutboxItem, add_items
 from dicom_node.validate import validate
 from tests.builders import make_seg, make_us
 from tests.dicom_node.node_harness import write_toml
@@ -20,7 +21,8 @@ def _put(archive, ds):
     ds.save_as(buf, enforce_file_format=True)
     info = validate(ds, affected_sop_class=ds.SOPClassUID, affected_sop_instance=ds.SOPInstanceUID,
                     transfer_syntax=ds.file_meta.TransferSyntaxUID)
-    archive.store(buf.getvalue(), info, calling_aet="T", transfer_syntax=ds.file_meta.TransferSyntaxUID)
+    archive.store(buf.getvalue(), info, calling_aet="T",
+                  transfer_syntax=ds.file_meta.TransferSyntaxUID)
 
 
 def test_studies_json_and_table(tmp_path, capsys):
@@ -42,15 +44,16 @@ def test_studies_json_and_table(tmp_path, capsys):
     assert main(["studies", "--config", str(config), "--json"]) == 0
     rows = {r["study_uid"]: r for r in json.loads(capsys.readouterr().out)}
     a, b = rows[us.StudyInstanceUID], rows[other.StudyInstanceUID]
-    assert (a["state"], a["instances"], a["us"], a["seg"], a["missing_seg"]) == ("complete", 2, 1, 1, False)
+    assert (a["state"], a["instances"], a["us"], a["seg"], a["missing_seg"]) == (
+        "complete", 2, 1, 1, False)
     assert a["job"]["state"] == "queued" and a["patient_id"] == "PID1"
     assert b["state"] == "receiving" and b["job"] is None  # waits for its SEG
-    assert "delivery" not in a
-    # a sender's outbox, when present, adds delivery counts per study
-    archive.db()["outbox"].insert_all([
-        {"study_uid": str(us.StudyInstanceUID), "state": "sent"},
-        {"study_uid": str(us.StudyInstanceUID), "state": "pending"},
-    ])
+    assert a["delivery"] == {}  # nothing queued for delivery yet
+    # outbox rows add delivery counts per study
+    with archive.transaction() as conn:
+        add_items(conn, [OutboxItem(str(us.StudyInstanceUID), "pacs", f"results/{i}.dcm", str(i))
+                         for i in range(2)])
+        conn.execute("UPDATE outbox SET state = 'sent' WHERE sop_uid = '0'")
     archive.close()
     assert main(["studies", "--config", str(config), "--json"]) == 0
     rows = {r["study_uid"]: r for r in json.loads(capsys.readouterr().out)}

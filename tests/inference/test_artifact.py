@@ -29,7 +29,8 @@ def test_model_json_records_decision_policy_and_preprocessing(tmp_path: Path) ->
     raw = json.loads((out / "model.json").read_text())
     assert raw["schema_version"] == SCHEMA_VERSION == 2
     assert raw["decision"] == {"threshold": 0.4, "method": "youden_j", "level": "participant",
-                               "rule": "mean", "predictions": "out-of-fold"}
+                               "rule": "mean", "predictions": "out-of-fold", "expected": {},
+                               "image_threshold": None}
     assert raw["serving"] == {"frame_policy": "middle", "region_policy": "largest",
                               "study_rule": "mean"}
     assert raw["calibration"] is None
@@ -85,3 +86,33 @@ def test_only_image_binary_models_are_servable(tmp_path: Path) -> None:
     _edit(out, lambda r: r["spec"].update(target="regression"))
     with pytest.raises(ModelArtifactError, match="not a binary classifier"):
         read_servable_card(out, ScoringConfig(), ReaderConfig())
+
+
+def test_calibration_table_is_checked_and_applied(tmp_path: Path) -> None:
+    import numpy as np
+
+    out, _ = _write(tmp_path)
+    n = len(json.loads((out / "model.json").read_text())["folds"])
+    platt = {"method": "platt", "folds": [{"a": 2.0, "b": -1.0}] * n}
+    _edit(out, lambda r: r.update(calibration=platt))
+    card = read_card(out)
+    assert card.calibrator.method == "platt" and card.info.calibration == "platt"
+    got = card.calibrator.apply(np.full((n, 1), 0.5))
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(1.0)))  # logit(0.5) = 0 -> sigmoid(-1)
+    _edit(out, lambda r: r.update(calibration={"method": "platt", "folds": [{"a": 1.0}] * n}))
+    with pytest.raises(ModelArtifactError, match="a and b"):
+        read_card(out)
+    _edit(out, lambda r: r.update(calibration={"method": "platt", "folds": []}))
+    with pytest.raises(ModelArtifactError, match="one calibrator per fold"):
+        read_card(out)
+    iso = {"method": "isotonic", "folds": [{"x": [0.2, 0.8], "y": [0.1, 0.9]}] * n}
+    _edit(out, lambda r: r.update(calibration=iso))
+    np.testing.assert_allclose(read_card(out).calibrator.apply(np.full((n, 2), [0.0, 0.5])),
+                               np.tile([0.1, 0.5], (n, 1)))
+    _edit(out, lambda r: r.update(calibration={"method": "isotonic",
+                                               "folds": [{"x": [0.8, 0.2], "y": [0.1, 0.9]}] * n}))
+    with pytest.raises(ModelArtifactError, match="increasing"):
+        read_card(out)
+    _edit(out, lambda r: r.update(calibration={"method": "beta", "folds": []}))
+    with pytest.raises(ModelArtifactError, match="not platt"):
+        read_card(out)

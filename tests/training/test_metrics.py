@@ -186,7 +186,7 @@ def test_metrics_table_has_paper_rows():
     table = OOFTable.from_records(_oof_rows())
     s = M.evaluate_oof(table, n_boot=20)
     rows = M.metrics_table(s)
-    assert [r[0] for r in rows[1:6]] == list(M.TABLE_ROWS)
+    assert [r[0] for r in rows[1:7]] == list(M.TABLE_ROWS)
     assert rows[0] == ["Metric", "image"]
     md = M.metrics_table_markdown(s)
     assert md.startswith("| Metric | image |") and "AUC (95% CI)" in md
@@ -202,3 +202,44 @@ def test_regression_metrics():
         M.mape([0.0, 1.0], [1.0, 1.0])
     r = M.regression_metrics(y, y + 0.5)
     assert r["mae"] == pytest.approx(0.5) and r["pearson_r"] == pytest.approx(1.0)
+
+
+def test_macro_f1_and_fold_mean_sd_by_hand():
+    y = np.array([1, 1, 0, 0, 0, 1])
+    p = np.array([0.9, 0.4, 0.2, 0.6, 0.1, 0.7])
+    b = M.binary_metrics(y, p, 0.5)
+    assert b.macro_f1 == pytest.approx(f1_score(y, p >= 0.5, average="macro"))
+    assert b.f1 == pytest.approx(f1_score(y, p >= 0.5))
+    agg = M.aggregate(OOFTable.from_records(_oof_rows()), "participant")
+    fs = M.fold_summary(agg, 0.45)
+    aucs = [roc_auc_score(agg.labels[agg.folds == k], agg.scores[agg.folds == k])
+            for k in range(5)]
+    assert fs["auc"][0] == pytest.approx(np.mean(aucs))
+    assert fs["auc"][1] == pytest.approx(np.std(aucs, ddof=1)) and fs["auc"][2] == 5
+
+
+def test_image_level_auc_ci_resamples_participants():
+    """Three near-identical images per participant: a cluster CI is wider than DeLong's."""
+    table = OOFTable.from_records(_oof_rows())
+    img = M.aggregate(table, "image")
+    s = M.evaluate(img.labels, img.scores, 0.45, img.participant_ids, 300, 0, "image")
+    d = M.delong_auc(img.labels, img.scores)
+    assert s.auc.ci_method == "participant-cluster bootstrap"
+    assert (s.auc.ci_low, s.auc.ci_high) == pytest.approx(s.boot_ci["auc"])
+    assert s.auc.auc == pytest.approx(d.auc)
+    part = M.evaluate(img.labels, img.scores, 0.45, img.participant_ids, 0, 0, "participant")
+    assert part.auc.ci_method == "delong"
+
+
+def test_delong_between_combinations_on_common_participants():
+    rows = _oof_rows()
+    other = [{**r, "modalities": "clinical",
+              "probability": 1 - r["probability"] if r["participant_id"] != "P0" else 0.5}
+             for r in rows if r["participant_id"] != "P1"]
+    table = OOFTable.from_records(rows + other)
+    out = M.delong_between(table, ["image", "clinical"])
+    assert len(out) == 1 and out[0]["n"] == 29  # P1 only in the image run
+    a = M.aggregate(table.select(modalities="image"), "participant")
+    keep = [i for i, k in enumerate(a.keys) if k != "P1"]
+    assert out[0]["auc_a"] == pytest.approx(roc_auc_score(a.labels[keep], a.scores[keep]))
+    assert out[0]["p_value"] < 0.05

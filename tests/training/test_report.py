@@ -53,7 +53,8 @@ def test_report_written_self_contained_with_tables(tmp_path):
     assert "<link" not in page and "<script" not in page and "http" not in page
     for text in (*M.TABLE_ROWS, "image+clinical+lab", "convnext_tiny", "1.2.999",
                  "no usable ROI (no SEG)", "Per-vendor breakdown", "alpha", "beta",
-                 "SHAP contribution per modality", "P001 Grad-CAM", "Calibration"):
+                 "SHAP contribution per modality", "P001 Grad-CAM", "Reliability diagram",
+                 "Mean ± SD over folds", "Between-combination DeLong", "Precision-recall"):
         assert text in page, text
         assert text in md, text
     assert "| image | 0.6000 | 60.0% |" in md and "Mean \\|SHAP\\|" in md  # pipes escaped
@@ -86,3 +87,19 @@ def test_report_with_one_class_only(tmp_path):
                  probability=0.2) for i in range(5)]
     out = write_report(tmp_path, ReportData(oof=OOFTable.from_records(rows), n_boot=0))
     assert "one class only" in out.html.read_text() and out.summaries == {}
+
+
+def test_optimistic_selection_small_vendors_and_learning_curves_are_shown(tmp_path) -> None:  # noqa: ANN001
+    from tests.training.test_metrics import _oof_rows
+    from training.oof import OOFTable
+    from training.report import ReportData, write_report
+
+    hist = [[{"epoch": e, "train_loss": 1.0 / (e + 1), "val_score": 0.5 + 0.1 * e}
+             for e in range(3)] for _ in range(5)]
+    out = write_report(tmp_path, ReportData(oof=OOFTable.from_records(_oof_rows()), n_boot=0,
+                                            selection="optimistic", histories={"image": hist}))
+    md = out.markdown.read_text()
+    assert "Optimistic cross-validation" in md
+    assert "Learning curves (image)" in md
+    # each vendor holds 7-8 positive participants: flagged
+    assert md.count("positives (< 10), not interpretable") == 2

@@ -17,7 +17,7 @@ from training.data import index_archive, match_studies, read_labels
 @pytest.fixture(scope="module")
 def archive_dir(synth_cohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic cohort stored through the node's own Archive (index.sqlite + files)."""
-    from dicom_node.archive import Archive
+    from dicom_node.store.archive import Archive
     from dicom_node.validate import validate
 
     data_dir = tmp_path_factory.mktemp("node") / "data"
@@ -80,6 +80,13 @@ def test_evaluate_command_on_archive(archive_dir: Path, synth_cohort, tiny_model
         rows = list(csv.DictReader(fh))
     assert len(rows) == trained["n_samples"]
     assert "external validation" in (out / "report.md").read_text()
+    # the operating-point promise: CV's prediction next to what this cohort shows, pooled as served
+    op = ev["operating_point"]
+    assert op["predicted_by_cv"] == pytest.approx(trained["decision"]["expected"])
+    assert op["level"] == trained["decision"]["level"] and op["threshold"] == ev["threshold"]
+    assert 0.0 <= op["observed"]["sensitivity"] <= 1.0 and 0.0 <= op["observed"]["ece"] <= 1.0
+    assert op["calibration"] == trained["calibration"]["method"]
+    assert "predicted by CV" in (out / "operating_point.md").read_text()
 
 
 def test_header_fills_clinical_and_complete_cases(synth_cohort, tmp_path: Path) -> None:
@@ -108,6 +115,15 @@ def test_header_fills_clinical_and_complete_cases(synth_cohort, tmp_path: Path) 
             assert parse_value(c, s.row.get(c)) == parse_value(c, s.row.get(c)), c
     dropped = [e for e in cohort.excluded if e[1].startswith("complete cases")]
     assert dropped, "the synthetic cohort has missing lab values: some rows must be dropped"
+    # the image-only combination drops the same participants (the paper's complete-case cohort)
+    image_only = load_cohort(synth_cohort.dicom_dir, labels, input_size=32, roi_margin=0.1,
+                             modalities=("image",), complete_cases=True)
+    # (a study without a usable ROI is excluded for that reason first)
+    assert {e[0] for e in image_only.excluded if e[1].startswith("complete cases")} <= \
+        {e[0] for e in dropped}
+    assert {e[0] for e in image_only.excluded if e[1].startswith("complete cases")}
+    assert not {s.study_uid for s in image_only.samples} & {e[0] for e in dropped}
+    assert {s.study_uid for s in image_only.samples} <= {s.study_uid for s in cohort.samples}
 
 
 def test_interrupted_run_resumes_to_the_same_model(synth_cohort, tiny_model_dir: Path,

@@ -1,15 +1,14 @@
-"""Durable archive: files under ``archive/`` plus the SQLite index (sqlite-utils, WAL).
+"""Durable archive: instance files under ``archive/`` plus their rows in the index.
 
-A C-STORE is acknowledged only after both the file and its index row are durable: the bytes go to
-a temp file in the destination folder, are fsynced, renamed over the final name with
-``os.replace`` and the folder is fsynced; then the row is committed (``synchronous=FULL``).
-A crash at any point leaves either no trace of the instance or a complete one; temp files
-(``.*.tmp``) are never indexed and are swept at start-up.
+A C-STORE is acknowledged only after both the file and its index row are durable: the bytes go
+through :func:`inference.durable.write_durable` (temp file, fsync, rename, folder fsync); then the
+row is committed (``synchronous=FULL``). A crash at any point leaves either no trace of the
+instance or a complete one; temp files (``.*.tmp``) are never indexed and are swept at start-up.
 
-Schema (docs/contracts.md): ``patients``, ``studies``, ``series``, ``instances`` and ``jobs``
-(the job table's behaviour lives in :mod:`dicom_node.queue`). Every connection is per thread;
-writes in this process are serialised by one lock and use ``BEGIN IMMEDIATE`` so other
-processes (``dicom-node studies``, the sender) wait on the busy timeout instead of failing.
+File names never contain a UID the sender chose: folders and files are named by
+:func:`uid_name` (a hash), so no UID can reach outside the data folder. The index stores each
+file's path relative to ``data_dir``, so archives written with the older UID-named layout keep
+working.
 """
 
 from __future__ import annotations
@@ -19,70 +18,24 @@ import json
 import logging
 import shutil
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import sqlite_utils
-
-from dicom_node.errors import ArchiveError, OutOfResourcesError
-from dicom_node.validate import InstanceInfo, is_valid_uid
+from dicom_node.errors import OutOfResourcesError
+from dicom_node.store.db import Index
+from dicom_node.validate import InstanceInfo
 from inference.durable import write_durable
 
 log = logging.getLogger(__name__)
 
-STUDY_STATES = ("receiving", "complete", "held", "rejected", "scoring", "scored", "failed")
-JOB_STATES = ("queued", "running", "done", "failed")
 
-SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
-    "patients": ({"patient_id": str, "first_seen": float, "last_seen": float}, "patient_id"),
-    "studies": (
-        {
-            "study_uid": str, "patient_id": str, "state": str, "first_received": float,
-            "last_received": float, "completed_at": float, "completion_reason": str,
-            "missing_seg": int, "reopen_count": int, "note": str,
-            # start of the current receiving episode (first instance, or the re-open); the
-            # max-wait ceiling counts from here so a re-opened study gets a fresh ceiling
-            "receiving_since": float,
-        },
-        "study_uid",
-    ),
-    "series": (
-        {"series_uid": str, "study_uid": str, "modality": str, "sop_class_uid": str,
-         "series_number": int},
-        "series_uid",
-    ),
-    "instances": (
-        {
-            "sop_uid": str, "study_uid": str, "series_uid": str, "sop_class_uid": str,
-            "modality": str, "path": str, "sha256": str, "size": int, "transfer_syntax": str,
-            "calling_aet": str, "received_at": float, "manufacturer": str, "model_name": str,
-            "rows": int, "columns": int, "frames": int, "photometric": str,
-            "referenced_sop_uids": str,
-        },
-        "sop_uid",
-    ),
-    "jobs": (
-        {
-            "id": int, "study_uid": str, "kind": str, "state": str, "attempts": int,
-            "max_attempts": int, "next_attempt_at": float, "last_error": str,
-            "created_at": float, "updated_at": float, "worker_pid": int, "payload": str,
-        },
-        "id",
-    ),
-}
-_INDEXES = (
-    ("instances", ["study_uid"]),
-    ("series", ["study_uid"]),
-    ("studies", ["state"]),
-    ("jobs", ["state", "next_attempt_at"]),
-    ("jobs", ["study_uid"]),
-)
+def uid_name(uid: str) -> str:
+    """A file-system name for a UID: 32 hex digits of its SHA-256 (never the UID itself)."""
+    return hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
 
 StoreKind = Literal["stored", "duplicate", "replaced"]
 
@@ -97,50 +50,23 @@ class StoreOutcome:
     reopened: bool = False
 
 
-def open_db(db_path: Path) -> sqlite_utils.Database:
-    """A connection in autocommit mode (transactions are explicit), WAL and a busy timeout."""
-    conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return sqlite_utils.Database(conn)
-
-
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create missing tables/indexes (idempotent; columns are added, never renamed)."""
-    for name, (columns, pk) in SCHEMA.items():
-        table = db[name]
-        if not table.exists():
-            table.create(columns, pk=pk, not_null={pk} if name != "jobs" else None,
-                         if_not_exists=True)
-        else:
-            missing = {c: t for c, t in columns.items() if c not in table.columns_dict}
-            for col, tp in missing.items():
-                table.add_column(col, tp)
-    for name, cols in _INDEXES:
-        db[name].create_index(cols, if_not_exists=True)
-
-
-class Archive:
+class Archive(Index):
     """The node's archive folder and index database; safe to share between threads."""
 
     def __init__(self, data_dir: Path, *, disk_reserve_mb: int = 0) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.archive_dir = self.data_dir / "archive"
         self.quarantine_dir = self.data_dir / "quarantine"
-        self.db_path = self.data_dir / "index.sqlite"
+        self.results_dir = self.data_dir / "results"
         self.disk_reserve_bytes = int(disk_reserve_mb) * 1024 * 1024
-        self._local = threading.local()
-        self._lock = threading.RLock()
-        self._dbs: list[sqlite_utils.Database] = []
+        super().__init__(self.data_dir / "index.sqlite")
 
     # ---------------------------------------------------------------- connections / schema
     def init(self) -> Archive:
         """Create folders and schema, and sweep temp files a crash left behind."""
         for d in (self.data_dir, self.archive_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            ensure_schema(self.db())
+        self.init_schema()
         removed = 0
         for folder in (self.archive_dir, self.quarantine_dir):
             for tmp in folder.rglob(".*.tmp"):
@@ -150,48 +76,9 @@ class Archive:
             log.warning("removed %d temp files left by an interrupted write", removed)
         return self
 
-    def db(self) -> sqlite_utils.Database:
-        """This thread's connection (sqlite3 connections must not be shared between threads)."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = open_db(self.db_path)
-            self._local.db = db
-            with self._lock:
-                self._dbs.append(db)
-        return db
-
-    def close(self) -> None:
-        with self._lock:
-            for db in self._dbs:
-                try:
-                    db.conn.close()
-                except sqlite3.Error:
-                    pass
-            self._dbs.clear()
-        self._local = threading.local()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the process-wide write lock."""
-        with self._lock:
-            conn = self.db().conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
-    def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
-        """Rows as dicts (read-only helper)."""
-        cur = self.db().conn.execute(sql, params)
-        names = [c[0] for c in cur.description or ()]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
-
     # ---------------------------------------------------------------- storing
     def check_disk(self, incoming: int = 0) -> None:
-        """Raise :class:`OutOfResourcesError` if storing ``incoming`` bytes would dip into the reserve."""
+        """Raise :class:`OutOfResourcesError` if ``incoming`` bytes would dip into the reserve."""
         if self.disk_reserve_bytes <= 0:
             return
         free = shutil.disk_usage(self.data_dir).free
@@ -202,11 +89,9 @@ class Archive:
             )
 
     def relative_path(self, info: InstanceInfo) -> Path:
-        """``archive/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (UIDs checked again here)."""
-        for uid in (info.study_uid, info.series_uid, info.sop_uid):
-            if not is_valid_uid(uid):
-                raise ArchiveError(f"refusing to build a path from invalid UID {uid[:80]!r}")
-        return Path("archive") / info.study_uid / info.series_uid / f"{info.sop_uid}.dcm"
+        """``archive/<study>/<series>/<instance>.dcm``, each part named by :func:`uid_name`."""
+        return (Path("archive") / uid_name(info.study_uid) / uid_name(info.series_uid)
+                / f"{uid_name(info.sop_uid)}.dcm")
 
     def store(self, raw: bytes, info: InstanceInfo, *, calling_aet: str,
               transfer_syntax: str) -> StoreOutcome:
@@ -227,7 +112,8 @@ class Archive:
         now = time.time()
         kind: StoreKind = "replaced" if old else "stored"
         with self.transaction() as conn:
-            reopened = self._index(conn, info, rel, digest, len(raw), calling_aet, transfer_syntax, now)
+            reopened = self._index(conn, info, rel, digest, len(raw), calling_aet,
+                                   transfer_syntax, now)
         if old and old[0]["path"] != str(rel):
             (self.data_dir / old[0]["path"]).unlink(missing_ok=True)
         if kind == "replaced":
@@ -242,7 +128,8 @@ class Archive:
             "ON CONFLICT(patient_id) DO UPDATE SET last_seen = excluded.last_seen",
             (info.patient_id, now, now),
         )
-        row = conn.execute("SELECT state FROM studies WHERE study_uid = ?", (info.study_uid,)).fetchone()
+        row = conn.execute("SELECT state FROM studies WHERE study_uid = ?",
+                           (info.study_uid,)).fetchone()
         reopened = False
         if row is None:
             conn.execute(
@@ -252,7 +139,8 @@ class Archive:
                 (info.study_uid, info.patient_id, now, now, now),
             )
         elif row[0] == "receiving":
-            conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?", (now, info.study_uid))
+            conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
+                         (now, info.study_uid))
         else:
             reopened = True
             conn.execute(
@@ -261,23 +149,27 @@ class Archive:
                 "note = 're-opened by a new instance after state ' || state WHERE study_uid = ?",
                 (now, now, info.study_uid),
             )
-            # a job not yet started would score an incomplete view; the next completion queues a new one
+            # a job not yet started would score an incomplete view; the next completion queues
+            # a new one
             conn.execute(
                 "UPDATE jobs SET state = 'done', last_error = 'superseded: study re-opened before "
                 "the job ran', updated_at = ? WHERE study_uid = ? AND state = 'queued'",
                 (now, info.study_uid),
             )
-            log.info("study %s: re-opened (was %s) by instance %s", info.study_uid, row[0], info.sop_uid)
+            log.info("study %s: re-opened (was %s) by instance %s", info.study_uid, row[0],
+                     info.sop_uid)
         conn.execute(
             "INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, series_number) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
             "study_uid = excluded.study_uid, modality = excluded.modality, "
             "sop_class_uid = excluded.sop_class_uid, series_number = excluded.series_number",
-            (info.series_uid, info.study_uid, info.modality, info.sop_class_uid, info.series_number),
+            (info.series_uid, info.study_uid, info.modality, info.sop_class_uid,
+             info.series_number),
         )
         conn.execute(
             "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, "
-            "modality, path, sha256, size, transfer_syntax, calling_aet, received_at, manufacturer, "
+            "modality, path, sha256, size, transfer_syntax, calling_aet, received_at, "
+            "manufacturer, "
             "model_name, rows, columns, frames, photometric, referenced_sop_uids) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -309,10 +201,17 @@ class Archive:
         return dcm
 
     # ---------------------------------------------------------------- reading
+    def study_files(self, study_uid: str) -> list[tuple[str, Path]]:
+        """(SOP Instance UID, absolute path) of a study's instances, in arrival order."""
+        rows = self.query("SELECT sop_uid, path FROM instances WHERE study_uid = ? "
+                          "ORDER BY received_at, sop_uid", (study_uid,))
+        return [(r["sop_uid"], self.data_dir / r["path"]) for r in rows]
+
     def study_paths(self, study_uid: str) -> list[Path]:
         """Absolute paths of a study's instances, in arrival order."""
         rows = self.query(
-            "SELECT path FROM instances WHERE study_uid = ? ORDER BY received_at, sop_uid", (study_uid,)
+            "SELECT path FROM instances WHERE study_uid = ? ORDER BY received_at, sop_uid",
+            (study_uid,),
         )
         return [self.data_dir / r["path"] for r in rows]
 

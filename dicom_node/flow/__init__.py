@@ -1,0 +1,1 @@
+"""Study flow after archiving: scoring worker supervisor and the scoring processes it runs."""
