@@ -33,7 +33,8 @@ METHOD = "mahalanobis-rp"
 def projection(n_features: int, dims: int, seed: int) -> np.ndarray:
     """The fold's fixed (n_features, dims) Gaussian random projection (Johnson-Lindenstrauss)."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((n_features, dims)) / np.sqrt(dims)
+    out: np.ndarray = rng.standard_normal((n_features, dims)) / np.sqrt(dims)
+    return out
 
 
 @torch.no_grad()
@@ -48,7 +49,8 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> np.ndarray:
         out = backbone(images.to(torch.float32))
     finally:
         model.train(was_training)
-    return out.reshape(out.shape[0], -1).double().cpu().numpy()
+    feats: np.ndarray = out.reshape(out.shape[0], -1).double().cpu().numpy()
+    return feats
 
 
 @dataclass(frozen=True)

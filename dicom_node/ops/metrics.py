@@ -58,7 +58,8 @@ RETRIES = Counter(
     ["destination"], registry=REGISTRY,
 )
 JOBS = Counter(
-    "dicom_node_jobs", "Scoring jobs finished, by outcome (done|failed|retry)", ["outcome"],
+    "dicom_node_jobs", "Scoring jobs finished, by outcome (done|not-applicable|failed|retry)",
+    ["outcome"],
     registry=REGISTRY,
 )
 MODEL = Info("dicom_node_model", "Identity of the loaded scoring model", registry=REGISTRY)
@@ -114,7 +115,8 @@ def record_send(destination: str, rows: list[dict], sent: list[dict], started: f
 
 
 def record_job(outcome: str) -> None:
-    """A scoring job ended: ``done``, ``failed`` (no attempts left) or ``retry``."""
+    """A scoring job ended: ``done``, ``not-applicable``, ``failed`` (no attempts left) or
+    ``retry``."""
     JOBS.labels(outcome=outcome).inc()
 
 
