@@ -90,10 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "spectral) under OUT/nonmuscle/ for the input gate")
 
     p = add("train", "Train the fold ensemble on an archive or DICOM folder (paper's protocol).")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="segmentation: the automatic RF ROI model from the archive's SEGs "
+                        "([segmentation] settings)")
     p.add_argument("--archive", type=Path, default=None,
                    help="node data dir (index.sqlite) or a folder of DICOM (default node.data_dir)")
-    p.add_argument("--labels", type=Path, required=True, help="CSV keyed by PatientID or StudyUID")
-    p.add_argument("--out", type=Path, default=None, help="model dir (default train.output_dir)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="CSV keyed by PatientID or StudyUID (required for classification; for "
+                        "segmentation optional, gives participant ids for the folds)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="model dir (default train.output_dir; segmentation: "
+                        "scoring.segmentation_model_dir, else runs/segmenter)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--backbone", default=None)
     p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",

@@ -5,14 +5,18 @@ DICOM has no "study finished" message, so (like mercure) the node waits for a qu
 counted from the start of the current receiving episode). With ``require_seg`` a study whose US
 images are not all referenced by a DICOM-SEG keeps waiting until the ceiling, then follows
 ``on_missing_seg``: ``score-whole-region`` completes it with ``missing_seg`` set, ``hold`` parks
-it (a late SEG re-opens it), ``reject`` refuses it. A complete study gets exactly one ``score``
-job in the same transaction that changes its state.
+it (a late SEG re-opens it), ``reject`` refuses it. ``auto`` waits only
+``completion.seg_wait_seconds`` (and for quiet) before completing it with ``auto_roi`` set: the
+scorer segments the images no SEG covers. A SEG that arrives later re-opens the study (as any
+new instance does) and the rescore uses it. A complete study gets exactly one ``score`` job in
+the same transaction that changes its state.
 
 Job payload (what the worker/scoring step receives)::
 
-    {"completion_reason": "idle" | "max-wait" | "max-wait-missing-seg",
+    {"completion_reason": "idle" | "max-wait" | "max-wait-missing-seg" | "seg-wait-auto",
      "missing_seg": bool,            # some US image has no SEG referencing it
      "allow_missing_seg": bool,      # score those images on the whole tissue region
+     "auto_roi": bool,               # segment those images (automatic ROI) instead
      "missing_seg_sop_uids": [...],  # the US images without a SEG (at most 100 listed)
      "instance_count": int, "us_count": int, "seg_count": int, "reopen_count": int}
 """
@@ -77,6 +81,16 @@ def decide(study: dict[str, Any], instances: list[dict[str, Any]], cfg: Completi
         "seg_count": seg_count,
         "reopen_count": int(study["reopen_count"] or 0),
     }
+    auto = cfg.on_missing_seg == "auto"
+    if cfg.require_seg and missing and auto:
+        start = study["receiving_since"] or study["first_received"]
+        if not (ceiling or (idle and now - start >= cfg.seg_wait_seconds)):
+            return None  # a human SEG may still come
+        reason = "seg-wait-auto" if not ceiling else "max-wait-missing-seg"
+        payload.update(completion_reason=reason, allow_missing_seg=False, auto_roi=True)
+        note = (f"{len(missing)} of {us_count} US images have no SEG after the SEG wait; "
+                "segmenting them (automatic ROI)")
+        return Decision("complete", reason, True, payload, note)
     if cfg.require_seg and missing:
         if not ceiling:
             return None  # the SEG may still come
@@ -89,7 +103,8 @@ def decide(study: dict[str, Any], instances: list[dict[str, Any]], cfg: Completi
             return Decision("rejected", reason, True, payload, note + "; rejected")
         return Decision("complete", reason, True, payload, note + "; scoring the whole region")
     reason = "idle" if idle else "max-wait"
-    payload.update(completion_reason=reason, allow_missing_seg=bool(missing) or not cfg.require_seg)
+    payload.update(completion_reason=reason, auto_roi=auto and bool(missing),
+                   allow_missing_seg=(bool(missing) or not cfg.require_seg) and not auto)
     return Decision("complete", reason, bool(missing), payload)
 
 

@@ -37,6 +37,7 @@ from inference.config import (
 from inference.gate import GateConfig, gate_config_from_dict
 from training.config import Modality, Target, TrainConfig, check_train_config
 from training.errors import TrainConfigError
+from training.segmentation_config import SegTrainConfig
 
 # Re-exported so ``from dicom_node.config import TrainConfig`` (etc.) keeps working.
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 # or control characters; leading/trailing spaces are not significant and an all-space AE is invalid.
 _AE_TITLE_RE = re.compile(r"^[\x20-\x5B\x5D-\x7E]{1,16}$")
 
-OnMissingSeg = Literal["score-whole-region", "hold", "reject"]
+OnMissingSeg = Literal["score-whole-region", "hold", "reject", "auto"]
 
 
 def validate_ae_title(value: Any, key: str) -> str:
@@ -121,12 +122,20 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class CompletionConfig:
-    """When a study counts as complete (quiet period, ceiling, SEG policy)."""
+    """When a study counts as complete (quiet period, ceiling, SEG policy).
+
+    ``on_missing_seg`` None resolves when the config is loaded: ``auto`` (segment the images no
+    SEG covers) when ``scoring.segmentation_model_dir`` is set, else ``score-whole-region``.
+    ``seg_wait_seconds``: with ``auto``, how long (from the start of the receiving episode) a
+    quiet study waits for a human SEG before the node segments it; the other policies wait until
+    ``max_wait_seconds``.
+    """
 
     idle_seconds: float = 60.0
     max_wait_seconds: float = 900.0
     require_seg: bool = True
-    on_missing_seg: OnMissingSeg = "score-whole-region"
+    on_missing_seg: OnMissingSeg | None = None
+    seg_wait_seconds: float = 120.0
     poll_seconds: float = 2.0
 
 
@@ -155,6 +164,7 @@ class ResultsConfig:
     sc_series_description: str = "Sarcopenia Grad-CAM (research use)"
     sr_series_number: int = 9001
     sc_series_number: int = 9002
+    seg_series_number: int = 9003  # the AI SEGs of automatic ROIs
     burn_in_text: str = "RESEARCH USE ONLY - not for diagnosis"
     heatmap_jpeg: bool = False
     # a study with no image the model may score: send nothing, or an SR saying "not assessable"
@@ -241,6 +251,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    segmentation: SegTrainConfig = field(default_factory=SegTrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     source_path: Path | None = None
@@ -313,7 +324,7 @@ def _build(cls: Any, table: dict[str, Any], prefix: str, base_dir: Path) -> Any:
         kwargs[name] = _convert(value, hints[name], key, base_dir)
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
+    except (TypeError, ValueError) as exc:  # a required field is missing, a range check failed
         raise ConfigError(prefix or "<root>", str(exc)) from None
 
 
@@ -361,6 +372,13 @@ def _validate(cfg: Config) -> Config:
     _check_positive(c.poll_seconds, "completion.poll_seconds")
     if c.max_wait_seconds < c.idle_seconds:
         raise ConfigError("completion.max_wait_seconds", "must be >= completion.idle_seconds")
+    _check_positive(c.seg_wait_seconds, "completion.seg_wait_seconds", allow_zero=True)
+    seg_model = cfg.scoring.segmentation_model_dir
+    on_missing = c.on_missing_seg or ("auto" if seg_model is not None else "score-whole-region")
+    if on_missing == "auto" and seg_model is None and cfg.scoring.enabled:
+        raise ConfigError("completion.on_missing_seg",
+                          "'auto' needs scoring.segmentation_model_dir (a model trained with "
+                          "`dicom-node train --task segmentation`)")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("worker.max_attempts", "must be >= 1")
     if cfg.worker.processes < 1:
@@ -398,6 +416,7 @@ def _validate(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg,
         node=dataclasses.replace(node, ae_title=ae, allowed_calling_aets=callers),
+        completion=dataclasses.replace(c, on_missing_seg=on_missing),
         destinations=tuple(dests),
     )
 

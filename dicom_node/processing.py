@@ -71,11 +71,13 @@ def find_predecessor(results_dir: Path, study_uid: str, *, exclude_key: str = ""
 
 def study_note(score: StudyScore) -> str:
     """One line for ``studies.note``: the verdict and every object that could not be used."""
-    whole = sum(im.roi_source != RoiSource.SEG for im in score.images)
+    whole = sum(im.roi_source == RoiSource.WHOLE_REGION for im in score.images)
+    auto = sum(im.roi_source == RoiSource.AUTO for im in score.images)
     note = (
         f"p={score.probability:.3f} {'positive' if score.positive else 'negative'} "
         f"(threshold {score.model.threshold:.3f}, {score.rule} of {len(score.images)} image(s)"
-        f"{f', {whole} without SEG scored on the whole region' if whole else ''})"
+        f"{f', {whole} without SEG scored on the whole region' if whole else ''}"
+        f"{f', {auto} on the automatic ROI' if auto else ''})"
     )
     if score.skipped:
         note += "; not used: " + "; ".join(f"{uid}: {reason}" for uid, reason in score.skipped)
@@ -153,10 +155,13 @@ class ScoringProcessor:
         allow = bool(ctx.payload.get(
             "allow_missing_seg", cfg.completion.on_missing_seg == "score-whole-region"
         ))
-        log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, reason %s)",
-                 ids, len(ctx.paths), ctx.attempt, allow, ctx.payload.get("completion_reason", "?"))
+        auto = bool(ctx.payload.get("auto_roi", cfg.completion.on_missing_seg == "auto"))
+        log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, auto_roi=%s, "
+                 "reason %s)", ids, len(ctx.paths), ctx.attempt, allow, auto,
+                 ctx.payload.get("completion_reason", "?"))
         try:
-            score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow)
+            score, read = self.pipeline.score_study(list(ctx.paths), allow_missing_seg=allow,
+                                                    auto_roi=auto)
         except NothingToScoreError as exc:  # terminal: no retries, no sarcopenia verdict
             return self._not_applicable(ctx, exc, ids, key)
         record_pipeline_timings(score.timings_ms)

@@ -186,8 +186,8 @@ class ModelArtifact:
 # --------------------------------------------------------------------------------------------
 
 
-def _fold_files(raw: Mapping[str, Any], model_dir: Path, *, on_disk: bool = True
-                ) -> tuple[str, ...]:
+def fold_files(raw: Mapping[str, Any], model_dir: Path, *, on_disk: bool = True
+               ) -> tuple[str, ...]:
     """The fold file names, checked: a non-empty list of plain names (that exist, if ``on_disk``)."""
     folds = raw["folds"]
     if not isinstance(folds, list) or not folds:
@@ -221,6 +221,10 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
         raise ModelArtifactError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ModelArtifactError(f"{path} must hold a JSON object")
+    if raw.get("task", "classification") != "classification":
+        raise ModelArtifactError(
+            f"{path} is a {raw['task']!r} model, not the classifier (a segmentation model is "
+            "served from scoring.segmentation_model_dir)")
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise ModelArtifactError(f"{path} lacks required key(s): {', '.join(missing)}")
@@ -265,7 +269,7 @@ def read_card(model_dir: Path, *, require_fold_files: bool = True) -> ModelCard:
         spec = ModelSpec.from_dict({**raw["spec"], "threshold": float(raw["threshold"])})
     except (TypeError, ValueError) as exc:
         raise ModelArtifactError(f"{path} spec is invalid: {exc}") from exc
-    files = _fold_files(raw, model_dir, on_disk=require_fold_files)
+    files = fold_files(raw, model_dir, on_disk=require_fold_files)
     serving = raw.get("serving") or {}
     policy = ServingPolicy(
         frame_policy=_choice(serving.get("frame_policy", spec.frame_policy), FramePolicy,
@@ -312,7 +316,7 @@ def check_servable(card: ModelCard, model_dir: Path) -> None:
         raise ModelArtifactError(f"{model_dir}: target {spec.target!r} is not a binary classifier")
 
 
-def _load_weights(model: nn.Module, file: Path) -> None:
+def load_weights(model: nn.Module, file: Path) -> None:
     """Load one fold's safetensors into ``model``, naming any missing/unexpected/mis-shaped tensor."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -350,7 +354,7 @@ def load_artifact(model_dir: Path, device: str | torch.device = "cpu") -> ModelA
     models = []
     for name in card.fold_files:
         model = create_model(card.spec)
-        _load_weights(model, model_dir / name)
+        load_weights(model, model_dir / name)
         model.to(device).eval()
         models.append(model)
     log.info("loaded model %s v%s (%s, %d folds) from %s", card.model_uid, card.version,

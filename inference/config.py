@@ -40,10 +40,13 @@ class ScoringConfig:
     """Which model scores studies and how (device, threads, backend, CAM).
 
     ``study_rule`` None = the rule recorded in the model (the one its threshold was chosen with).
+    ``segmentation_model_dir``: the automatic ROI model (``dicom-node train --task
+    segmentation``) used for images no DICOM-SEG covers; None = no automatic ROI.
     """
 
     enabled: bool = True
     model_dir: Path | None = None
+    segmentation_model_dir: Path | None = None
     study_rule: StudyRule | None = None
     cam_enabled: bool = True
     cam_target_layer: str = "auto"

@@ -1,5 +1,10 @@
 """Score one study: read -> ROI -> MONAI transforms -> fold ensemble (+ Grad-CAM) -> measurements.
 
+The ROI of a frame is the DICOM-SEG's when one covers it (``RoiSource.SEG``); else, when the
+pipeline has a segmenter and the caller asks for it, the automatic mask that passed quality
+control (``RoiSource.AUTO``; a frame whose mask fails QC is neither measured nor scored, and the
+reason is in ``StudyScore.skipped``); else the whole tissue region when allowed.
+
 :class:`ScoringPipeline` loads the model artifact once and is kept alive by the worker (a fresh
 process needs ~17 s of imports before it can score). The node's worker and the offline ``score``
 command (both in the application layer) call the same :meth:`ScoringPipeline.score_study`.
@@ -25,8 +30,13 @@ from inference.types import ImageScore, ModelInfo, StudyScore, USFrame
 if TYPE_CHECKING:
     from inference.artifact import ModelCard
     from inference.reader import StudyRead
+    from inference.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
+
+# ROI sources that give a mask: crop, CAM box and measurements use it
+_MASKED = (RoiSource.SEG, RoiSource.AUTO)
+
 
 @dataclass
 class _Usable:
@@ -51,13 +61,18 @@ class ScoringPipeline:
     """
 
     def __init__(self, model_dir: Path, scoring: ScoringConfig, reader: ReaderConfig,
-                 gate: GateConfig | None = None) -> None:
+                 gate: GateConfig | None = None, segmenter: Segmenter | None = None) -> None:
         from inference.artifact import load_artifact
         from inference.ensemble import FoldEnsemble
         from inference.transforms import eval_transforms
 
         self.scoring = scoring
         self.reader = reader
+        self.segmenter = segmenter
+        if segmenter is None and scoring.segmentation_model_dir is not None:
+            from inference.segmenter import load_segmenter
+
+            self.segmenter = load_segmenter(Path(scoring.segmentation_model_dir))
         card = read_servable_card(Path(model_dir), scoring, reader)
         self.policy = card.policy
         self.gate = gate if gate is not None else GateConfig()
@@ -86,8 +101,19 @@ class ScoringPipeline:
         """Identity of the loaded model (for results and logs)."""
         return self.artifact.info
 
+    @property
+    def roi_model(self) -> ModelInfo | None:
+        """Identity of the segmenter (for the AI DICOM-SEG), None without one."""
+        seg = self.segmenter
+        if seg is None:
+            return None
+        return ModelInfo(name=seg.name, version=seg.version, model_uid=seg.model_uid,
+                         backbone=seg.spec.architecture, threshold=seg.spec.threshold,
+                         n_folds=len(seg.networks))
+
     def score_study(
-        self, paths: Sequence[Path], *, allow_missing_seg: bool, calling_ae: str | None = None
+        self, paths: Sequence[Path], *, allow_missing_seg: bool, calling_ae: str | None = None,
+        auto_roi: bool = False,
     ) -> tuple[StudyScore, StudyRead]:
         """Score every usable frame of one study.
 
@@ -95,6 +121,9 @@ class ScoringPipeline:
             paths: the study's instances (US images and SEGs).
             allow_missing_seg: score frames without a SEG ROI on their whole tissue region
                 (``roi_source`` "whole-region"); otherwise such frames are skipped with a reason.
+            auto_roi: segment frames without a SEG ROI with the pipeline's segmenter first; a
+                frame whose automatic mask passes QC is scored on it (``RoiSource.AUTO``), one
+                that fails is skipped with the reason (never scored on the whole region).
 
         Returns:
             (StudyScore, StudyRead): the verdict and what the reader found (source headers are
@@ -128,8 +157,20 @@ class ScoringPipeline:
         )
         timings["decode"] = _ms(t0)
         study_uid = _study_uid(read, paths)
+        auto: dict[tuple[str, int], Any] = {}
+        if auto_roi and self.segmenter is not None:
+            from inference.segmenter import fill_missing_rois
+
+            t0 = time.perf_counter()
+            # a human SEG always wins: only frames without a usable SEG mask are segmented
+            for frame in read.frames:
+                if frame.mask is not None and not bool(np.any(frame.mask)):
+                    frame.mask = None
+            auto = fill_missing_rois(self.segmenter, read.frames)
+            timings["segment"] = _ms(t0)
         usable: list[_Usable] = []
         unscored: list[USFrame] = []
+        failed_qc: list[tuple[str, str]] = []
         physical = self.artifact.spec.fov_cm > 0
         for frame in read.frames:
             if physical and not frame.spacing_cm:  # the model's input is sized in cm
@@ -137,7 +178,14 @@ class ScoringPipeline:
                                       f"frame {frame.frame_number}: no pixel spacing (US region "
                                       "calibration) for the model's physically scaled input"))
                 continue
-            if frame.mask is not None and bool(np.any(frame.mask)):
+            res = auto.get((frame.sop_instance_uid, frame.frame_number))
+            if res is not None and not res.passed:
+                failed_qc.append((frame.sop_instance_uid,
+                                  f"frame {frame.frame_number}: automatic ROI failed quality "
+                                  f"control ({res.qc_reason}); not measured, not scored"))
+            elif res is not None:
+                usable.append(_Usable(frame, RoiSource.AUTO))
+            elif frame.mask is not None and bool(np.any(frame.mask)):
                 usable.append(_Usable(frame, RoiSource.SEG))
             elif allow_missing_seg:
                 usable.append(_Usable(frame, RoiSource.WHOLE_REGION))
@@ -154,6 +202,7 @@ class ScoringPipeline:
         # DICOM-SEG references this image" when scoring the whole region), plus frames left out.
         scored = {u.frame.sop_instance_uid for u in usable}
         skipped = [(str(u), str(r)) for u, r in read.problems if str(u) not in scored]
+        skipped += failed_qc
         skipped += [(v.sop_instance_uid, f"not scored by the input gate: {v.summary}")
                     for v in verdicts.values() if not v.passed]
         explained = {u for u, _ in skipped}
@@ -163,6 +212,10 @@ class ScoringPipeline:
                                 f"frame {frame.frame_number}: no ROI segmentation (DICOM-SEG)"))
         if not usable:
             reasons = "; ".join(f"{u}: {r}" for u, r in skipped) or "no ultrasound images found"
+            if failed_qc and not unscored:  # terminal: a retry would segment the same way
+                stopped.update(_headers(read, {u for u, _ in failed_qc}))
+                raise NothingToScoreError(study_uid, failed_qc + [
+                    x for x in skipped if x not in failed_qc], list(verdicts.values()), stopped)
             if any(v.passed for v in verdicts.values()):  # images the model may score failed
                 raise ScoringError(f"study {study_uid}: nothing to score ({reasons})")
             if study_uid.startswith("<unknown"):  # e.g. a SEG-only study: ask the headers
@@ -180,7 +233,7 @@ class ScoringPipeline:
         heatmaps: list[np.ndarray | None] = [None] * len(usable)
         if out.cams is not None:
             for i, u in enumerate(usable):
-                mask = u.frame.mask if u.roi_source == RoiSource.SEG else None
+                mask = u.frame.mask if u.roi_source in _MASKED else None
                 box = (fov_box(mask, u.frame.image.shape, u.frame.spacing_cm,
                                self.artifact.spec.fov_cm) if physical
                        else roi_box(mask, u.frame.image.shape, margin))
@@ -195,7 +248,7 @@ class ScoringPipeline:
         probs, spread = fold_cal.mean(axis=0), fold_cal.std(axis=0)
         for i, u in enumerate(usable):
             measurements = None
-            if u.roi_source == RoiSource.SEG:
+            if u.roi_source in _MASKED and u.frame.mask is not None:
                 measurements = measure_roi(u.frame.image, u.frame.mask, u.frame.spacing_cm)
             images.append(ImageScore(
                 frame=u.frame,
@@ -224,6 +277,8 @@ class ScoringPipeline:
             timings_ms=timings,
             gate=list(verdicts.values()),
             fold_spread=float(np.std(per_fold)),
+            roi_model=self.roi_model if any(u.roi_source == RoiSource.AUTO for u in usable)
+            else None,
         )
         log.info(
             "study %s: p=%.3f (%s, threshold %.3f) from %d image(s), %d skipped; ms %s",
@@ -281,7 +336,7 @@ class ScoringPipeline:
         """The shared eval transforms on one frame -> (C, S, S) tensor."""
         data: dict[str, Any] = {"image": np.asarray(u.frame.image, dtype=np.float32)[None],
                                 "spacing_cm": u.frame.spacing_cm}
-        if u.roi_source == RoiSource.SEG:
+        if u.roi_source in _MASKED:
             data["mask"] = np.asarray(u.frame.mask, dtype=bool)[None]
         return self.transforms(data)["image"]
 
@@ -366,6 +421,20 @@ def _header_study_uid(paths: Sequence[Path], stopped: dict[str, Any]) -> str | N
         if uid:
             return str(uid)
     return None
+
+
+def _headers(read: StudyRead, uids: set[str]) -> dict[str, Any]:
+    """Pixel-free copies of the read headers of ``uids`` (for a not-assessable SR)."""
+    out = {}
+    for uid in uids:
+        ds = read.datasets.get(uid)
+        if ds is None:
+            continue
+        head = ds.copy()
+        if "PixelData" in head:
+            del head.PixelData
+        out[uid] = head
+    return out
 
 
 def _ms(t0: float) -> float:

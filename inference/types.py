@@ -147,6 +147,8 @@ class StudyScore:
         skipped: (SOP Instance UID, reason) for objects that could not be used.
         timings_ms: per-stage wall time, for logs and benchmarks.
         gate: the input gate's verdict on every US image of the study, scored or not.
+        roi_model: the segmenter that drew the ``RoiSource.AUTO`` masks (None when no image was
+            scored on an automatic ROI).
     """
 
     study_instance_uid: str
@@ -160,3 +162,4 @@ class StudyScore:
     timings_ms: dict[str, float] = field(default_factory=dict)
     gate: list[GateVerdict] = field(default_factory=list)
     fold_spread: float | None = None
+    roi_model: ModelInfo | None = None

@@ -31,6 +31,12 @@ def train_command(args: argparse.Namespace, cfg: Config) -> int:
     """``dicom-node train``: the fold ensemble on an archive or DICOM folder (paper's protocol)."""
     import torch
 
+    if getattr(args, "task", "classification") == "segmentation":
+        return train_segmentation_command(args, cfg)
+    if args.labels is None:
+        print("dicom-node train: --labels is required for the classifier")
+        return 2
+
     from training.run import run_training
     from training.trainer import init_distributed
 
@@ -55,6 +61,22 @@ def train_command(args: argparse.Namespace, cfg: Config) -> int:
             torch.distributed.destroy_process_group()
     if path is not None:
         print(f"{'comparison' if getattr(args, 'backbones', None) else 'model'} written to {path}")
+    return 0
+
+
+def train_segmentation_command(args: argparse.Namespace, cfg: Config) -> int:
+    """``dicom-node train --task segmentation``: the automatic ROI model from the SEGs."""
+    from training.segmentation import run_segmentation_training
+
+    scfg = cfg.segmentation
+    if args.epochs:
+        scfg = dataclasses.replace(scfg, epochs=int(args.epochs))
+    source = Path(args.archive) if args.archive else cfg.node.data_dir
+    out = Path(args.out) if args.out else (cfg.scoring.segmentation_model_dir
+                                           or Path("runs/segmenter"))
+    res = run_segmentation_training(source, Path(args.labels) if args.labels else None, out,
+                                    scfg, progress=print)
+    print(f"segmentation model written to {res.out_dir} (report: {res.out_dir / 'report.html'})")
     return 0
 
 

@@ -62,6 +62,9 @@ DECISION_THRESHOLD = Code("THR", PRIVATE_SCHEME, "Decision threshold of the mode
 EXPECTED_SENSITIVITY = Code("SENS-CV", PRIVATE_SCHEME, "Sensitivity at threshold (CV)")
 EXPECTED_SPECIFICITY = Code("SPEC-CV", PRIVATE_SCHEME, "Specificity at threshold (CV)")
 ROI_SOURCE_WHOLE = Code("ROI-WHOLE", PRIVATE_SCHEME, "ROI: whole tissue region, no SEG")
+ROI_SOURCE_AUTO = Code("ROI-AUTO", PRIVATE_SCHEME, "ROI: automatic segmentation (AI SEG)")
+SEGMENTATION_METHOD = codes.DCM.SegmentationMethod  # 122554
+AUTOMATED = codes.SCT.Automated  # 8359006
 GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
 IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")
 NO_CM = Code("NO-CM", PRIVATE_SCHEME, "No cm values: calibration absent or implausible")
@@ -77,15 +80,17 @@ _PAIRED = {"R", "L"}
 
 @dataclass
 class ResultSet:
-    """What one scoring run writes: the SR and its heat maps (all in the source's study)."""
+    """What one scoring run writes: the SR, its heat maps and the AI SEGs of the automatic ROIs
+    (all in the source's study)."""
 
     sr: Dataset | None
     heatmaps: list[Dataset] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # objects that could not be built, and why
+    segmentations: list[Dataset] = field(default_factory=list)
 
     @property
     def datasets(self) -> list[Dataset]:
-        return [d for d in (self.sr, *self.heatmaps) if d is not None]
+        return [d for d in (self.sr, *self.heatmaps, *self.segmentations) if d is not None]
 
 
 UidFactory = Callable[[str], str]
@@ -205,15 +210,19 @@ def _image_group(
     multi = int(src.get("NumberOfFrames", 1) or 1) > 1
     frames = [frame.frame_number] if multi else None
     seg_known = seg is not None or bool(frame.seg_series_instance_uid)
-    if (score.roi_source == "seg" and frame.seg_sop_instance_uid and frame.segment_number
-            and seg_known):
+    seg_uid, segment = frame.seg_sop_instance_uid, frame.segment_number
+    auto = score.roi_source == "auto"
+    if auto:  # the AI SEG this node built from the automatic mask (None if it failed)
+        seg_uid, segment = (str(seg.SOPInstanceUID), 1) if seg is not None else (None, None)
+    if (score.roi_source in ("seg", "auto") and seg_uid and segment
+            and (seg_known if not auto else seg is not None)):
         # highdicom requires a SEG frame number here; it is removed again below.
         evidence.append(seg if seg is not None else _seg_stub(score, study_uid))
         ref = hd.sr.ReferencedSegmentationFrame(
             sop_class_uid=(seg.SOPClassUID if seg is not None else "1.2.840.10008.5.1.4.1.1.66.4"),
-            sop_instance_uid=frame.seg_sop_instance_uid,
+            sop_instance_uid=seg_uid,
             frame_number=1,
-            segment_number=int(frame.segment_number),
+            segment_number=int(segment),
             source_image=hd.sr.SourceImageForSegmentation(
                 src.SOPClassUID, src.SOPInstanceUID, frames
             ),
@@ -223,19 +232,21 @@ def _image_group(
         # segment number alone identifies the ROI, so drop the frame number.
         for item in ref:
             for sop_ref in item.get("ReferencedSOPSequence", []):
-                if sop_ref.ReferencedSOPInstanceUID == frame.seg_sop_instance_uid:
+                if sop_ref.ReferencedSOPInstanceUID == seg_uid:
                     if "ReferencedFrameNumber" in sop_ref:
                         del sop_ref.ReferencedFrameNumber
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_segment=ref,
             finding_type=codes.SCT.SkeletalMuscle,
+            method=ROI_SOURCE_AUTO if auto else None,
             algorithm_id=algorithm,
             finding_sites=[finding_site] if finding_site else None,
             measurements=measurements,
             qualitative_evaluations=_image_evaluations(score),
         )
-    method = ROI_SOURCE_WHOLE if score.roi_source != "seg" else None
+    method = {"whole-region": ROI_SOURCE_WHOLE, "auto": ROI_SOURCE_AUTO}.get(
+        str(score.roi_source))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=codes.SCT.SkeletalMuscle,
@@ -256,8 +267,13 @@ def build_sr(
     cfg: ResultsConfig,
     predecessor: Dataset | None = None,
     uid: UidFactory = _new_uid,
+    auto_segs: dict[tuple[str, int], Dataset] | None = None,
 ) -> hd.sr.ComprehensiveSR:
-    """Build the TID 1500 SR for a scored study (see the module docstring for the tree)."""
+    """Build the TID 1500 SR for a scored study (see the module docstring for the tree).
+
+    ``auto_segs``: the AI SEG of each automatically segmented frame, (SOP Instance UID, frame
+    number) -> SEG; the frame's measurement group references it.
+    """
     sources = {uid: sanitize_source(ds) for uid, ds in sources.items()}
     us_sources = _us_sources(score, sources)
     if not us_sources:
@@ -287,6 +303,8 @@ def build_sr(
                         score.study_instance_uid, img.frame.sop_instance_uid)
             continue
         seg = sources.get(img.frame.seg_sop_instance_uid or "")
+        if img.roi_source == "auto":
+            seg = (auto_segs or {}).get((img.frame.sop_instance_uid, img.frame.frame_number))
         site = None
         if img.site_established:  # never claim the thigh unless the header/rules say so
             site = hd.sr.FindingSite(
@@ -338,7 +356,8 @@ def build_sr(
         is_verified=False,
         institution_name=cfg.institution_name or None,
         previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=[_contributing_equipment(score.model, cfg)],
+        contributing_equipment=[_contributing_equipment(m, cfg)
+                                for m in (score.model, score.roi_model) if m is not None],
     )
     sr.SeriesDescription = cfg.sr_series_description[:64]
     if "StudyDescription" not in first:
@@ -358,6 +377,8 @@ def _gate_evaluation(verdict: GateVerdict | None) -> list[hd.sr.QualitativeEvalu
 def _image_evaluations(score: ImageScore) -> list[hd.sr.QualitativeEvaluation] | None:
     """Why this image was scored (gate verdict) and, when so, why it has no cm values."""
     items = list(_gate_evaluation(score.gate) or [])
+    if score.roi_source == "auto":  # the ROI was drawn by the segmentation model, not a person
+        items.append(hd.sr.QualitativeEvaluation(SEGMENTATION_METHOD, AUTOMATED))
     if score.frame.spacing_cm is None:
         items.append(hd.sr.QualitativeEvaluation(NO_CM, codes.SCT.Undetermined))
     return items or None
@@ -625,9 +646,10 @@ def build_results(
         ResultsError: not a single object could be built.
     """
     errors: list[str] = []
+    auto_segs = build_ai_segs(score, sources, cfg, errors, uid)
     sr = None
     try:
-        sr = build_sr(score, sources, cfg, predecessor, uid)
+        sr = build_sr(score, sources, cfg, predecessor, uid, auto_segs)
     except PermanentJobError:
         raise
     except (ValueError, TypeError, AttributeError, ResultsError) as exc:
@@ -650,13 +672,55 @@ def build_results(
                 sc.SeriesInstanceUID = heatmaps[0].SeriesInstanceUID
             sc.InstanceNumber = len(heatmaps) + 1
             heatmaps.append(sc)
+    segmentations = list(auto_segs.values())
     if sr is None and not heatmaps:
         raise ResultsError(f"study {score.study_instance_uid}: no result object could be built "
                            f"({'; '.join(errors)})")
-    log.info("study %s: built %s and %d heat map(s)%s", score.study_instance_uid,
+    log.info("study %s: built %s, %d heat map(s) and %d AI SEG(s)%s", score.study_instance_uid,
              f"SR {sr.SOPInstanceUID}" if sr is not None else "no SR", len(heatmaps),
-             f"; {len(errors)} object(s) failed" if errors else "")
-    return ResultSet(sr=sr, heatmaps=heatmaps, errors=errors)
+             len(segmentations), f"; {len(errors)} object(s) failed" if errors else "")
+    return ResultSet(sr=sr, heatmaps=heatmaps, errors=errors, segmentations=segmentations)
+
+
+def build_ai_segs(score: StudyScore, sources: dict[str, Dataset], cfg: ResultsConfig,
+                  errors: list[str], uid: UidFactory = _new_uid
+                  ) -> dict[tuple[str, int], Dataset]:
+    """One AI DICOM-SEG per frame scored on the automatic ROI, all in one new series.
+
+    Returns (SOP Instance UID, frame number) -> SEG; a SEG that cannot be built is recorded in
+    ``errors`` (its measurement group then references the source image only).
+    """
+    from dicom_node.results.seg import SegmentationModelId, build_ai_seg, full_frame_mask
+
+    model = score.roi_model
+    out: dict[tuple[str, int], Dataset] = {}
+    if model is None:
+        return out
+    ident = SegmentationModelId(name=model.name, version=model.version,
+                                model_uid=_model_uid(model), manufacturer=cfg.manufacturer)
+    series_uid = uid("seg-series")
+    for img in score.images:
+        fr = img.frame
+        src = sources.get(fr.sop_instance_uid)
+        if img.roi_source != "auto" or fr.mask is None or src is None:
+            continue
+        try:
+            src = sanitize_source(src)
+            full = full_frame_mask(fr.mask, fr.crop_box, int(src.Rows), int(src.Columns))
+            seg = build_ai_seg(src, full, fr.frame_number, ident,
+                               series_instance_uid=series_uid, series_number=cfg.seg_series_number,
+                               sop_instance_uid=uid(
+                                   f"seg-{fr.sop_instance_uid}-{fr.frame_number}"),
+                               instance_number=len(out) + 1)
+        except PermanentJobError:
+            raise
+        except (ValueError, TypeError, AttributeError) as exc:
+            errors.append(f"AI SEG of {fr.sop_instance_uid}: {exc}")
+            log.error("study %s: AI SEG of %s could not be built: %s",
+                      score.study_instance_uid, fr.sop_instance_uid, exc)
+            continue
+        out[(fr.sop_instance_uid, fr.frame_number)] = seg
+    return out
 
 
 def write_results(result_set: ResultSet, cfg: Config) -> list[Path]:

@@ -207,3 +207,23 @@ def test_monitor_and_worker_threads_end_to_end(tmp_path):
         study = archive.study(us.StudyInstanceUID)
         assert "archive-only" in study["note"] and study["missing_seg"] == 0
         assert [j["state"] for j in jobs_for(archive, us.StudyInstanceUID)] == ["done"]
+
+
+def test_auto_waits_seg_wait_seconds_then_segments_and_a_late_seg_reopens(archive):
+    us = make_us()
+    uid = us.StudyInstanceUID
+    cfg = _cfg(require_seg=True, on_missing_seg="auto", seg_wait_seconds=30)
+    _store(archive, us, at=1000)
+    assert check_studies(archive, cfg, max_attempts=3, now=1020) == []  # quiet, SEG may come
+    done = check_studies(archive, cfg, max_attempts=3, now=1030)
+    assert [(d.state, d.reason) for _, d in done] == [("complete", "seg-wait-auto")]
+    payload = json.loads(jobs_for(archive, uid)[0]["payload"])
+    assert payload["auto_roi"] is True and payload["allow_missing_seg"] is False
+    job = claim(archive)
+    mark_done(archive, job, note="scored on the automatic ROI")
+    _store(archive, make_seg(us), at=1100)  # the human SEG arrives after the automatic scoring
+    assert archive.study(uid)["state"] == "receiving"
+    done = check_studies(archive, cfg, max_attempts=3, now=1111)
+    assert [(d.state, d.missing_seg) for _, d in done] == [("complete", False)]
+    payload = json.loads(jobs_for(archive, uid)[-1]["payload"])
+    assert payload["auto_roi"] is False and payload["seg_count"] == 1

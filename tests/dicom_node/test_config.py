@@ -85,3 +85,18 @@ def test_library_configs_are_the_libraries_own() -> None:
     assert node_config.ReaderConfig is inference.config.ReaderConfig
     assert node_config.ScoringConfig is inference.config.ScoringConfig
     assert node_config.TrainConfig is training.config.TrainConfig
+
+
+def test_on_missing_seg_is_auto_by_default_only_with_a_segmentation_model(tmp_path: Path) -> None:
+    from dicom_node.config import config_from_dict
+
+    base = {"node": {"allow_any_calling_aet": True}}
+    plain = config_from_dict({**base, "scoring": {"model_dir": "m"}}, tmp_path)
+    assert plain.completion.on_missing_seg == "score-whole-region"
+    seg = config_from_dict({**base, "scoring": {"model_dir": "m",
+                                                "segmentation_model_dir": "s"}}, tmp_path)
+    assert seg.completion.on_missing_seg == "auto"
+    assert seg.scoring.segmentation_model_dir == tmp_path.resolve() / "s"
+    with pytest.raises(ConfigError, match="segmentation_model_dir"):
+        config_from_dict({**base, "scoring": {"model_dir": "m"},
+                          "completion": {"on_missing_seg": "auto"}}, tmp_path)
