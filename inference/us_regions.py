@@ -268,7 +268,8 @@ def tissue_regions(
         regions = regions_from_sequence(ds, rows, cols)
         if not regions:
             kinds = sorted({
-                (int(i.get("RegionSpatialFormat", -1) or -1), int(i.get("RegionDataType", -1) or -1))
+                (int(i.get("RegionSpatialFormat", -1) or -1),
+                 int(i.get("RegionDataType", -1) or -1))
                 for i in ds.SequenceOfUltrasoundRegions
             })
             raise NoTissueRegionError(
