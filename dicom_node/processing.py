@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dicom_node.config import Config
 from dicom_node.errors import ModelArtifactError, NothingToScoreError
 from dicom_node.ops.metrics import record_pipeline_timings, timed
-from dicom_node.worker import JobContext, Processor
+from dicom_node.worker import JobContext, Processor, finish_not_applicable
 from inference.roi import RoiSource
 
 if TYPE_CHECKING:
@@ -84,6 +84,21 @@ def study_note(score: StudyScore) -> str:
     return note[:_NOTE_LIMIT]
 
 
+def image_reasons(score: StudyScore) -> list[dict[str, Any]]:
+    """Per image: scored or not, and why (the gate's verdict, or what stopped it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for im in score.images:
+        uid = im.frame.sop_instance_uid
+        why = im.gate.detail if im.gate is not None else "passed"
+        if im.frame.spacing_cm is None and "no cm" not in why:
+            why += " (no cm values)"
+        out.setdefault(uid, {"sop_uid": uid, "scored": True,
+                             "reason": f"scored ({im.roi_source}): {why}"})
+    for uid, reason in score.skipped:
+        out.setdefault(uid, {"sop_uid": uid, "scored": False, "reason": reason})
+    return list(out.values())
+
+
 class ScoringProcessor:
     """Callable ``JobContext -> None`` holding the pipeline loaded when ``serve`` starts."""
 
@@ -128,6 +143,8 @@ class ScoringProcessor:
             if done is None:  # not applicable, and no SR says so: nothing to deliver
                 return
         ctx.note = done.note
+        if done.note.startswith("not-applicable"):  # a published "not assessable" SR
+            ctx.study_state = "not-applicable"
         self._queue(ctx, done, ids)
 
     def _score(self, ctx: JobContext, key: str, ids: str) -> ResultSetFolder | None:
@@ -148,6 +165,7 @@ class ScoringProcessor:
         except NothingToScoreError as exc:  # terminal: no retries, no sarcopenia verdict
             return self._not_applicable(ctx, exc, ids, key)
         record_pipeline_timings(score.timings_ms)
+        ctx.images = image_reasons(score)
         log.info("%s: p=%.3f %s from %d image(s); %d object(s) not used", ids, score.probability,
                  "positive" if score.positive else "negative", len(score.images),
                  len(score.skipped))
@@ -176,7 +194,7 @@ class ScoringProcessor:
         from dicom_node.store import resultsets
 
         log.info("%s: %s", ids, exc.state)
-        ctx.note = (exc.state + "; " + "; ".join(f"{u}: {r}" for u, r in exc.reasons))[:_NOTE_LIMIT]
+        finish_not_applicable(ctx, exc)
         if self.cfg.results.not_assessable != "sr" or not exc.sources:
             return None
         sr = build_not_assessable_sr(ctx.study_uid, exc.state, exc.verdicts, exc.sources,

@@ -25,7 +25,7 @@ from dicom_node.scp import start_scp
 from dicom_node.store.archive import Archive
 from dicom_node.store.queue import requeue_orphans
 from dicom_node.store.resultsets import sweep_temp
-from dicom_node.store.studies import study_table
+from dicom_node.store.studies import images_summary, study_table
 from dicom_node.worker import Processor, Worker, archive_only_processor
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def studies_command(args: argparse.Namespace, cfg: Config) -> int:
     table.add_column("state", no_wrap=True)
     for col in ("inst", "US", "SEG"):
         table.add_column(col, justify="right", no_wrap=True)
-    for col in ("last received", "job", "delivery", "note"):
+    for col in ("last received", "job", "delivery", "images", "note"):
         table.add_column(col, overflow="fold")
     for r in rows:
         job = r["job"]
@@ -134,7 +134,7 @@ def studies_command(args: argparse.Namespace, cfg: Config) -> int:
         table.add_row(
             r["study_uid"], r["patient_id"], r["state"], str(r["instances"]), str(r["us"]),
             str(r["seg"]), human_time(r["last_received"]),
-            job_s, delivery, (r["note"] or "")[:60],
+            job_s, delivery, images_summary(r.get("images") or []), (r["note"] or "")[:60],
         )
     # a pipe or log file has no width: give the UIDs room instead of rich's 80-column default
     Console(width=None if sys.stdout.isatty() else 200).print(table)

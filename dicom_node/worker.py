@@ -4,11 +4,14 @@ The processor is any ``Callable[[JobContext], None]``; the scoring pipeline prov
 (``dicom_node.processing.build_processor``), and :func:`archive_only_processor` is used when
 ``scoring.enabled = false``. A processor signals failure by raising: the job is retried with
 exponential backoff up to ``worker.max_attempts``, then marked failed with its reason, and the
-loop goes on with the next job (one bad study never stops the node).
+loop goes on with the next job (one bad study never stops the node). A
+:class:`~dicom_node.errors.PermanentJobError` (bad input) fails the job at once; a
+:class:`~dicom_node.errors.NothingToScoreError` ends it, and its study ``not-applicable``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import traceback
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import WorkerConfig
+from dicom_node.errors import NothingToScoreError, PermanentJobError
 from dicom_node.loop import PollingLoop
 from dicom_node.ops.metrics import record_job
 from dicom_node.store.archive import Archive
@@ -44,6 +48,10 @@ class JobContext:
         sop_uids: SOP Instance UIDs of ``paths``, same order (the study version's identity).
         outbox: files a processor wants delivered; they are queued in the same transaction
             that marks the job done (never one without the other).
+        study_state: how a finished job leaves its study: ``scored``, or ``not-applicable``
+            when nothing in it may be scored (see :func:`finish_not_applicable`).
+        images: per image, why it was or was not scored (``sop_uid``, ``scored``, ``reason``),
+            stored with the study when the job finishes (``studies --json``).
     """
 
     job_id: int
@@ -55,6 +63,28 @@ class JobContext:
     note: str = field(default="")
     sop_uids: tuple[str, ...] = ()
     outbox: list[OutboxItem] = field(default_factory=list)
+    study_state: str = "scored"
+    images: list[dict[str, Any]] = field(default_factory=list)
+
+
+def finish_not_applicable(ctx: JobContext, exc: NothingToScoreError) -> JobContext:
+    """Classify a study with nothing to score as finished ``not-applicable`` (no retry).
+
+    Called where a job's outcome is reported: by the processor that catches the error to
+    publish a "not assessable" SR, and by the worker / scoring process when the error escapes
+    a processor (it is picklable, so it also crosses the process boundary intact).
+    """
+    ctx.study_state = "not-applicable"
+    if not ctx.note.startswith("not-applicable"):
+        reasons = "; ".join(f"{u}: {r}" for u, r in exc.reasons)
+        ctx.note = (exc.state + (f"; {reasons}" if reasons else ""))[:2000]
+    if not ctx.images:
+        by_uid: dict[str, list[str]] = {}
+        for u, r in exc.reasons:
+            by_uid.setdefault(u, []).append(r)
+        ctx.images = [{"sop_uid": u, "scored": False, "reason": "; ".join(rs)}
+                      for u, rs in by_uid.items()]
+    return ctx
 
 
 Processor = Callable[[JobContext], None]
@@ -92,16 +122,21 @@ def _run(archive: Archive, processor: Processor, cfg: WorkerConfig, job: Job) ->
              job.attempts, job.max_attempts, len(ctx.paths))
     try:
         processor(ctx)
+    except NothingToScoreError as exc:  # terminal, not a failure
+        finish_not_applicable(ctx, exc)
     except Exception as exc:  # noqa: BLE001 - any failure of a job is recorded, never fatal
         error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PermanentJobError):  # bad input: this attempt is the last
+            job = dataclasses.replace(job, max_attempts=job.attempts)
         retried = mark_failed(archive, job, error, retry_base_seconds=cfg.retry_base_seconds)
         log.error("job %s (study %s): attempt %d failed: %s; %s", job.id, job.study_uid,
                   job.attempts, error, "will retry" if retried else "giving up")
         log.debug("job %s traceback:\n%s", job.id, traceback.format_exc())
         record_job("retry" if retried else "failed")
         return
-    mark_done(archive, job, note=ctx.note, outbox=ctx.outbox)
-    record_job("done")
+    mark_done(archive, job, note=ctx.note, outbox=ctx.outbox, study_state=ctx.study_state,
+              images=ctx.images or None)
+    record_job("done" if ctx.study_state == "scored" else ctx.study_state)
     log.info("job %s (study %s): done%s", job.id, job.study_uid,
              f" ({ctx.note})" if ctx.note else "")
 

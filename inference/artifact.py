@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from inference.ensemble import FoldCalibration
 from inference.errors import ModelArtifactError
 from inference.model import ModelSpec, create_model
 from inference.types import ModelInfo
+
+if TYPE_CHECKING:
+    from inference.ood import OodModel
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,13 @@ class ModelArtifact:
     @property
     def feature_scaling(self) -> dict[str, Any]:
         return dict(self.raw.get("feature_scaling") or {})
+
+    @property
+    def ood(self) -> OodModel | None:
+        """The OOD check fitted at training time (model.json ``ood``); None when absent."""
+        from inference.ood import OodModel
+
+        return OodModel.from_dict(self.raw.get("ood"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from inference.us_regions import TissueRegion, content_region, regions_from_sequence
+from inference.us_regions import TissueRegion, colour_mask, content_crop, regions_from_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +442,9 @@ def check_image(
         return FLUID, detail, measured, cal_ok
     if region.spacing_cm is not None and not cal_ok and cfg.require_calibration_plausible:
         return CALIBRATION, cal_text, measured, cal_ok
+    if cal_ok and region.doubt is not None:  # scored, but not measured in cm
+        detail = f"B-mode image of a linear probe (no cm values: {region.doubt})"
+        return PASSED, detail, measured, False
     detail = "B-mode image of a linear probe " + (
         f"({cal_text})" if cal_ok else "(uncalibrated: no cm values)")
     return PASSED, detail, measured, cal_ok
@@ -500,16 +503,14 @@ def find_region(ds: Dataset, frame: np.ndarray, cfg: GateConfig | None = None
     exclude = None
     if frame.ndim == 3:
         gray = gray[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
-        px = frame[..., :3].astype(np.int16)
-        hi, lo = px.max(axis=-1), px.min(axis=-1)
-        exclude = ((hi - lo) >= cfg.colour_min_chroma) & (
-            (hi - lo) / np.maximum(hi, 1) >= cfg.colour_min_saturation)
-    box = content_region(gray / 255.0, exclude)
-    if box is None:
+        exclude = colour_mask(frame, cfg.colour_min_chroma, cfg.colour_min_saturation)
+    crop = content_crop(gray / 255.0, exclude)
+    if crop is None:
         return None
     from inference.us_regions import pixel_spacing_cm
 
-    return TissueRegion(box=box, spacing_cm=pixel_spacing_cm(ds), source="content")
+    return TissueRegion(box=crop.box, spacing_cm=pixel_spacing_cm(ds), source="content",
+                        doubt=crop.doubt)
 
 
 def second_panel_fraction(frame: np.ndarray, box: tuple[int, int, int, int]) -> float:
@@ -594,7 +595,8 @@ def apply_ood(verdict: GateVerdict, score: float, threshold: float | None,
     detail = f"out-of-distribution score {score:.3f} above the model's {threshold:.3f}"
     if not cfg.enabled:
         return GateVerdict(verdict.sop_instance_uid, True, DISABLED,
-                           f"gate disabled; would have stopped it: {OOD}: {detail}", measured, *rest)
+                           f"gate disabled; would have stopped it: {OOD}: {detail}", measured,
+                           *rest)
     return GateVerdict(verdict.sop_instance_uid, False, OOD, detail, measured, *rest)
 
 
@@ -607,7 +609,8 @@ def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Negative free energy, -T logsumexp(z/T), per row: higher means less like training data.
 
     Liu et al. 2020 (energy-based OOD detection). A binary head with one logit is read as the
-    two-class logits (-z/2, z/2) (the same sigmoid, symmetric). Args: logits (N,) or (N, C). Returns (N,) float64.
+    two-class logits (-z/2, z/2) (the same sigmoid, symmetric). Args: logits (N,) or (N, C).
+    Returns (N,) float64.
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim == 1:

@@ -77,8 +77,10 @@ class ScoringPipeline:
         self.policy = card.policy
         self.gate = gate if gate is not None else GateConfig()
         self.artifact = load_artifact(Path(model_dir), device="cpu")
+        self.ood = self.artifact.ood  # None: the model has no OOD check (older artifacts)
         spec = self.artifact.spec
-        # the crop margin comes from model.json, never from the node's config: it must match training
+        # the crop margin comes from model.json, never from the node's config: it must match
+        # training
         self.transforms = eval_transforms(spec.input_size, spec.in_chans, spec.roi_margin,
                                           spec.fov_cm)
         try:
@@ -189,6 +191,13 @@ class ScoringPipeline:
                 usable.append(_Usable(frame, RoiSource.WHOLE_REGION))
             else:
                 unscored.append(frame)
+        t0 = time.perf_counter()
+        tensors = [self._preprocess(u) for u in usable]
+        timings["transforms"] = _ms(t0)
+        if self.ood is not None and usable:
+            t0 = time.perf_counter()
+            usable, tensors = self._ood_filter(usable, tensors, verdicts, stopped, read)
+            timings["gate"] += _ms(t0)  # the OOD check is the gate's last step
         # The reader's problems, minus notes about images that were scored after all (e.g. "no
         # DICOM-SEG references this image" when scoring the whole region), plus frames left out.
         scored = {u.frame.sop_instance_uid for u in usable}
@@ -213,10 +222,8 @@ class ScoringPipeline:
                 study_uid = _header_study_uid(paths, stopped) or study_uid
             raise NothingToScoreError(study_uid, skipped, list(verdicts.values()), stopped)
 
-        t0 = time.perf_counter()
         margin = self.artifact.spec.roi_margin
-        batch = torch.stack([self._preprocess(u) for u in usable])
-        timings["transforms"] = _ms(t0)
+        batch = torch.stack(tensors)
 
         t0 = time.perf_counter()
         out = self.ensemble.predict(batch, cam=self.scoring.cam_enabled)
@@ -280,6 +287,50 @@ class ScoringPipeline:
             " ".join(f"{k}={v:.0f}" for k, v in timings.items()),
         )
         return score, read
+
+    def _ood_filter(self, usable: list[_Usable], tensors: list[Any],
+                    verdicts: dict[str, GateVerdict], stopped: dict[str, Any], read: StudyRead
+                    ) -> tuple[list[_Usable], list[Any]]:
+        """Drop frames whose OOD score exceeds the model's threshold (their verdict says so).
+
+        A multi-frame object is stopped when any of its read frames is out of distribution.
+        Only SEG-ROI crops are checked: the statistics describe the training inputs, which are
+        ROI crops; a whole-region crop (``on_missing_seg = "score-whole-region"``) is a departure
+        the site chose, and would always be far from them.
+        """
+        import torch
+
+        from inference.gate import GateVerdict, apply_ood
+
+        assert self.ood is not None
+        roi = [i for i, u in enumerate(usable) if u.roi_source == RoiSource.SEG]
+        scores = np.full(len(usable), -np.inf)
+        if roi:
+            scores[roi] = self.ood.scores(list(self.artifact.models),
+                                          torch.stack([tensors[i] for i in roi]))
+        keep_u, keep_t = [], []
+        for u, t, score in zip(usable, tensors, scores, strict=True):
+            if not np.isfinite(score):
+                keep_u.append(u)
+                keep_t.append(t)
+                continue
+            sop = u.frame.sop_instance_uid
+            base = verdicts.get(sop) or GateVerdict(sop, True, "passed", "not gated",
+                                                    sop_class_uid=u.frame.sop_class_uid)
+            v = apply_ood(base, float(score), self.ood.threshold, self.gate)
+            if base.passed or sop not in verdicts:
+                verdicts[sop] = v
+            if v.passed:
+                keep_u.append(u)
+                keep_t.append(t)
+            else:
+                log.info("image %s not scored: %s", sop, v.summary)
+                if sop in read.datasets:
+                    stopped[sop] = read.datasets[sop]
+        stopped_sops = {s for s, v in verdicts.items() if not v.passed}
+        kept = [(u, t) for u, t in zip(keep_u, keep_t, strict=True)
+                if u.frame.sop_instance_uid not in stopped_sops]
+        return [u for u, _ in kept], [t for _, t in kept]
 
     def _preprocess(self, u: _Usable) -> Any:
         """The shared eval transforms on one frame -> (C, S, S) tensor."""

@@ -38,7 +38,7 @@ from inference.roi import (
     masks_for_sources,
 )
 from inference.types import USFrame
-from inference.us_regions import RegionPolicy, tissue_regions
+from inference.us_regions import RegionPolicy, colour_mask, tissue_regions
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ def read_frames(
         # Content-based crop: find the region on the middle frame (cine geometry is static).
         first = decode_frames(ds, frame_policy="middle", frame_numbers=frame_numbers[:1]
                               if frame_numbers else None)
-        regions = tissue_regions(ds, rows, cols, first[0][1], region_policy=region_policy)
+        regions = tissue_regions(ds, rows, cols, first[0][1], region_policy=region_policy,
+                                 exclude=_colour_pixels(ds))
         if (frame_policy == "middle" and frame_numbers is None) or (
                 frame_numbers is not None and len(set(frame_numbers)) == 1):
             decoded = first
@@ -142,6 +143,24 @@ def read_frames(
                 **common,
             ))
     return out
+
+
+def _colour_pixels(ds: Dataset) -> np.ndarray | None:
+    """Saturated colour pixels of a colour object's middle frame (never tissue); None for grey.
+
+    The grey frames the reader works on hide colour-flow boxes and colour bars, which the
+    content-based crop must leave out.
+    """
+    pi = str(ds.get("PhotometricInterpretation", "")).upper()
+    if int(ds.get("SamplesPerPixel", 1) or 1) < 3 and pi != "PALETTE COLOR":
+        return None
+    from inference.gate import decode_display_frame
+
+    try:
+        frame = decode_display_frame(ds)
+    except ValueError:
+        return None
+    return colour_mask(frame) if frame.ndim == 3 else None
 
 
 def _seg_order(ds: Dataset) -> tuple[str, str, int]:

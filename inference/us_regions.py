@@ -6,7 +6,8 @@ keep regions with RegionSpatialFormat 1 (2D) and RegionDataType 1 (tissue), skip
 and colour bars, and take |PhysicalDeltaX/Y| when the unit is cm (code 3). Side-by-side (dual)
 views give two such regions: the largest is used, or each one with ``region_policy="all"``.
 Objects without the sequence get a content-based crop: the largest connected bright, speckled
-area, which leaves out text and flat UI bars.
+area, which leaves out text and flat UI bars, and colour pixels (flow boxes, colour bars); when
+that crop is doubtful it is not measured in cm.
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ class TissueRegion:
         box: (row0, col0, row1, col1) in source pixel coordinates, end exclusive.
         spacing_cm: (row, col) size of one pixel in cm; None when uncalibrated.
         source: ``"sequence"`` (from the Sequence of Ultrasound Regions) or ``"content"``.
+        doubt: for a ``content`` crop, why it is not sure to be the calibrated B-mode image
+            (then ``spacing_cm`` is None: the image is scored but not measured in cm).
     """
 
     box: Box
     spacing_cm: tuple[float, float] | None
     source: str
+    doubt: str | None = None
 
     @property
     def area(self) -> int:
@@ -124,15 +128,61 @@ def regions_from_sequence(ds: Dataset, rows: int, cols: int, *, check_calibratio
     return out
 
 
+def colour_mask(rgb: np.ndarray, min_chroma: int = 48, min_saturation: float = 0.4) -> np.ndarray:
+    """Pixels of ``rgb`` (H, W, >=3, 0..255) that are saturated colour (flow, bars, graphics).
+
+    Grey B-mode has R = G = B (JPEG chroma noise stays within a few levels) and tinted (sepia)
+    maps have low saturation; colour-flow boxes, colour bars and coloured annotations have both.
+    """
+    px = np.asarray(rgb)[..., :3].astype(np.int16)
+    hi, lo = px.max(axis=-1), px.min(axis=-1)
+    chroma = hi - lo
+    return (chroma >= min_chroma) & (chroma / np.maximum(hi, 1) >= min_saturation)
+
+
+@dataclass(frozen=True)
+class ContentCrop:
+    """The fallback crop found in the pixels, and whether it is sure enough to measure in cm.
+
+    Attributes:
+        box: (row0, col0, row1, col1), end exclusive.
+        fill: fraction of ``box`` covered by the tissue component (a rectangle of B-mode ~1;
+            a fan or a crop around a Doppler box much less).
+        doubt: why the crop may not be the calibrated B-mode area (None when sure).
+    """
+
+    box: Box
+    fill: float
+    doubt: str | None
+
+
+# A linear B-mode image fills its bounding box; below this the crop holds a fan or a hole
+# (a colour box cut out, text inside) and cm values from it are not trusted.
+MIN_CONTENT_FILL = 0.8
+# Colour inside or against the crop beyond this fraction of its area is a colour-flow box (a
+# small coloured marker or a colour bar a few pixels away is not).
+MAX_COLOUR_NEAR = 0.01
+
+
 def content_region(gray: np.ndarray, exclude: np.ndarray | None = None) -> Box | None:
     """Bounding box of the largest bright, textured connected area of ``gray``; None if none.
 
     ``exclude`` (bool, same shape) marks pixels that are never tissue, e.g. colour-flow boxes
-    and colour bars found by their chroma, so they cannot widen the crop.
+    and colour bars found by their chroma (:func:`colour_mask`), so they cannot widen the crop.
+    """
+    crop = content_crop(gray, exclude)
+    return None if crop is None else crop.box
+
+
+def content_crop(gray: np.ndarray, exclude: np.ndarray | None = None) -> ContentCrop | None:
+    """:func:`content_region` with how sure it is (see :class:`ContentCrop`).
 
     Speckle makes tissue locally non-dark *and* locally varied; text is thin strokes on black
     (removed by a morphological opening at a scale larger than a glyph stroke) and UI bars are
     flat (low local variance). The bounding box of the largest surviving component is the image.
+    The crop is doubtful when colour pixels sit inside or against it (a Doppler box in the
+    B-mode: the grey left around it is not the whole calibrated image) or when it does not fill
+    its box (a sector, or a piece of the UI joined to the image).
     """
     h, w = gray.shape
     if h < MIN_REGION_PX or w < MIN_REGION_PX:
@@ -150,8 +200,10 @@ def content_region(gray: np.ndarray, exclude: np.ndarray | None = None) -> Box |
     # unlike speckle, which has few near-zero pixels even in hypoechoic tissue.
     dark_frac = ndimage.uniform_filter((g < 0.02).astype(np.float32), 2 * k + 1)
     cand = bright & textured & (dark_frac < 0.4)
-    if exclude is not None and exclude.shape == cand.shape:
-        cand &= ~ndimage.binary_dilation(exclude, iterations=2)
+    excluded = None
+    if exclude is not None and exclude.shape == cand.shape and bool(exclude.any()):
+        excluded = ndimage.binary_dilation(exclude, iterations=2)
+        cand &= ~excluded
     cand = ndimage.binary_opening(cand, structure=np.ones((2 * k + 1, 2 * k + 1), bool))
     labels, n = ndimage.label(cand)
     if n == 0:
@@ -166,7 +218,18 @@ def content_region(gray: np.ndarray, exclude: np.ndarray | None = None) -> Box |
     # survived the opening at the corner of the image).
     r0, r1 = _trim(comp.mean(axis=1))
     c0, c1 = _trim(comp[r0:r1].mean(axis=0))
-    return (sl[0].start + r0, sl[1].start + c0, sl[0].start + r1, sl[1].start + c1)
+    box = (sl[0].start + r0, sl[1].start + c0, sl[0].start + r1, sl[1].start + c1)
+    fill = float(comp[r0:r1, c0:c1].mean())
+    doubt = None
+    if exclude is not None and excluded is not None:
+        near = exclude[max(0, box[0] - k):box[2] + k, max(0, box[1] - k):box[3] + k]
+        area = (box[2] - box[0]) * (box[3] - box[1])
+        if float(near.sum()) > MAX_COLOUR_NEAR * area:
+            doubt = (f"colour pixels ({float(near.sum()) / area:.0%} of its area) inside or "
+                     "against the image found in the pixels")
+    if doubt is None and fill < MIN_CONTENT_FILL:
+        doubt = f"the image found in the pixels fills only {fill:.0%} of its box"
+    return ContentCrop(box=box, fill=fill, doubt=doubt)
 
 
 def _trim(fill: np.ndarray, min_fill: float = 0.3) -> tuple[int, int]:
@@ -182,6 +245,7 @@ def tissue_regions(
     gray: np.ndarray | None = None,
     *,
     region_policy: RegionPolicy = "largest",
+    exclude: np.ndarray | None = None,
 ) -> list[TissueRegion]:
     """The tissue region(s) to crop, from the region sequence or, without one, from ``gray``.
 
@@ -192,6 +256,8 @@ def tissue_regions(
         gray: a decoded frame, used only by the content-based fallback.
         region_policy: ``largest`` (one region) or ``all`` (each 2D tissue region, e.g. both
             halves of a side-by-side view).
+        exclude: pixels the fallback never takes as tissue (:func:`colour_mask` of a colour
+            frame); a crop next to them, or one that does not fill its box, gets no cm values.
 
     Raises:
         NoTissueRegionError: the sequence has no usable 2D tissue region, or the fallback found
@@ -202,7 +268,8 @@ def tissue_regions(
         regions = regions_from_sequence(ds, rows, cols)
         if not regions:
             kinds = sorted({
-                (int(i.get("RegionSpatialFormat", -1) or -1), int(i.get("RegionDataType", -1) or -1))
+                (int(i.get("RegionSpatialFormat", -1) or -1),
+                 int(i.get("RegionDataType", -1) or -1))
                 for i in ds.SequenceOfUltrasoundRegions
             })
             raise NoTissueRegionError(
@@ -212,15 +279,17 @@ def tissue_regions(
         return regions if region_policy == "all" else regions[:1]
     if gray is None:
         raise NoTissueRegionError(sop, "no Sequence of Ultrasound Regions and no pixels to search")
-    box = content_region(gray)
-    if box is None:
+    crop = content_crop(gray, exclude)
+    if crop is None:
         raise NoTissueRegionError(
             sop, "no Sequence of Ultrasound Regions and no image-like area found in the pixels"
         )
-    # a crop found in the pixels is measured only with a plausible PixelSpacing
-    return [TissueRegion(box=box, spacing_cm=plausible_spacing(pixel_spacing_cm(ds),
-                                                               box[2] - box[0]),
-                         source="content")]
+    # a crop found in the pixels is measured only when it is sure and PixelSpacing is plausible
+    spacing = plausible_spacing(pixel_spacing_cm(ds), crop.box[2] - crop.box[0])
+    if crop.doubt is not None and spacing is not None:
+        logger.info("image %s: no cm values: %s", sop, crop.doubt)
+        spacing = None
+    return [TissueRegion(box=crop.box, spacing_cm=spacing, source="content", doubt=crop.doubt)]
 
 
 def pixel_spacing_cm(ds: Dataset) -> tuple[float, float] | None:

@@ -358,3 +358,122 @@ def make_tls_files(folder: Path) -> tuple[Path, Path]:
         check=True, capture_output=True, timeout=60,
     )
     return cert, key
+
+
+# ------------------------------------------------------------------------------------------
+# what real scanners send (issue 11): companions of a study and header/pixel quirks
+# ------------------------------------------------------------------------------------------
+
+
+def study_companions(us: Dataset) -> list[Dataset]:
+    """What a modality sends with its images: SRs, KOS, GSPS, label-map SEG, PDF, SC."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    common = {"series_instance_uid": generate_uid(), "series_number": 10,
+              "sop_instance_uid": generate_uid(), "instance_number": 1,
+              "manufacturer": "TestVendor"}
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Person,
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Doe^Jane"))
+    obs = hd.sr.ObservationContext(observer_person_context=observer)
+    report = hd.sr.MeasurementReport(
+        observation_context=obs, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=[hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="m1"),
+            measurements=[hd.sr.Measurement(name=codes.SCT.Diameter, value=1.0,
+                                            unit=codes.UCUM.Centimeter)])])
+    out = []
+    for cls in (hd.sr.ComprehensiveSR, hd.sr.EnhancedSR, hd.sr.Comprehensive3DSR):
+        out.append(cls(evidence=[us], content=report,
+                       **{**common, "sop_instance_uid": generate_uid(),
+                          "series_instance_uid": generate_uid()}))
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=[us], content=hd.ko.KeyObjectSelection(
+            document_title=codes.DCM.Manifest, referenced_objects=[us]),
+        series_instance_uid=generate_uid(), series_number=11, sop_instance_uid=generate_uid(),
+        instance_number=1, manufacturer="TestVendor")
+    out.append(kos)
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[us], series_instance_uid=generate_uid(), series_number=12,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="TestVendor",
+        manufacturer_model_name="T1", software_versions="1", device_serial_number="1",
+        content_label="GSPS")
+    out.append(gsps)
+    mask = np.zeros((us.Rows, us.Columns), dtype=np.uint8)
+    mask[10:30, 10:30] = 1
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="RF", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.SkeletalMuscle,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    out.append(hd.seg.Segmentation(
+        source_images=[us], pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
+        segment_descriptions=[desc], series_instance_uid=generate_uid(), series_number=13,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="TestVendor",
+        manufacturer_model_name="Seg", software_versions="1", device_serial_number="1"))
+    return out
+
+
+def encapsulated_pdf(us: Dataset) -> Dataset:
+    """An Encapsulated PDF object (no highdicom builder exists for it)."""
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import EncapsulatedPDFStorage
+
+    pdf = make_us()  # reuse the patient/study header, then turn it into a PDF document
+    for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+               "SamplesPerPixel", "PhotometricInterpretation", "PixelData"):
+        del pdf[kw]
+    pdf.StudyInstanceUID = us.StudyInstanceUID
+    pdf.SeriesInstanceUID = generate_uid()
+    pdf.SOPInstanceUID = generate_uid()
+    pdf.SOPClassUID = pdf.file_meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage
+    pdf.file_meta.MediaStorageSOPInstanceUID = pdf.SOPInstanceUID
+    pdf.Modality = "DOC"
+    pdf.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    pdf.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    pdf.BurnedInAnnotation = "YES"
+    pdf.DocumentTitle = "report"
+    return pdf
+
+
+def with_header_quirks(ds: Dataset) -> Dataset:
+    """Empty Type 2 attributes (Patient ID, birth date) and a TM with 7 fractional digits."""
+    ds.PatientID = ""
+    ds.PatientBirthDate = ""
+    set_raw(ds, "StudyTime", "120000.1234567")
+    set_raw(ds, "SeriesTime", "120001.12345678")
+    return ds
+
+
+def with_leading_zero_uid(ds: Dataset) -> Dataset:
+    """A SOP Instance UID with a leading-zero component (invalid, unambiguous, seen in the wild)."""
+    uid = "1.2.826.0.1.3680043.8.498.0" + str(generate_uid())[-20:].lstrip(".")
+    set_raw(ds, "SOPInstanceUID", uid)
+    old = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+    finally:
+        config.settings.writing_validation_mode = old
+    return ds
+
+
+def with_calibration_scale(ds: Dataset, factor: float) -> Dataset:
+    """Multiply every region's PhysicalDelta (``factor`` 10: a 4 cm image claims 40 cm)."""
+    for item in ds.get("SequenceOfUltrasoundRegions", []) or []:
+        item.PhysicalDeltaX = float(item.PhysicalDeltaX) * factor
+        item.PhysicalDeltaY = float(item.PhysicalDeltaY) * factor
+    return ds
+
+
+JPEG_XL = "1.2.840.10008.1.2.4.112"
+
+
+def as_jpeg_xl(ds: Dataset) -> Dataset:
+    """The object as a JPEG-XL file (the codestream is opaque here: no decoder is installed)."""
+    ds.PixelData = encapsulate([b"\xff\x0a" + bytes(64)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG_XL
+    return ds

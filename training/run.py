@@ -294,6 +294,7 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
         build_model_json,
         write_artifact,
     )
+    from training.ood import ood_block
     from training.oof import combination_name, write_oof
 
     binary = cfg.target == "binary"
@@ -345,7 +346,9 @@ def write_run(out_dir: Path, cohort: Cohort, fold_of: np.ndarray,
                "reader_problems": [list(p) for p in cohort.problems],
                "n_samples": len(cohort.samples), "n_studies": len(cohort.studies),
                "n_participants": len(set(pids.tolist())), "oof_file": "oof.csv",
-               "distributed": {"world_size": world_size, "device": device}},
+               "distributed": {"world_size": world_size, "device": device},
+               "ood": ood_block(spec, [r.best_state for r in main.folds],
+                                [s.image for s in cohort.samples], seed=cfg.seed)},
     )
     def populate(tmp: Path) -> None:
         write_oof(tmp / "oof.csv", table)

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from dicom_node.config import Config
-from dicom_node.errors import PermanentJobError
+from dicom_node.errors import NothingToScoreError, PermanentJobError
 from dicom_node.ops.logs import setup_logging
 from dicom_node.ops.metrics import STAGE_SECONDS
-from dicom_node.worker import JobContext
+from dicom_node.worker import JobContext, finish_not_applicable
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ def child_main(conn: Connection, cfg: Config, settings: ChildSettings) -> None:
         before = stage_totals()
         try:
             processor(ctx)
+        except NothingToScoreError as exc:  # terminal, not a failure: the study is closed
+            finish_not_applicable(ctx, exc)
         except Exception as exc:  # noqa: BLE001 - every failure is that job's, not the process's
             log.debug("job %s traceback:\n%s", ctx.job_id, traceback.format_exc())
             # a PermanentJobError says the input can never succeed: no retry

@@ -161,8 +161,9 @@ class _Slot:
             job = dataclasses.replace(job, max_attempts=job.attempts)
         if done is not None:
             # its results are queued in the same transaction (exactly-once results)
-            mark_done(self.archive, job, note=done.note, outbox=done.outbox)
-            record_job("done")
+            mark_done(self.archive, job, note=done.note, outbox=done.outbox,
+                      study_state=done.study_state, images=done.images or None)
+            record_job("done" if done.study_state == "scored" else done.study_state)
             log.info("job %s (study %s): done%s", job.id, job.study_uid,
                      f" ({done.note})" if done.note else "")
             return

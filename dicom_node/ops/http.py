@@ -204,7 +204,7 @@ def render_page(ctx: StatusContext) -> str:
         "<h2>Recent studies</h2><table><tr><th>study</th><th>state</th>"
         "<th>last received (UTC)</th>"
         f"<th>probability</th><th>decision</th><th>ROI source</th><th>heat map</th><th>job</th>"
-        f"<th>outbox</th><th>failure</th></tr>{''.join(body)}</table>"
+        f"<th>outbox</th><th>failure / reason</th></tr>{''.join(body)}</table>"
         "<p><small>Research use only. No patient data is shown; studies are identified by the "
         "tail of their Study Instance UID, as in the node's log.</small></p></body></html>"
     )

@@ -59,7 +59,8 @@ RETRIES = Counter(
     ["destination"], registry=REGISTRY,
 )
 JOBS = Counter(
-    "dicom_node_jobs", "Scoring jobs finished, by outcome (done|failed|retry)", ["outcome"],
+    "dicom_node_jobs", "Scoring jobs finished, by outcome (done|not-applicable|failed|retry)",
+    ["outcome"],
     registry=REGISTRY,
 )
 MODEL = Info("dicom_node_model", "Identity of the loaded scoring model", registry=REGISTRY)
@@ -116,7 +117,8 @@ def record_send(destination: str, rows: list[dict[str, Any]], sent: list[dict[st
 
 
 def record_job(outcome: str) -> None:
-    """A scoring job ended: ``done``, ``failed`` (no attempts left) or ``retry``."""
+    """A scoring job ended: ``done``, ``not-applicable``, ``failed`` (no attempts left) or
+    ``retry``."""
     JOBS.labels(outcome=outcome).inc()
 
 

@@ -104,7 +104,7 @@ def recent_studies(db_path: Path, limit: int = 50) -> list[StudyRow]:
             row.job_state, row.job_attempts = j["state"], j["attempts"]
             if j["state"] == "failed" or (j["last_error"] and j["state"] != "done"):
                 row.error = str(j["last_error"] or "")
-        if s["state"] in ("failed", "rejected", "held") and not row.error:
+        if s["state"] in ("failed", "rejected", "held", "not-applicable") and not row.error:
             row.error = note
         if not row.error:
             row.error = errors.get(s["study_uid"], "")

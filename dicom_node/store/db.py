@@ -20,7 +20,8 @@ from typing import Any
 
 import sqlite_utils
 
-STUDY_STATES = ("receiving", "complete", "held", "rejected", "scoring", "scored", "failed")
+STUDY_STATES = ("receiving", "complete", "held", "rejected", "scoring", "scored", "not-applicable",
+                "failed")
 
 SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
     "patients": ({"patient_id": str, "first_seen": float, "last_seen": float}, "patient_id"),
@@ -32,6 +33,8 @@ SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
             # start of the current receiving episode (first instance, or the re-open); the
             # max-wait ceiling counts from here so a re-opened study gets a fresh ceiling
             "receiving_since": float,
+            # JSON list, per image of the last finished job: sop_uid, scored, reason
+            "images": str,
         },
         "study_uid",
     ),

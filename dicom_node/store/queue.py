@@ -17,7 +17,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +86,20 @@ def claim(index: Index, *, pid: int | None = None, now: float | None = None) -> 
 
 
 def mark_done(index: Index, job: Job, *, note: str = "",
-              outbox: Sequence[OutboxItem] = ()) -> None:
+              outbox: Sequence[OutboxItem] = (), study_state: str = "scored",
+              images: Sequence[Mapping[str, Any]] | None = None) -> None:
     """Job finished: study ``scored`` (unless re-opened meanwhile), its results queued.
+
+    ``study_state`` ``not-applicable`` ends a study that has nothing the model may score (its
+    note says why): finished without retries, but no sarcopenia verdict. ``images`` (per image:
+    ``sop_uid``, ``scored``, ``reason``) replaces the study's per-image record when given.
 
     ``outbox`` items are inserted in the same transaction, so a job is never ``done`` without
     its results queued for delivery.
     """
+    if study_state not in ("scored", "not-applicable"):
+        raise ValueError(f"a finished job ends its study scored or not-applicable, not "
+                         f"{study_state!r}")
     now = time.time()
     with index.transaction() as conn:
         add_items(conn, outbox, now=now)
@@ -99,10 +107,13 @@ def mark_done(index: Index, job: Job, *, note: str = "",
                      "WHERE id = ?",
                      (now, job.id))
         conn.execute(
-            "UPDATE studies SET state = 'scored', note = ? WHERE study_uid = ? "
+            "UPDATE studies SET state = ?, note = ? WHERE study_uid = ? "
             "AND state = 'scoring'",
-            (note, job.study_uid),
+            (study_state, note, job.study_uid),
         )
+        if images is not None:
+            conn.execute("UPDATE studies SET images = ? WHERE study_uid = ?",
+                         (json.dumps([dict(i) for i in images]), job.study_uid))
 
 
 def fail_job(index: Index, job_id: int, error: str, *, retry_base_seconds: float,

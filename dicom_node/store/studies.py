@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dicom_node.store.db import Index
@@ -75,9 +76,44 @@ def study_table(index: Index) -> list[dict[str, Any]]:
             "first_received": s["first_received"], "last_received": s["last_received"],
             "completion_reason": s["completion_reason"], "missing_seg": bool(s["missing_seg"]),
             "reopen_count": s["reopen_count"], "note": s["note"] or "",
+            "images": _images(s.get("images")),
             "job": None if j is None else {
                 "id": j["id"], "state": j["state"], "attempts": j["attempts"],
                 "last_error": j["last_error"]},
             "delivery": outbox.get(s["study_uid"], {}),
         })
     return out
+
+
+def _images(raw: str | None) -> list[dict[str, Any]]:
+    """The per-image record of the study's last finished job (empty before one finished)."""
+    try:
+        value = json.loads(raw or "[]")
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def images_summary(images: list[dict[str, Any]]) -> str:
+    """Short form for the table: ``2 scored; 1 not: colour-flow``."""
+    if not images:
+        return "-"
+    scored = sum(bool(i.get("scored")) for i in images)
+    codes: dict[str, int] = {}
+    for i in images:
+        if not i.get("scored"):
+            code = short_reason(str(i.get("reason", "")))
+            codes[code] = codes.get(code, 0) + 1
+    parts = [f"{scored} scored"] if scored else []
+    if codes:
+        parts.append(f"{sum(codes.values())} not: " + ", ".join(
+            c if n == 1 else f"{c} x{n}" for c, n in sorted(codes.items())))
+    return "; ".join(parts)
+
+
+def short_reason(reason: str) -> str:
+    """The code of a reason: the gate's code, or the reason's first words."""
+    prefix = "not scored by the input gate: "
+    if reason.startswith(prefix):
+        return reason[len(prefix):].split(":", 1)[0]
+    return reason.split(":", 1)[0].split(";", 1)[0][:40]

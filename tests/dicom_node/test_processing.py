@@ -16,6 +16,7 @@ from dicom_node.processing import build_processor, find_predecessor
 from dicom_node.store.archive import Archive
 from dicom_node.store.queue import enqueue
 from dicom_node.store.resultsets import study_folder
+from dicom_node.store.studies import study_table
 from dicom_node.validate import validate
 from dicom_node.worker import run_one
 from tests.conftest import make_config
@@ -189,6 +190,11 @@ def test_nothing_to_score_ends_not_applicable_without_retry(tiny_model_dir, synt
         assert job["state"] == "done" and job["attempts"] == 1
         note = archive.study(uid)["note"]
         assert note.startswith("not-applicable: ") and "sector-geometry" in note
+        assert archive.study(uid)["state"] == "not-applicable"
+        row = next(r for r in study_table(archive) if r["study_uid"] == uid)
+        assert row["state"] == "not-applicable"
+        assert [(i["sop_uid"], i["scored"]) for i in row["images"]] == [(ds.SOPInstanceUID, False)]
+        assert "sector-geometry" in row["images"][0]["reason"]
         srs = _sr_files(study_folder(cfg.node.results_dir, uid))
         queued = archive.query("SELECT sop_uid FROM outbox WHERE study_uid = ?", (uid,))
         if not_assessable == "none":

@@ -22,10 +22,12 @@ from dicom_node.errors import DeliveryError
 from dicom_node.scu import echo, store_files
 from dicom_node.store.archive import uid_name
 from tests.builders import (
+    encapsulated_pdf,
     make_seg,
     make_tls_files,
     make_us,
     set_raw,
+    study_companions,
     write,
     write_study,
 )
@@ -485,84 +487,11 @@ def test_imperfect_but_unambiguous_identifiers_are_accepted(node):
                          (padded.StudyInstanceUID.strip(),))
 
 
-def _study_companions(us):
-    """What a modality sends with its images: SRs, KOS, GSPS, label-map SEG, PDF, SC."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
-
-    common = {"series_instance_uid": generate_uid(), "series_number": 10,
-              "sop_instance_uid": generate_uid(), "instance_number": 1,
-              "manufacturer": "TestVendor"}
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Person,
-        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Doe^Jane"))
-    obs = hd.sr.ObservationContext(observer_person_context=observer)
-    report = hd.sr.MeasurementReport(
-        observation_context=obs, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=[hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="m1"),
-            measurements=[hd.sr.Measurement(name=codes.SCT.Diameter, value=1.0,
-                                            unit=codes.UCUM.Centimeter)])])
-    out = []
-    for cls in (hd.sr.ComprehensiveSR, hd.sr.EnhancedSR, hd.sr.Comprehensive3DSR):
-        out.append(cls(evidence=[us], content=report,
-                       **{**common, "sop_instance_uid": generate_uid(),
-                          "series_instance_uid": generate_uid()}))
-    kos = hd.ko.KeyObjectSelectionDocument(
-        evidence=[us], content=hd.ko.KeyObjectSelection(
-            document_title=codes.DCM.Manifest, referenced_objects=[us]),
-        series_instance_uid=generate_uid(), series_number=11, sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer="TestVendor")
-    out.append(kos)
-    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[us], series_instance_uid=generate_uid(), series_number=12,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="TestVendor",
-        manufacturer_model_name="T1", software_versions="1", device_serial_number="1",
-        content_label="GSPS")
-    out.append(gsps)
-    mask = np.zeros((us.Rows, us.Columns), dtype=np.uint8)
-    mask[10:30, 10:30] = 1
-    desc = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="RF", segmented_property_category=codes.SCT.Tissue,
-        segmented_property_type=codes.SCT.SkeletalMuscle,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-    out.append(hd.seg.Segmentation(
-        source_images=[us], pixel_array=mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
-        segment_descriptions=[desc], series_instance_uid=generate_uid(), series_number=13,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="TestVendor",
-        manufacturer_model_name="Seg", software_versions="1", device_serial_number="1"))
-    return out
-
-
-def _encapsulated_pdf(us):
-    """An Encapsulated PDF object (no highdicom builder exists for it)."""
-    from pydicom.uid import generate_uid
-    from pynetdicom.sop_class import EncapsulatedPDFStorage
-
-    pdf = make_us()  # reuse the patient/study header, then turn it into a PDF document
-    for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-               "SamplesPerPixel", "PhotometricInterpretation", "PixelData"):
-        del pdf[kw]
-    pdf.StudyInstanceUID = us.StudyInstanceUID
-    pdf.SeriesInstanceUID = generate_uid()
-    pdf.SOPInstanceUID = generate_uid()
-    pdf.SOPClassUID = pdf.file_meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage
-    pdf.file_meta.MediaStorageSOPInstanceUID = pdf.SOPInstanceUID
-    pdf.Modality = "DOC"
-    pdf.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    pdf.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
-    pdf.BurnedInAnnotation = "YES"
-    pdf.DocumentTitle = "report"
-    return pdf
-
-
 def test_every_storage_class_a_study_may_carry_is_archived_and_indexed(node):
     """Issue 11: SR of every kind, KOS, GSPS, label-map SEG, PDF are negotiated and stored."""
     cfg, archive = node
     us = make_us()
-    others = _study_companions(us) + [_encapsulated_pdf(us)]
+    others = study_companions(us) + [encapsulated_pdf(us)]
     results = _send(cfg, [us, *others])
     assert [s for _, s in results] == [0] * (1 + len(others)), results
     rows = archive.query("SELECT sop_class_uid, modality FROM instances")
