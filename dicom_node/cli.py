@@ -3,8 +3,8 @@
 Each sub-command is implemented by a ``*_command(args, cfg) -> int`` function in the application
 module that owns that job (the library commands live in :mod:`dicom_node.commands`, which turns
 the namespace into typed calls); this file only declares the arguments and dispatches. Modules are
-imported lazily so that ``echo``, ``push`` and ``studies`` start in about a second (importing torch/monai takes
-10+ seconds on a 2-core machine).
+imported lazily so that ``echo``, ``push`` and ``studies`` start in about a second (importing
+torch/monai takes 10+ seconds on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import errno
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import cast
 
 from dicom_node.config import Config, config_from_dict, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aet", default="PYNETDICOM", help="our calling AE title")
     p.add_argument("--aec", default=None, help="called AE title (default node.ae_title)")
 
-    p = add("synth", "Generate a synthetic multi-vendor RF-ultrasound cohort (DICOM + SEG + labels).")
+    p = add("synth",
+            "Generate a synthetic multi-vendor RF-ultrasound cohort (DICOM + SEG + labels).")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--participants", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
@@ -165,7 +167,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _resolve(target: str) -> Callable[[argparse.Namespace, Config], int]:
     module_name, func = target.split(":")
-    return getattr(importlib.import_module(module_name), func)
+    # the targets are the ``*_command`` functions named in this module's dispatch table
+    return cast("Callable[[argparse.Namespace, Config], int]",
+                getattr(importlib.import_module(module_name), func))
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
@@ -226,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     Exit codes: 0 success, 1 a runtime failure (e.g. a peer refused), 2 a user mistake (bad
     argument or config), 130 interrupted. Every failure ends with exactly one line naming it.
     """
-    try:
-        from dicom_node.errors import USER_ERRORS as user_errors  # type: ignore[attr-defined]
-    except ImportError:
-        user_errors = (DicomNodeError,)
+    from dicom_node.errors import USER_ERRORS as user_errors
     parser = build_parser()
     _add_ops_options(parser)
     args = parser.parse_args(argv)

@@ -188,7 +188,7 @@ class ModelArtifact:
 
 def fold_files(raw: Mapping[str, Any], model_dir: Path, *, on_disk: bool = True
                ) -> tuple[str, ...]:
-    """The fold file names, checked: a non-empty list of plain names (that exist, if ``on_disk``)."""
+    """The fold file names, checked: a non-empty list of plain names (existing, if ``on_disk``)."""
     folds = raw["folds"]
     if not isinstance(folds, list) or not folds:
         raise ModelArtifactError(f"{model_dir / 'model.json'}: 'folds' must be a non-empty list")
@@ -317,7 +317,7 @@ def check_servable(card: ModelCard, model_dir: Path) -> None:
 
 
 def load_weights(model: nn.Module, file: Path) -> None:
-    """Load one fold's safetensors into ``model``, naming any missing/unexpected/mis-shaped tensor."""
+    """Load one fold's safetensors into ``model``; names missing/unexpected/mis-shaped tensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -450,8 +450,9 @@ def build_model_json(
     decision = decision or Decision(
         threshold=float(threshold), method="youden_j" if spec.target == "binary" else "none")
     if abs(decision.threshold - float(threshold)) > 1e-12:
-        raise ValueError(f"threshold {threshold} and decision.threshold {decision.threshold} differ")
-    policy = policy or ServingPolicy(frame_policy=spec.frame_policy)  # type: ignore[arg-type]
+        raise ValueError(
+            f"threshold {threshold} and decision.threshold {decision.threshold} differ")
+    policy = policy or ServingPolicy(frame_policy=spec.frame_policy)
     if policy.frame_policy != spec.frame_policy:
         raise ValueError(f"spec.frame_policy {spec.frame_policy!r} and serving.frame_policy "
                          f"{policy.frame_policy!r} differ")

@@ -186,7 +186,8 @@ def _rules_from(table: Mapping[str, Any], key: str, base: GateRules) -> GateRule
                     try:
                         re.compile(v)
                     except re.error as exc:
-                        raise ValueError(f"{key}.{name}: bad regular expression {v!r}: {exc}")
+                        raise ValueError(
+                            f"{key}.{name}: bad regular expression {v!r}: {exc}") from exc
             out[name] = tuple(value)
     if "assume_thigh" in table:
         if not isinstance(table["assume_thigh"], bool):
@@ -265,13 +266,14 @@ def check_rules(ds: Dataset, cfg: GateConfig, calling_ae: str | None = None
     rules = cfg.rules_for(calling_ae)
     modality = str(ds.get("Modality", "") or "")
     if rules.modalities and modality not in rules.modalities:
-        return RULE_MODALITY, f"modality {modality or '(empty)'} is not one of {list(rules.modalities)}"
+        return (RULE_MODALITY,
+                f"modality {modality or '(empty)'} is not one of {list(rules.modalities)}")
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if rules.sop_classes and sop_class not in rules.sop_classes:
         return RULE_SOP_CLASS, f"SOP class {sop_class or '(empty)'} is not an accepted image class"
     texts = _header_text(ds)
     for pattern in rules.deny_patterns:
-        for tag, text in zip(PATTERN_TAGS, texts):
+        for tag, text in zip(PATTERN_TAGS, texts, strict=True):
             if text and re.search(pattern, text, re.IGNORECASE):
                 return RULE_DENY, f"{tag} matches deny pattern {pattern!r}"
     if rules.allow_patterns and not any(
@@ -315,7 +317,8 @@ def lit_mask(gray: np.ndarray) -> np.ndarray:
     """Where the probe images tissue: locally non-black after smoothing out the speckle."""
     k = int(max(3, min(gray.shape) // 40)) | 1
     mean = ndimage.uniform_filter(gray.astype(np.float32, copy=False), k)
-    return mean > 0.03
+    lit: np.ndarray = mean > 0.03
+    return lit
 
 
 def fan_ratio(gray: np.ndarray) -> float:
@@ -617,7 +620,8 @@ def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         z = np.stack([-z / 2.0, z / 2.0], axis=1)
     from scipy.special import logsumexp
 
-    return -temperature * logsumexp(z / temperature, axis=1)
+    energy: np.ndarray = -temperature * logsumexp(z / temperature, axis=1)
+    return energy
 
 
 def energy_from_probability(prob: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -652,7 +656,8 @@ def fit_feature_stats(features: np.ndarray) -> FeatureStats:
 def mahalanobis_score(features: np.ndarray, stats: FeatureStats) -> np.ndarray:
     """Mahalanobis distance of each (N, D) feature row to the training distribution."""
     d = np.asarray(features, dtype=np.float64) - stats.mean
-    return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, stats.precision, d), 0.0))
+    dist: np.ndarray = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, stats.precision, d), 0.0))
+    return dist
 
 
 def fit_ood_threshold(train_scores: Sequence[float] | np.ndarray, keep: float = 0.95) -> float:

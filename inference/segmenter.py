@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage  # type: ignore[import-untyped]
+from scipy import ndimage
 from torch import nn
 
 from inference.artifact import fold_files, load_weights
@@ -115,7 +115,7 @@ class SegmenterSpec:
             raise SegmenterArtifactError(f"unknown segmentation spec keys {sorted(extra)}")
         try:
             return cls(architecture=str(d["architecture"]), arch_args=dict(d["arch_args"]),
-                       pixel_cm=float(d["pixel_cm"]), fov_px=tuple(d["fov_px"]),  # type: ignore[arg-type]
+                       pixel_cm=float(d["pixel_cm"]), fov_px=tuple(d["fov_px"]),
                        intensity=str(d.get("intensity", "zscore")),
                        threshold=float(d.get("threshold", 0.5)))
         except (KeyError, TypeError, ValueError) as exc:
@@ -359,11 +359,12 @@ class Segmenter:
     @torch.no_grad()
     def probability(self, image: np.ndarray, spacing_cm: tuple[float, float]) -> np.ndarray:
         """Muscle probability (H, W) on the frame's own grid."""
-        where = placement(image.shape[:2], spacing_cm, self.spec)  # type: ignore[arg-type]
+        where = placement(image.shape[:2], spacing_cm, self.spec)
         x = torch.as_tensor(normalise(to_grid(image, where, self.spec), self.spec))[None, None]
         probs = [torch.softmax(net(x), dim=1)[0] for net in self.networks]
         grid = torch.stack(probs).mean(0).numpy()
-        return from_grid(grid[1:2], where)[0]
+        muscle: np.ndarray = from_grid(grid[1:2], where)[0]
+        return muscle
 
     def segment(self, image: np.ndarray, spacing_cm: tuple[float, float] | None
                 ) -> SegmentationResult:

@@ -137,7 +137,8 @@ def colour_mask(rgb: np.ndarray, min_chroma: int = 48, min_saturation: float = 0
     px = np.asarray(rgb)[..., :3].astype(np.int16)
     hi, lo = px.max(axis=-1), px.min(axis=-1)
     chroma = hi - lo
-    return (chroma >= min_chroma) & (chroma / np.maximum(hi, 1) >= min_saturation)
+    coloured: np.ndarray = (chroma >= min_chroma) & (chroma / np.maximum(hi, 1) >= min_saturation)
+    return coloured
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The training protocol: cohort -> folds -> trainer -> artifact + report.
 
-``run_training`` is the whole protocol as one function (the application's ``train`` command and the demo call it): load and
-cache the cohort, split participants into stratified folds, train each fold (features scaled on the
-training folds only), pool the out-of-fold predictions, choose the threshold by Youden's J on them,
-compute the CV metrics, and write the model directory atomically (weights, model.json, oof.csv).
-Additional modality combinations (``also``) are trained on the same folds for the report only;
-the first combination is the one the node serves.
+``run_training`` is the whole protocol as one function (the application's ``train`` command and
+the demo call it): load and cache the cohort, split participants into stratified folds, train each
+fold (features scaled on the training folds only), pool the out-of-fold predictions, choose the
+threshold by Youden's J on them, compute the CV metrics, and write the model directory atomically
+(weights, model.json, oof.csv). Additional modality combinations (``also``) are trained on the
+same folds for the report only; the first combination is the one the node serves.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def train_combination(
         outer = res.test_pred if cfg.selection == "nested" else res.val_pred
         assert outer is not None
         pred_of_unit = dict(zip(va.tolist(), outer.tolist(), strict=True))
-        for i in np.flatnonzero(fold_of == k):
+        for i in np.flatnonzero(fold_of == k).tolist():
             oof[i] = pred_of_unit[units[unit_of_study[samples[i].study_uid]]] \
                 if "image" not in mods else pred_of_unit[i]
         results.append(res)

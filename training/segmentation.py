@@ -164,7 +164,7 @@ def load_seg_samples(source_dir: Path, spec: SegmenterSpec, labels: Path | None 
             if not fr.mask.any():
                 skipped.append(f"{fr.sop_instance_uid}: empty SEG mask")
                 continue
-            where = placement(fr.image.shape, fr.spacing_cm, spec)  # type: ignore[arg-type]
+            where = placement(fr.image.shape, fr.spacing_cm, spec)
             samples.append(SegSample(
                 image=fr.image, mask=fr.mask, spacing_cm=fr.spacing_cm, participant_id=pid,
                 study_uid=study, sop_uid=fr.sop_instance_uid, frame_number=fr.frame_number,

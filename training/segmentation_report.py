@@ -135,6 +135,7 @@ def write_report(folder: Path, report: dict[str, Any], records: Sequence[dict[st
     rows += [_row(f"fold {k}", s) for k, s in report["per_fold"].items()]
     rows += [_row(v, s) for v, s in report["per_vendor"].items()]
     img = base64.b64encode(png).decode("ascii")
+    qc = html.escape(json.dumps(report["overall"].get("qc_reasons", {}), indent=1))
     doc = (
         "<!doctype html><meta charset='utf-8'><title>RF segmenter report</title>"
         "<h1>Automatic rectus femoris segmentation: held-out participants</h1>"
@@ -142,6 +143,6 @@ def write_report(folder: Path, report: dict[str, Any], records: Sequence[dict[st
         "images, Dice/HD95 on all. Reference: the DICOM-SEG masks.</p>"
         f"<table border='1' cellpadding='3'>{head}{''.join(rows)}</table>"
         f"<h2>Bland-Altman</h2><img alt='Bland-Altman plots' src='data:image/png;base64,{img}'>"
-        f"<h2>QC failures</h2><pre>{html.escape(json.dumps(report['overall'].get('qc_reasons', {}), indent=1))}</pre>"
+        f"<h2>QC failures</h2><pre>{qc}</pre>"
     )
     (folder / "report.html").write_text(doc, encoding="utf-8")

@@ -1,4 +1,4 @@
-"""``dicom-node train``, ``evaluate``, ``compare`` and ``synth``: the training library's commands."""
+"""``dicom-node train``, ``evaluate``, ``compare``, ``synth``: the training library's commands."""
 
 from __future__ import annotations
 

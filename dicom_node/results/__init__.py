@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
@@ -41,6 +41,10 @@ from inference.types import ImageScore, ModelInfo, StudyScore
 
 if TYPE_CHECKING:
     from dicom_node.config import Config
+
+    # what the SR's imaging measurements hold: per-image ROI groups and plain groups
+    _MeasurementGroup = (hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+                         | hd.sr.MeasurementsAndQualitativeEvaluations)
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +299,7 @@ def build_sr(
         )
     )
     evidence: list[Dataset] = list(us_sources)
-    groups: list = []
+    groups: list[_MeasurementGroup] = []
     for i, img in enumerate(score.images, start=1):
         src = sources.get(img.frame.sop_instance_uid)
         if src is None:
@@ -442,7 +446,7 @@ def build_not_assessable_sr(
                        probability=float("nan"), positive=False, rule="none", images=[],
                        model=model, gate=list(verdicts))
     evidence: list[Dataset] = []
-    groups: list = _not_scored_groups(score, algorithm, evidence, by_uid)
+    groups = _not_scored_groups(score, algorithm, evidence, by_uid)
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[study_uid, "not-assessable"]),
@@ -510,7 +514,8 @@ def _jet(values: np.ndarray) -> np.ndarray:
     """Jet colour map (the usual Grad-CAM palette), values 0..1 -> uint8 RGB."""
     from matplotlib import colormaps
 
-    return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+    rgb: np.ndarray = (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+    return rgb
 
 
 def render_heatmap(img: ImageScore, burn_in_text: str, threshold: float | None) -> np.ndarray:
@@ -567,7 +572,7 @@ def build_heatmaps(
             continue
         src = sanitize_source(src)
         rgb = render_heatmap(img, cfg.burn_in_text, score.model.image_threshold)
-        kwargs: dict = {}
+        kwargs: dict[str, Any] = {}
         photometric = "RGB"
         if cfg.heatmap_jpeg:
             kwargs["transfer_syntax_uid"] = JPEGBaseline8Bit
