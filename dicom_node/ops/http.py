@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from dicom_node.config import Config
 from dicom_node.ops import metrics, status
+from dicom_node.store import monitoring
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,8 @@ def destination_results(db_path: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     if not Path(db_path).exists():
         return out
-    with status.read_only(db_path) as conn:
-        if "outbox" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}:
-            return out
-        for r in conn.execute(
-            "SELECT destination, max(sent_at) AS last_sent, "
-            "sum(state = 'pending') AS pending, sum(state = 'expired') AS expired, "
-            "(SELECT last_error FROM outbox o2 WHERE o2.destination = o.destination AND "
-            " o2.state != 'sent' AND o2.last_error != '' ORDER BY o2.id DESC LIMIT 1) AS error "
-            "FROM outbox o GROUP BY destination"
-        ):
+    with monitoring.read_only(db_path) as conn:
+        for r in monitoring.destination_health(conn):
             out[r["destination"]] = {
                 "last_sent": status.iso(r["last_sent"]) if r["last_sent"] else None,
                 "pending": int(r["pending"] or 0), "expired": int(r["expired"] or 0),

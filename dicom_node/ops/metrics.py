@@ -12,10 +12,9 @@ The metrics live in :data:`REGISTRY` (not prometheus-client's process-wide defau
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from dicom_node.store import monitoring
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -139,24 +140,12 @@ def read_index_gauges(db_path: Path, now: float | None = None) -> dict[str, dict
                                         "outbox": {}}
     if not Path(db_path).exists():
         return out
-    uri = f"file:{Path(db_path).resolve()}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "studies" in tables:
-            for state, n in conn.execute("SELECT state, count(*) FROM studies GROUP BY state"):
-                out["studies"][str(state)] = float(n)
-        if "outbox" in tables:  # keyed "destination\tstate"
-            for dest, state, n in conn.execute(
-                    "SELECT destination, state, count(*) FROM outbox GROUP BY destination, state"):
-                out["outbox"][f"{dest}\t{state}"] = float(n)
-        queues = (("jobs", "jobs", "state IN ('queued', 'running')"),
-                  ("outbox", "outbox", "state = 'pending'"))
-        for name, table, where in queues:
-            if table not in tables:
-                continue
-            n, oldest = conn.execute(
-                f"SELECT count(*), min(created_at) FROM {table} WHERE {where}"
-            ).fetchone()
+    with monitoring.read_only(db_path) as conn:
+        for state, n in monitoring.study_state_counts(conn).items():
+            out["studies"][state] = float(n)
+        for (dest, state), n in monitoring.outbox_state_counts(conn).items():
+            out["outbox"][f"{dest}\t{state}"] = float(n)  # keyed "destination\tstate"
+        for name, (n, oldest) in monitoring.queue_backlog(conn).items():
             out["depth"][name] = float(n)
             out["oldest_age"][name] = max(0.0, now - oldest) if oldest is not None else 0.0
     return out

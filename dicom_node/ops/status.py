@@ -9,13 +9,12 @@ identifier the node's own log lines already carry, so a line on the page can be 
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dicom_node.store import monitoring
 
 # the note the scoring processor stores on a scored study: "p=0.734 positive (threshold ..."
 _NOTE_RE = re.compile(r"p=(?P<p>[0-9.]+) (?P<decision>positive|negative)")
@@ -44,50 +43,20 @@ class StudyRow:
         return self.study_uid if len(self.study_uid) <= 14 else "\u2026" + self.study_uid[-12:]
 
 
-@contextmanager
-def read_only(db_path: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection: the page can never change the index."""
-    uri = f"file:{Path(db_path).resolve()}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=5.0)) as conn:
-        conn.row_factory = sqlite3.Row
-        yield conn
-
-
-def _tables(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
 def recent_studies(db_path: Path, limit: int = 50) -> list[StudyRow]:
     """The ``limit`` most recently received studies with their job, score and outbox state."""
     if not Path(db_path).exists():
         return []
-    with read_only(db_path) as conn:
-        tables = _tables(conn)
-        if "studies" not in tables:
-            return []
-        studies = conn.execute(
-            "SELECT study_uid, state, last_received, note FROM studies "
-            "ORDER BY last_received DESC LIMIT ?", (limit,),
-        ).fetchall()
+    with monitoring.read_only(db_path) as conn:
+        studies = monitoring.recent_studies(conn, limit)
         uids = [s["study_uid"] for s in studies]
-        marks = ",".join("?" * len(uids)) or "NULL"
-        jobs: dict[str, sqlite3.Row] = {}
-        if "jobs" in tables:
-            for j in conn.execute(
-                f"SELECT study_uid, state, attempts, last_error FROM jobs WHERE id IN "
-                f"(SELECT max(id) FROM jobs WHERE study_uid IN ({marks}) GROUP BY study_uid)", uids,
-            ):
-                jobs[j["study_uid"]] = j
+        jobs = monitoring.latest_jobs(conn, uids)
         outbox: dict[str, dict[str, int]] = {}
         errors: dict[str, str] = {}
-        if "outbox" in tables:
-            for r in conn.execute(
-                f"SELECT study_uid, state, count(*) AS n, max(last_error) AS err FROM outbox "
-                f"WHERE study_uid IN ({marks}) GROUP BY study_uid, state", uids,
-            ):
-                outbox.setdefault(r["study_uid"], {})[r["state"]] = int(r["n"])
-                if r["state"] != "sent" and r["err"]:
-                    errors[r["study_uid"]] = f"delivery: {r['err']}"
+        for r in monitoring.outbox_by_study(conn, uids):
+            outbox.setdefault(r["study_uid"], {})[r["state"]] = int(r["n"])
+            if r["state"] != "sent" and r["err"]:
+                errors[r["study_uid"]] = f"delivery: {r['err']}"
     rows = []
     for s in studies:
         row = StudyRow(study_uid=s["study_uid"], state=s["state"], last_received=s["last_received"],
