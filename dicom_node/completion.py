@@ -65,6 +65,19 @@ def seg_coverage(instances: list[dict[str, Any]]) -> tuple[list[str], int, int]:
     return [u for u in us if u not in referenced], len(us), seg_count
 
 
+def missing_seg_flags(cfg: CompletionConfig) -> tuple[bool, bool]:
+    """``(allow_missing_seg, auto_roi)``: how images without a human SEG are scored.
+
+    The one mapping from ``completion.on_missing_seg`` / ``require_seg`` to the pipeline's flags
+    for a study completed with images still lacking a SEG. :func:`decide` writes them into the job
+    payload; a job queued without them (by an older version) and the offline ``score`` command,
+    which has no completion step, take them from here, so all three follow the same policy.
+    """
+    auto = cfg.on_missing_seg == "auto"
+    allow = not auto and (cfg.on_missing_seg == "score-whole-region" or not cfg.require_seg)
+    return allow, auto
+
+
 def decide(study: dict[str, Any], instances: list[dict[str, Any]], cfg: CompletionConfig,
            now: float) -> Decision | None:
     """What should happen to a ``receiving`` study now; None means keep waiting."""

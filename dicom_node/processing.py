@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.completion import missing_seg_flags
 from dicom_node.config import Config
 from dicom_node.errors import ModelArtifactError, NothingToScoreError
 from dicom_node.ops.metrics import record_pipeline_timings, timed
@@ -152,10 +153,11 @@ class ScoringProcessor:
         from dicom_node.store import resultsets
 
         cfg = self.cfg
-        allow = bool(ctx.payload.get(
-            "allow_missing_seg", cfg.completion.on_missing_seg == "score-whole-region"
-        ))
-        auto = bool(ctx.payload.get("auto_roi", cfg.completion.on_missing_seg == "auto"))
+        # completion decided the policy and wrote it into the payload; the defaults are the same
+        # policy for a job queued without the keys
+        default_allow, default_auto = missing_seg_flags(cfg.completion)
+        allow = bool(ctx.payload.get("allow_missing_seg", default_allow))
+        auto = bool(ctx.payload.get("auto_roi", default_auto))
         log.info("%s: scoring %d instance(s) (attempt %d, allow_missing_seg=%s, auto_roi=%s, "
                  "reason %s)", ids, len(ctx.paths), ctx.attempt, allow, auto,
                  ctx.payload.get("completion_reason", "?"))

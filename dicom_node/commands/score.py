@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.completion import missing_seg_flags
 from dicom_node.config import Config
 from dicom_node.errors import ScoringError
 
@@ -127,7 +128,7 @@ def score_command(args: argparse.Namespace, cfg: Config) -> int:
     from inference.pipeline import ScoringPipeline
 
     pipeline = ScoringPipeline(Path(model_dir), cfg.scoring, cfg.reader, cfg.gate)
-    allow_missing = cfg.completion.on_missing_seg == "score-whole-region"
+    allow_missing, _auto = missing_seg_flags(cfg.completion)  # the node's policy, offline
     summary: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     failures = 0
