@@ -19,6 +19,7 @@ import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dicom_node.store.db import Index
@@ -154,6 +155,12 @@ def mark_failed(index: Index, job: Job, error: str, *, retry_base_seconds: float
 
 
 def _alive(pid: int | None) -> bool:
+    """True if ``pid`` is a running process.
+
+    A zombie counts as dead: a scoring process killed with its node (SIGKILL via PDEATHSIG)
+    stays a zombie until its new parent reaps it, and a container's init may never do that;
+    treating it as alive would leave its job ``running`` for ever.
+    """
     if not pid:
         return False
     try:
@@ -162,7 +169,12 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (not Linux) or gone meanwhile
+        return True
+    # the state letter follows the command name, which is in parentheses and may hold spaces
+    return stat[stat.rfind(")") + 2:stat.rfind(")") + 3] not in ("Z", "X")
 
 
 def requeue_orphans(index: Index, *, retry_base_seconds: float = 0.0) -> int:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -122,6 +123,26 @@ def test_requeue_jobs_of_dead_process(archive):
     assert archive.study("4.1")["state"] == "complete"
     job = claim(archive)
     assert job is not None and job.study_uid == "4.1" and job.attempts == 2
+
+
+def test_job_of_a_zombie_process_is_requeued(archive):
+    """A scoring process killed with its node stays a zombie until reaped (a container's init
+    may never reap it): its job must not stay ``running`` for ever."""
+    _job(archive, "4.z")
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # exited but not yet reaped by us: a real zombie
+        state = Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    assert state == "Z"
+    try:
+        claim(archive, pid=zombie.pid)
+        assert requeue_orphans(archive) == 1
+        assert jobs_for(archive, "4.z")[0]["state"] == "queued"
+    finally:
+        zombie.wait()
 
 
 def test_worker_survives_failing_processor_and_passes_context(archive, tmp_path):
