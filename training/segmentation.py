@@ -104,7 +104,7 @@ def make_spec(cfg: SegTrainConfig) -> SegmenterSpec:
     return SegmenterSpec(architecture=cfg.architecture, arch_args=cfg.arch_args,
                          pixel_cm=cfg.pixel_cm,
                          fov_px=grid_shape_for(cfg.fov_cm[0], cfg.fov_cm[1], cfg.pixel_cm),
-                         intensity=cfg.intensity)
+                         intensity=cfg.intensity, flip_average=cfg.flip_average)
 
 
 def _participants(labels: Path | None) -> dict[str, str]:

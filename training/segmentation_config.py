@@ -33,6 +33,8 @@ class SegTrainConfig:
         threads: torch CPU threads (the node shares its CPUs).
         intensity: ``zscore`` or ``unit`` input normalisation.
         augment: random flips, small shifts/scales and gain changes in training.
+        flip_average: served (and evaluated) with left-right mirror averaging (see
+            ``inference.segmenter.SegmenterSpec``).
         name / version: identity written into the artifact (and the AI DICOM-SEG).
     """
 
@@ -50,6 +52,7 @@ class SegTrainConfig:
     threads: int = 1
     intensity: str = "zscore"
     augment: bool = True
+    flip_average: bool = True
     name: str = "dicom-node RF segmenter"
     version: str = "1"
 

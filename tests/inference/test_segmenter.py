@@ -83,6 +83,15 @@ def test_quality_control_accepts_a_plausible_muscle() -> None:
     assert res.confidence == pytest.approx(0.95)
 
 
+def test_quality_control_fills_holes_inside_the_muscle() -> None:
+    # a dark fibro-fatty patch inside the fascia is muscle too: the outline, not the pixels
+    spacing = (0.02, 0.02)
+    mask = _ellipse((250, 320), (80, 160), (40, 90))
+    holed = mask & ~_ellipse((250, 320), (80, 160), (10, 20))
+    res = quality_control(_prob_of(holed), spacing, 0.5, QcLimits())
+    assert res.passed and res.mask is not None and np.array_equal(res.mask, mask)
+
+
 @pytest.mark.parametrize("case,reason", [
     ("empty", "empty"), ("unsure", "confidence"), ("two", "two muscle-like"),
     ("tiny", "area"), ("thin", "thickness"), ("uncalibrated", "calibration"),
@@ -118,6 +127,21 @@ def test_load_segmenter_predicts_on_the_frame_grid(tmp_path: Path) -> None:
     assert not res.passed and "calibration" in res.qc_reason
 
 
+def test_flip_average_is_stored_and_makes_the_map_mirror_consistent(tmp_path: Path) -> None:
+    flipped = SegmenterSpec(**{**SPEC.to_dict(), "flip_average": True})
+    seg = load_segmenter(_write_artifact(tmp_path / "m", net_spec=flipped))
+    assert seg.spec.flip_average
+    image = np.random.default_rng(1).random((200, 320)).astype(np.float32)
+    prob = seg.probability(image, (0.02, 0.02))
+    mirror = seg.probability(image[:, ::-1].copy(), (0.02, 0.02))[:, ::-1]
+    np.testing.assert_allclose(prob, mirror, atol=1e-5)
+    # without the option the same random network is not mirror-consistent
+    plain = load_segmenter(_write_artifact(tmp_path / "p"))
+    assert not plain.spec.flip_average
+    p2 = plain.probability(image, (0.02, 0.02))
+    assert np.abs(p2 - plain.probability(image[:, ::-1].copy(), (0.02, 0.02))[:, ::-1]).max() > 1e-4
+
+
 @pytest.mark.parametrize("override,match", [
     ({"task": "classification"}, "task"),
     ({"schema_version": 9}, "schema_version"),
@@ -126,6 +150,7 @@ def test_load_segmenter_predicts_on_the_frame_grid(tmp_path: Path) -> None:
     ({"spec": {**SPEC.to_dict(), "architecture": "nope"}}, "unknown segmentation architecture"),
     ({"spec": {**SPEC.to_dict(), "surprise": 1}}, "unknown segmentation spec keys"),
     ({"qc": {"min_csa": 1}}, "unknown qc keys"),
+    ({"spec": {**SPEC.to_dict(), "flip_average": "yes"}}, "flip_average"),
 ])
 def test_invalid_model_json_is_refused(tmp_path: Path, override: dict, match: str) -> None:
     with pytest.raises(SegmenterArtifactError, match=match):
