@@ -98,12 +98,16 @@ def training_set(cohort: Path, manifest: Manifest, labels: list[Row], held: set[
 
 def held_out_studies(cohort: Path, chosen: list[dict[str, Any]], labels: list[Row]
                      ) -> dict[str, DemoStudy]:
-    """The chosen studies keyed by Study Instance UID, files ordered as sent (late SEGs last)."""
+    """The chosen studies keyed by Study Instance UID, with their US objects only.
+
+    Their DICOM-SEGs are left out on purpose: a scanner sends none, so the node has to find the
+    ROI itself (automatic segmenter) and the demo compares that with the generator's truth.
+    """
     by_patient = {r.get("patient_id", ""): r for r in labels}
     studies: dict[str, DemoStudy] = {}
     for st in chosen:
         row = by_patient.get(st.get("patient_id", ""), {})
-        files = sorted(st["files"], key=lambda f: bool(f.get("send_late")))
+        files = [f for f in st["files"] if f.get("kind", "us") != "seg"]
         studies[st["study_uid"]] = DemoStudy(
             study_uid=st["study_uid"], patient_id=st.get("patient_id", ""),
             participant=participant_of(row), vendor=st.get("vendor", "?"),

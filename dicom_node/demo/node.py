@@ -22,19 +22,34 @@ NODE_AET = "DICOMNODE"
 MODALITY_AET = "STORESCU"
 
 
-def node_toml(workdir: Path, model_dir: Path, pacs: Peer, threads: int) -> dict[str, Any]:
-    """The demo node's config: loopback, scoring on, the demo PACS as the only destination."""
+# a quiet demo study waits this long for a human SEG before the node segments it itself
+SEG_WAIT_SECONDS = 2.0
+
+
+def node_toml(workdir: Path, model_dir: Path, pacs: Peer, threads: int,
+              seg_model_dir: Path | None = None) -> dict[str, Any]:
+    """The demo node's config: loopback, scoring on, the demo PACS as the only destination.
+
+    With ``seg_model_dir`` (the demo's segmenter) a study without SEG gets the automatic ROI
+    after ``SEG_WAIT_SECONDS`` (``on_missing_seg = "auto"``); without it, the whole tissue region.
+    """
+    completion: dict[str, Any] = {
+        "idle_seconds": 3, "max_wait_seconds": 60, "require_seg": True,
+        "on_missing_seg": "score-whole-region", "poll_seconds": 0.5}
+    scoring: dict[str, Any] = {"enabled": True, "model_dir": str(model_dir), "cam_enabled": True,
+                               "torch_threads": threads, "device": "cpu"}
+    if seg_model_dir is not None:
+        completion.update(on_missing_seg="auto", seg_wait_seconds=SEG_WAIT_SECONDS)
+        scoring["segmentation_model_dir"] = str(seg_model_dir)
     return {
         "node": {"ae_title": NODE_AET, "host": "127.0.0.1", "port": free_port(),
                  "data_dir": str(workdir / "node-data"),
                  "allowed_calling_aets": [MODALITY_AET, "PYNETDICOM"],
                  "disk_reserve_mb": 0, "log_level": "INFO"},
-        "completion": {"idle_seconds": 3, "max_wait_seconds": 60, "require_seg": True,
-                       "on_missing_seg": "score-whole-region", "poll_seconds": 0.5},
+        "completion": completion,
         "worker": {"enabled": True, "poll_seconds": 0.3, "retry_base_seconds": 2,
                    "max_attempts": 2},
-        "scoring": {"enabled": True, "model_dir": str(model_dir), "cam_enabled": True,
-                    "torch_threads": threads, "device": "cpu"},
+        "scoring": scoring,
         "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
                           "port": pacs.port}],
         "delivery": {"poll_seconds": 0.5, "retry_initial_seconds": 2, "retry_max_seconds": 10,

@@ -1,9 +1,10 @@
 """``dicom-node demo``: the steps in order, with bounded waits and clean-up of what it started.
 
-generate a cohort -> train a small real fold ensemble (report written) -> start the demo PACS and
-``dicom-node serve`` -> push held-out studies as a modality would -> wait for the SRs and heat maps
-at the PACS -> read them back and print a table -> stop everything it started. Any failure stops
-the demo with a message and a non-zero exit.
+generate a cohort -> train a small real fold ensemble and an automatic RF segmenter (reports
+written) -> start the demo PACS and ``dicom-node serve`` (automatic ROI on) -> push held-out
+studies as a modality would, without their DICOM-SEGs -> wait for the SRs, heat maps and AI SEGs
+at the PACS -> read them back, compare the AI SEGs with the generator's truth and print a table
+-> stop everything it started. Any failure stops the demo with a message and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ from typing import Any
 
 from dicom_node.config import Config
 from dicom_node.demo.cohort import generate, held_out_studies, read_labels, split, training_set
-from dicom_node.demo.collect import collect, dciodvfy_errors, export, summarize_sr
+from dicom_node.demo.collect import (
+    collect,
+    dciodvfy_errors,
+    dice_vs_truth,
+    export,
+    summarize_sr,
+)
 from dicom_node.demo.node import NODE_AET, NodeProcess, node_toml
 from dicom_node.demo.pacs import Peer, start_pacs
 from dicom_node.demo.push import DCMTK_STORESCU, push_study
 from dicom_node.demo.study import DemoError, DemoStudy
 from dicom_node.demo.table import print_table, report_path
-from dicom_node.demo.train import demo_threads, train
+from dicom_node.demo.train import DEMO_SEG_EPOCHS, demo_threads, train, train_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ class DemoOptions:
     epochs: int = 12
     image_size: int = 96
     backbone: str = "resnet10t"
+    seg_epochs: int = DEMO_SEG_EPOCHS
+    seg_folds: int = 2
     timeout: float = 300.0
     seed: int = 0
     prefer_orthanc: bool = True
@@ -61,6 +70,8 @@ class DemoOptions:
             epochs=d.epochs if args.epochs is None else args.epochs,
             image_size=d.image_size if args.image_size is None else args.image_size,
             backbone=d.backbone if args.backbone is None else args.backbone,
+            seg_epochs=(d.seg_epochs if getattr(args, "seg_epochs", None) is None
+                        else args.seg_epochs),
             timeout=d.timeout if args.timeout is None else args.timeout,
             prefer_orthanc=not args.no_orthanc,
         )
@@ -109,13 +120,21 @@ def _wait_for_results(pacs: Peer, node: NodeProcess, studies: dict[str, DemoStud
                 raise DemoError(f"timed out after {timeout:.0f} s waiting for results of "
                                 f"{missing}; node log {node.log_path}")
             time.sleep(1.0)
-        # heat maps may trail the SR by a moment: wait until each study has one per image
+        # heat maps and AI SEGs may trail the SR by a moment: wait until each study has one heat
+        # map per scored image and one AI SEG per automatic ROI
         settle = time.monotonic() + 20
         while time.monotonic() < settle:
             collect(pacs, studies, seen)
-            if all(len(s.heatmaps) >= summarize_sr(s.sr).images for s in studies.values()):
+            if all(_complete(s) for s in studies.values()):
                 break
             time.sleep(1.0)
+
+
+def _complete(st: DemoStudy) -> bool:
+    """Every scored image has its heat map and every automatic ROI its AI SEG at the PACS."""
+    roi = summarize_sr(st.sr).roi
+    return (len(st.heatmaps) >= sum(r != "not scored" for r in roi)
+            and len(st.segs) >= roi.count("auto"))
 
 
 def run_demo(workdir: Path, opts: DemoOptions, console: Any = None) -> list[DemoStudy]:
@@ -145,11 +164,21 @@ def run_demo(workdir: Path, opts: DemoOptions, console: Any = None) -> list[Demo
                   f"{pos} sarcopenic + {neg} non-sarcopenic participants, {len(chosen)} held out")
 
     step(2, f"Training a {folds}-fold {opts.backbone} ensemble ({opts.epochs} epochs, "
-            f"{opts.image_size} px) with the real trainer")
+            f"{opts.image_size} px) and a {opts.seg_folds}-fold RF segmenter "
+            f"({opts.seg_epochs} epochs) with the real trainers")
     model_dir = workdir / "model"
+    t_cls = time.monotonic()
     train(dicom, train_labels, model_dir, backbone=opts.backbone, image_size=opts.image_size,
           epochs=opts.epochs, folds=folds, console=console)
-    console.print(f"model written to {model_dir}")
+    t_cls = time.monotonic() - t_cls
+    console.print(f"classifier written to {model_dir} ({t_cls:.0f} s)")
+    seg_dir = workdir / "segmenter"
+    seg = train_segmenter(dicom, train_labels, seg_dir, epochs=opts.seg_epochs,
+                          folds=opts.seg_folds, console=console)
+    console.print(f"segmenter written to {seg_dir} ({seg.seconds:.0f} s, "
+                  f"{seg.seconds / max(t_cls, 1e-6):.2f}x the classifier's training time): "
+                  f"held-out median Dice {seg.dice_median:.3f} on {seg.frames} frames, CSA ICC "
+                  f"{'n/a' if seg.csa_icc is None else f'{seg.csa_icc:.3f}'}")
 
     step(3, "Starting the demo PACS and dicom-node serve")
     studies = held_out_studies(cohort, chosen, labels)
@@ -161,12 +190,13 @@ def run_demo(workdir: Path, opts: DemoOptions, console: Any = None) -> list[Demo
         console.print(f"PACS: {type(pacs).__name__} AE {pacs.ae_title} at 127.0.0.1:{pacs.port}")
         with console.status("starting dicom-node serve (loading torch and the model) ..."):
             node = NodeProcess(workdir / "node",
-                               node_toml(workdir, model_dir, pacs, demo_threads()),
+                               node_toml(workdir, model_dir, pacs, demo_threads(),
+                                         seg_model_dir=seg_dir),
                                start_timeout=min(opts.timeout, 240))
         console.print(f"node: AE {node.ae_title} at 127.0.0.1:{node.port}, config "
                       f"{node.config_path}, log {node.log_path}")
 
-        step(4, f"Pushing {len(studies)} held-out studies like a modality "
+        step(4, f"Pushing {len(studies)} held-out studies like a modality, without DICOM-SEGs "
                 f"({'DCMTK storescu' if DCMTK_STORESCU.exists() else 'dicom-node push'})")
         with Progress(TextColumn("{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
@@ -176,12 +206,16 @@ def run_demo(workdir: Path, opts: DemoOptions, console: Any = None) -> list[Demo
                 push_study(st, node, cohort / "storescu.cfg")
                 bar.advance(task)
 
-        step(5, "Waiting for SRs and heat maps at the PACS")
+        step(5, "Waiting for SRs, heat maps and AI SEGs (automatic ROI) at the PACS")
         _wait_for_results(pacs, node, studies, opts.timeout, console)
         results_dir = workdir / "results"
         for st in studies.values():
             st.summary = summarize_sr(st.sr)
             st.sr_errors = dciodvfy_errors(st.sr) if st.sr is not None else None
+            seg_errors = [dciodvfy_errors(p) for p in st.segs]
+            st.seg_errors = (None if not seg_errors or None in seg_errors
+                             else sum(e or 0 for e in seg_errors))
+            st.dice = [d for p in st.segs for d in dice_vs_truth(p, cohort / "truth")]
             st.folder = export(st, results_dir)
     finally:
         with console.status("stopping the node and the PACS ..."):
@@ -219,5 +253,6 @@ def demo_command(args: argparse.Namespace, cfg: Config) -> int:
         return 1
     print_table(studies, workdir, console)
     console.print(f"metrics report: {report_path(workdir / 'model')}")
+    console.print(f"segmenter report: {report_path(workdir / 'segmenter')}")
     console.print(f"total demo time {time.monotonic() - t0:.0f} s; everything is in {workdir}")
-    return 0 if not any(s.sr_errors for s in studies) else 3
+    return 0 if not any(s.sr_errors or s.seg_errors for s in studies) else 3

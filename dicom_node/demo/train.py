@@ -1,13 +1,21 @@
-"""Step 2: train a small real fold ensemble with the trainer ``dicom-node train`` runs."""
+"""Step 2: train a small real fold ensemble and the automatic RF segmenter with the trainers
+``dicom-node train`` runs (``--task classification`` and ``--task segmentation``)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dicom_node.config import config_from_dict
 from dicom_node.demo.study import DemoError
+
+# The demo segmenter: a MONAI UNet, PLACEHOLDER
+DEMO_SEG_ARCH: dict[str, Any] = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],
+                                 "num_res_units": 1}
+DEMO_SEG_PIXEL_CM = 0.06
+DEMO_SEG_EPOCHS = 25
 
 
 def demo_threads() -> int:
@@ -45,3 +53,52 @@ def train(dicom: Path, labels: Path, model_dir: Path, *, backbone: str, image_si
         path = run_training(dicom, labels, model_dir, cfg, on_epoch_end=on_epoch_end)
     if path is None or not (model_dir / "model.json").exists():
         raise DemoError(f"the trainer wrote no model.json in {model_dir}")
+
+
+@dataclass(frozen=True)
+class SegmenterResult:
+    """What the demo reports of its segmenter run (read from the trainer's report).
+
+    Attributes:
+        dice_median: held-out (cross-validated) median Dice against the training SEGs.
+        csa_icc: held-out CSA ICC(2,1), None when it could not be computed.
+        frames: annotated frames the folds were evaluated on.
+        seconds: wall time of the whole segmentation training (load, folds, artifact).
+    """
+
+    dice_median: float
+    csa_icc: float | None
+    frames: int
+    seconds: float
+
+
+def train_segmenter(dicom: Path, labels: Path, out_dir: Path, *, epochs: int, folds: int,
+                    console: Any) -> SegmenterResult:
+    """Train the automatic RF segmenter with the real trainer on the training SEGs.
+
+    Why these settings: measured on the demo cohort (39 training participants, 2 cores, see
+    ``DEMO_SEG_ARCH``) they keep held-out median Dice above 0.90 at a fraction of the
+    production spec's cost (0.04 cm/px, 4 levels, 60 epochs, 5 folds).
+    """
+    import time
+
+    from training.segmentation import run_segmentation_training
+    from training.segmentation_config import SegTrainConfig
+
+    cfg = SegTrainConfig(arch_args=DEMO_SEG_ARCH, pixel_cm=DEMO_SEG_PIXEL_CM, n_folds=folds,
+                         epochs=epochs, threads=demo_threads(), name="dicom-node demo segmenter")
+    t0 = time.monotonic()
+    with console.status("training the segmenter ...") as status:
+        def progress(msg: str) -> None:
+            status.update(f"segmenter: {msg}")
+            if "median Dice" in msg:  # one line per finished fold, and the final summary
+                console.print(f"segmenter {msg}")
+
+        result = run_segmentation_training(dicom, labels, out_dir, cfg, progress=progress)
+    if not (out_dir / "model.json").exists():
+        raise DemoError(f"the segmentation trainer wrote no model.json in {out_dir}")
+    overall = result.report["overall"]
+    icc = overall.get("csa", {}).get("icc")
+    return SegmenterResult(dice_median=float(overall["dice_median"]),
+                           csa_icc=None if icc is None else float(icc),
+                           frames=len(result.records), seconds=time.monotonic() - t0)
