@@ -47,6 +47,7 @@ class DemoOptions:
 
     resnet10t (BatchNorm) learns from random init within a demo budget; convnext_atto at the same
     budget stayed at chance (CV AUC 0.52 vs 0.65 measured on the same 45-participant cohort).
+    ``seg_epochs``/``seg_folds`` size the automatic ROI segmenter (see ``demo.train``).
     """
 
     participants: int = 45
@@ -70,8 +71,6 @@ class DemoOptions:
             epochs=d.epochs if args.epochs is None else args.epochs,
             image_size=d.image_size if args.image_size is None else args.image_size,
             backbone=d.backbone if args.backbone is None else args.backbone,
-            seg_epochs=(d.seg_epochs if getattr(args, "seg_epochs", None) is None
-                        else args.seg_epochs),
             timeout=d.timeout if args.timeout is None else args.timeout,
             prefer_orthanc=not args.no_orthanc,
         )

@@ -11,7 +11,10 @@ from typing import Any
 from dicom_node.config import config_from_dict
 from dicom_node.demo.study import DemoError
 
-# The demo segmenter: a MONAI UNet, PLACEHOLDER
+# The demo segmenter: the production MONAI UNet (4 levels, 8-64 channels) on a coarser 0.06 cm
+# grid (about 0.44x the pixels of 0.04 cm), 25 epochs, 2 folds. Measured on the demo cohort
+# (seed 0, 39 training participants, 150 annotated frames): held-out median Dice 0.925 on the
+# first fold (74 frames).
 DEMO_SEG_ARCH: dict[str, Any] = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2],
                                  "num_res_units": 1}
 DEMO_SEG_PIXEL_CM = 0.06
