@@ -50,6 +50,8 @@ def node_toml(workdir: Path, model_dir: Path, pacs: Peer, threads: int,
         "worker": {"enabled": True, "poll_seconds": 0.3, "retry_base_seconds": 2,
                    "max_attempts": 2},
         "scoring": scoring,
+        # a study whose every automatic ROI fails QC still gets an SR ("not assessable")
+        "results": {"not_assessable": "sr"},
         "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
                           "port": pacs.port}],
         "delivery": {"poll_seconds": 0.5, "retry_initial_seconds": 2, "retry_max_seconds": 10,

@@ -85,7 +85,8 @@ def _failed_jobs(node: NodeProcess, studies: dict[str, DemoStudy]) -> list[tuple
 
 def _wait_for_results(pacs: Peer, node: NodeProcess, studies: dict[str, DemoStudy],
                       timeout: float, console: Any) -> None:
-    """Poll the PACS until each study has its SR and heat maps; fail early on a dead node."""
+    """Poll the PACS until each study has its SR, heat maps and AI SEGs; fail early on a dead
+    node."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     seen: dict[Path, tuple[str, str]] = {}
@@ -94,10 +95,11 @@ def _wait_for_results(pacs: Peer, node: NodeProcess, studies: dict[str, DemoStud
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console) as bar:
-        task = bar.add_task("studies with SR + heat maps at the PACS", total=len(studies))
+        task = bar.add_task("studies with SR + heat maps + AI SEGs at the PACS",
+                            total=len(studies))
         while True:
             collect(pacs, studies, seen)
-            done = [s for s in studies.values() if s.sr is not None and s.heatmaps]
+            done = [s for s in studies.values() if s.sr is not None and _complete(s)]
             bar.update(task, completed=len(done))
             if len(done) == len(studies):
                 break
@@ -119,18 +121,11 @@ def _wait_for_results(pacs: Peer, node: NodeProcess, studies: dict[str, DemoStud
                 raise DemoError(f"timed out after {timeout:.0f} s waiting for results of "
                                 f"{missing}; node log {node.log_path}")
             time.sleep(1.0)
-        # heat maps and AI SEGs may trail the SR by a moment: wait until each study has one heat
-        # map per scored image and one AI SEG per automatic ROI
-        settle = time.monotonic() + 20
-        while time.monotonic() < settle:
-            collect(pacs, studies, seen)
-            if all(_complete(s) for s in studies.values()):
-                break
-            time.sleep(1.0)
 
 
 def _complete(st: DemoStudy) -> bool:
-    """Every scored image has its heat map and every automatic ROI its AI SEG at the PACS."""
+    """Every scored image has its heat map and every automatic ROI its AI SEG at the PACS
+    (they may trail the SR by a moment; a study with no scored image has its SR only)."""
     roi = summarize_sr(st.sr).roi
     return (len(st.heatmaps) >= sum(r != "not scored" for r in roi)
             and len(st.segs) >= roi.count("auto"))

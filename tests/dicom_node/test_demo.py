@@ -139,7 +139,7 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
     heat maps and AI SEGs read back (automatic ROI, CSA, valid SEG near the truth) -> stopped."""
     work = tmp_path / "demo"
     cmd = [sys.executable, "-m", "dicom_node.cli", "demo", "--workdir", str(work),
-           "--participants", "12", "--held-out", "2", "--epochs", "1", "--image-size", "64",
+           "--participants", "20", "--held-out", "2", "--epochs", "1", "--image-size", "64",
            "--timeout", "180"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1150,
                        cwd=tmp_path,
