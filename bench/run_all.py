@@ -2,7 +2,8 @@
 
 Each benchmark compares side by side within its own run (this kind of machine is shared and
 noisy); the figures and the machine they ran on are written to BENCHMARKS.md between markers, so
-the prose around them stays. Whole run: about 15-20 minutes on 2 CPU cores.
+the prose around them stays. Whole run: about 15-20 minutes on 2 CPU cores (the automatic ROI
+benchmark adds 2-4 minutes).
 
     .venv/bin/python bench/run_all.py [--quick]
         [--skip ingest scoring throughput training segmentation]
