@@ -2,9 +2,11 @@
 
 Each benchmark compares side by side within its own run (this kind of machine is shared and
 noisy); the figures and the machine they ran on are written to BENCHMARKS.md between markers, so
-the prose around them stays. Whole run: about 15-20 minutes on 2 CPU cores.
+the prose around them stays. Whole run: about 15-20 minutes on 2 CPU cores (the automatic ROI
+benchmark adds 2-4 minutes).
 
-    .venv/bin/python bench/run_all.py [--quick] [--skip ingest scoring throughput training]
+    .venv/bin/python bench/run_all.py [--quick]
+        [--skip ingest scoring throughput training segmentation]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: F401  (sets sys.path)
 from common import REPO, save_result
 
-from bench import ingest, scoring, throughput, training
+from bench import ingest, scoring, segmentation, throughput, training
 from bench.machine import describe
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -74,6 +76,23 @@ def render(machine: dict, res: dict, seconds: float) -> str:
             f"| training {r['backbone']} {r['input_size']}², batch {r['batch']} | trainer "
             f"{r['trainer_img_s']:.2f} img/s | bare timm loop {r['bare_img_s']:.2f} img/s | "
             f"{r['overhead_ratio']:.2f} (trainer time ÷ bare time) | |")
+    if "segmentation" in res and "error" not in res["segmentation"]:
+        r = res["segmentation"]
+        flips = r["forward_passes_per_image"] // r["folds"]
+        lines.append(
+            f"| automatic ROI: segmentation per image, {r['folds']}-fold UNet "
+            f"{r['grid_px'][0]}×{r['grid_px'][1]} grid, flip_average "
+            f"{'on' if r['flip_average'] else 'off'} ({r['forward_passes_per_image']} passes) | "
+            f"{r['segment_ms_per_image']:.0f} ms (forward alone "
+            f"{r['forward_ms_per_image']:.0f} ms) | FLOP bound "
+            f"{r['flop_bound_ms_per_image']:.1f} ms ({r['gflop_per_image']:.2f} GFLOP = "
+            f"{r['folds']}×{flips}×{r['gflop_per_pass']:.3f}) | {r['ratio_to_bound']:.0f} "
+            f"(forward {r['forward_ratio_to_bound']:.0f}) | |")
+        lines.append(
+            f"| automatic ROI: study latency, {r['images']}-image study, {r['backbone']} | "
+            f"automatic ROI {r['study_ms_auto_roi']:.0f} ms (segment stage "
+            f"{r['segment_stage_ms']:.0f} ms) | with DICOM-SEG {r['study_ms_with_seg']:.0f} ms | "
+            f"{r['auto_over_seg']:.2f} | |")
     stages = []
     for bb, m in (res.get("scoring") or {}).get("models", {}).items():
         first = next((b for b in m.get("backends", {}).values() if "error" not in b), None)
@@ -131,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                              timeout=300 if q else 900),
         "training": lambda: training.run(n=16, epochs=2, batch=8,
                                          backbone="convnext_atto" if q else "convnext_tiny"),
+        "segmentation": lambda: segmentation.run(repeats=1 if q else 3),
     }
     res: dict = {}
     for name, job in jobs.items():

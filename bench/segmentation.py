@@ -2,10 +2,12 @@
 automatic ROI vs with a DICOM-SEG, measured side by side on the same study and machine.
 
 The segmenter is the production spec (``SegTrainConfig()`` defaults: MONAI UNet, 0.04 cm/px,
-4.8 x 6.4 cm field of view, 5 folds) with random weights and a threshold of 0.001 so every
+4.8 x 6.4 cm field of view, 5 folds, ``flip_average`` on: every fold also runs on the mirrored
+frame, so 2 forward passes per fold) with random weights and a threshold of 0.001 so every
 image yields a mask that reaches QC and scoring: timing, not accuracy (accuracy is in the
-training report). The classifier is the untrained ``bench.model_fixture`` ensemble. The study
-comes from the synthetic generator (a baseline study with a SEG per image, at full size).
+training report). The FLOP bound counts every forward pass serving runs. The classifier is the
+untrained ``bench.model_fixture`` ensemble. The study comes from the synthetic generator (a
+baseline study with a SEG per image, at full size).
 
     .venv/bin/python bench/segmentation.py [--repeats 3] [--backbone convnext_atto]
 """
@@ -89,6 +91,8 @@ def run(repeats: int = 3, backbone: str = "convnext_atto", threads: int = 2) -> 
         # 1. segmentation of one image (all folds), against the FLOP bound of the folds' forward
         per_image, forward = [], []
         x = torch.zeros(1, 1, *segmenter.spec.fov_px)
+        # serving runs each fold on the frame and, with flip_average, on its mirror too
+        inputs = [x, x.flip(-1)] if segmenter.spec.flip_average else [x]
         for _ in range(repeats):
             for fr in calibrated:
                 t0 = time.perf_counter()
@@ -97,32 +101,42 @@ def run(repeats: int = 3, backbone: str = "convnext_atto", threads: int = 2) -> 
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     for net in segmenter.networks:  # the folds' forward passes alone
-                        net(x)
+                        for xi in inputs:
+                            net(xi)
                 forward.append((time.perf_counter() - t0) * 1000)
         rows, cols = segmenter.spec.fov_px
         gflop_fold = model_gflops_grid(segmenter.networks[0], rows, cols)
-        gflop = gflop_fold * len(segmenter.networks)
+        passes = len(segmenter.networks) * len(inputs)
+        gflop = gflop_fold * passes
         bound_ms = gflop / machine.matmul_gflops * 1000
         # 2. the same study: with its SEGs, and without them on the automatic ROI
         scoring = ScoringConfig(model_dir=model_dir, torch_threads=threads, device="cpu",
                                 segmentation_model_dir=seg_dir)
         pipe = ScoringPipeline(model_dir, scoring, ReaderConfig())
-        pipe.score_study(us + segs, allow_missing_seg=False)  # warm-up
+        # warm-up of both paths (the pipeline's own segmenter copy included)
+        pipe.score_study(us + segs, allow_missing_seg=False)
+        pipe.score_study(us, allow_missing_seg=False, auto_roi=True)
         with_seg, auto, seg_stage = [], [], []
+        stages: dict[str, dict[str, list[float]]] = {"seg": {}, "auto": {}}
         for _ in range(repeats):
             t0 = time.perf_counter()
-            pipe.score_study(us + segs, allow_missing_seg=False, auto_roi=True)
+            ref, _ = pipe.score_study(us + segs, allow_missing_seg=False, auto_roi=True)
             with_seg.append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter()
             score, _ = pipe.score_study(us, allow_missing_seg=False, auto_roi=True)
             auto.append((time.perf_counter() - t0) * 1000)
             seg_stage.append(score.timings_ms.get("segment", 0.0))
+            for kind, sc in (("seg", ref), ("auto", score)):
+                for k, v in sc.timings_ms.items():
+                    stages[kind].setdefault(k, []).append(v)
         pipe.close()
     med = statistics.median
     result = {
         "machine": machine.as_dict(), "threads": threads, "backbone": backbone,
         "images": len(us), "frames_segmented": len(calibrated),
         "grid_px": [rows, cols], "folds": len(segmenter.networks),
+        "flip_average": bool(segmenter.spec.flip_average), "forward_passes_per_image": passes,
+        "gflop_per_pass": gflop_fold,
         "segment_ms_per_image": med(per_image), "gflop_per_image": gflop,
         "flop_bound_ms_per_image": bound_ms,
         "ratio_to_bound": med(per_image) / bound_ms if bound_ms else None,
@@ -130,6 +144,8 @@ def run(repeats: int = 3, backbone: str = "convnext_atto", threads: int = 2) -> 
         "forward_ratio_to_bound": med(forward) / bound_ms if bound_ms else None,
         "study_ms_with_seg": med(with_seg), "study_ms_auto_roi": med(auto),
         "segment_stage_ms": med(seg_stage),
+        "stages_ms_with_seg": {k: med(v) for k, v in stages["seg"].items()},
+        "stages_ms_auto_roi": {k: med(v) for k, v in stages["auto"].items()},
         "auto_over_seg": med(auto) / med(with_seg),
     }
     return result
@@ -156,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     save_result("segmentation", res)
     m = res["machine"]
     print(f"machine: {m['cpu_model']}, {m['cores']} cores, matmul {m['matmul_gflops']:.1f} GFLOP/s")
-    print(f"segmentation: {res['segment_ms_per_image']:.0f} ms/image ({res['folds']} folds, grid "
+    print(f"segmentation: {res['segment_ms_per_image']:.0f} ms/image ({res['folds']} folds x "
+          f"{res['forward_passes_per_image'] // res['folds']} (flip_average "
+          f"{'on' if res['flip_average'] else 'off'}), grid "
           f"{res['grid_px'][0]}x{res['grid_px'][1]}, {res['gflop_per_image']:.2f} GFLOP) vs FLOP "
           f"bound {res['flop_bound_ms_per_image']:.0f} ms: {res['ratio_to_bound']:.1f}x; the "
           f"folds' forward alone {res['forward_ms_per_image']:.0f} ms "
@@ -164,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study of {res['images']} images ({res['backbone']} classifier): with SEG "
           f"{res['study_ms_with_seg']:.0f} ms, automatic ROI {res['study_ms_auto_roi']:.0f} ms "
           f"(segment stage {res['segment_stage_ms']:.0f} ms): {res['auto_over_seg']:.2f}x")
+    for kind in ("with_seg", "auto_roi"):
+        st = ", ".join(f"{k} {v:.0f}" for k, v in res[f"stages_ms_{kind}"].items())
+        print(f"  stages {kind} (ms): {st}")
     return 0
 
 

@@ -11,6 +11,10 @@ scorer segments the images no SEG covers. A SEG that arrives later re-opens the 
 new instance does) and the rescore uses it. A complete study gets exactly one ``score`` job in
 the same transaction that changes its state.
 
+A SEG whose segments are all AUTOMATIC (the node's own AI SEG routed back by PACS, or another AI
+product's) is archived but is no human ROI: it never covers an image here, and it never re-opens
+a study (:meth:`dicom_node.store.archive.Archive.store`), so it cannot start a rescore loop.
+
 Job payload (what the worker/scoring step receives)::
 
     {"completion_reason": "idle" | "max-wait" | "max-wait-missing-seg" | "seg-wait-auto",
@@ -18,7 +22,8 @@ Job payload (what the worker/scoring step receives)::
      "allow_missing_seg": bool,      # score those images on the whole tissue region
      "auto_roi": bool,               # segment those images (automatic ROI) instead
      "missing_seg_sop_uids": [...],  # the US images without a SEG (at most 100 listed)
-     "instance_count": int, "us_count": int, "seg_count": int, "reopen_count": int}
+     "instance_count": int, "us_count": int, "seg_count": int, "reopen_count": int,
+     "automatic_seg_count": int}     # all-AUTOMATIC SEGs: archived, not counted in seg_count
 """
 
 from __future__ import annotations
@@ -54,15 +59,24 @@ class Decision:
 
 
 def seg_coverage(instances: list[dict[str, Any]]) -> tuple[list[str], int, int]:
-    """US images without a SEG referencing them, and the US/SEG counts."""
+    """US images without a human SEG referencing them, and the US/human-SEG counts.
+
+    An automatic SEG (``automatic_seg`` set) covers nothing: only a human outline is the ROI.
+    """
     us = [r["sop_uid"] for r in instances if r["sop_class_uid"] in US_SOP_CLASSES]
     referenced: set[str] = set()
     seg_count = 0
     for r in instances:
-        if r["sop_class_uid"] in SEG_SOP_CLASSES:
+        if r["sop_class_uid"] in SEG_SOP_CLASSES and not r.get("automatic_seg"):
             seg_count += 1
             referenced.update(json.loads(r["referenced_sop_uids"] or "[]"))
     return [u for u in us if u not in referenced], len(us), seg_count
+
+
+def automatic_seg_count(instances: list[dict[str, Any]]) -> int:
+    """How many of a study's instances are all-AUTOMATIC SEGs (archived, not a human ROI)."""
+    return sum(1 for r in instances
+               if r["sop_class_uid"] in SEG_SOP_CLASSES and r.get("automatic_seg"))
 
 
 def missing_seg_flags(cfg: CompletionConfig) -> tuple[bool, bool]:
@@ -93,6 +107,7 @@ def decide(study: dict[str, Any], instances: list[dict[str, Any]], cfg: Completi
         "us_count": us_count,
         "seg_count": seg_count,
         "reopen_count": int(study["reopen_count"] or 0),
+        "automatic_seg_count": automatic_seg_count(instances),
     }
     auto = cfg.on_missing_seg == "auto"
     if cfg.require_seg and missing and auto:
@@ -141,6 +156,9 @@ def check_studies(index: Index, cfg: CompletionConfig, *, max_attempts: int,
         )
         if not applied:
             continue
+        if decision.payload.get("automatic_seg_count"):
+            log.info("study %s: %d automatic DICOM-SEG(s) archived, not counted as a human ROI",
+                     uid, decision.payload["automatic_seg_count"])
         log.info("study %s: %s (%s, missing_seg=%s, %d instances)%s", uid, decision.state,
                  decision.reason, decision.missing_seg, len(instances),
                  f", job {job_id} queued" if job_id else "")

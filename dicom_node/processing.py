@@ -132,7 +132,14 @@ class ScoringProcessor:
 
         cfg = self.cfg
         ids = f"study {ctx.study_uid} job {ctx.job_id}"
-        key = resultsets.result_key(ctx.study_uid, ctx.sop_uids, self.model_uid)
+        # an automatic SEG (e.g. this node's own, routed back by PACS) is no input: the reader
+        # leaves it out, so it must not make a new study version either
+        auto_segs = set(ctx.automatic_seg_uids)
+        if auto_segs:
+            log.info("%s: %d automatic DICOM-SEG(s) in the study are not a human ROI; not used",
+                     ids, len(auto_segs))
+        key = resultsets.result_key(
+            ctx.study_uid, [u for u in ctx.sop_uids if u not in auto_segs], self.model_uid)
         done = resultsets.find(cfg.node.results_dir, ctx.study_uid, key)
         if done is not None:
             # an earlier attempt published this study version's results: deliver those, never

@@ -45,7 +45,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicom_node.errors import ValidationError
-from inference.roi import referenced_frames
+from inference.roi import is_automatic_seg, referenced_frames
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -152,6 +152,8 @@ class InstanceInfo:
     frames: int | None
     photometric: str
     referenced_sop_uids: tuple[str, ...]
+    # a SEG whose segments are all AUTOMATIC: archived, but never a human ROI (no re-open)
+    automatic_seg: bool = False
 
     @property
     def is_us(self) -> bool:
@@ -479,6 +481,7 @@ def validate(
             frames=_int(ds, "NumberOfFrames") or 1,
             photometric=_text(ds, "PhotometricInterpretation"),
             referenced_sop_uids=refs,
+            automatic_seg=sop_class in SEG_SOP_CLASSES and is_automatic_seg(ds),
         )
     except ValidationError:
         raise

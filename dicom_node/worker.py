@@ -52,6 +52,8 @@ class JobContext:
             when nothing in it may be scored (see :func:`finish_not_applicable`).
         images: per image, why it was or was not scored (``sop_uid``, ``scored``, ``reason``),
             stored with the study when the job finishes (``studies --json``).
+        automatic_seg_uids: the all-AUTOMATIC SEGs among ``sop_uids``: archived, but no input
+            to scoring (not part of the study version's identity).
     """
 
     job_id: int
@@ -65,6 +67,7 @@ class JobContext:
     outbox: list[OutboxItem] = field(default_factory=list)
     study_state: str = "scored"
     images: list[dict[str, Any]] = field(default_factory=list)
+    automatic_seg_uids: tuple[str, ...] = ()
 
 
 def finish_not_applicable(ctx: JobContext, exc: NothingToScoreError) -> JobContext:
@@ -109,10 +112,13 @@ def run_one(archive: Archive, processor: Processor, cfg: WorkerConfig) -> bool:
 def job_context(archive: Archive, job: Job) -> JobContext:
     """The context a processor gets for a claimed job (also used by a scoring process)."""
     files = archive.study_files(job.study_uid)
+    automatic = archive.query("SELECT sop_uid FROM instances WHERE study_uid = ? AND "
+                              "automatic_seg = 1", (job.study_uid,))
     return JobContext(
         job_id=job.id, study_uid=job.study_uid, attempt=job.attempts, payload=job.payload,
         paths=tuple(p for _, p in files), data_dir=archive.data_dir,
         sop_uids=tuple(u for u, _ in files),
+        automatic_seg_uids=tuple(sorted(r["sop_uid"] for r in automatic)),
     )
 
 

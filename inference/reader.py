@@ -33,9 +33,11 @@ from inference.errors import ReaderError, SegmentationError
 from inference.roi import (
     FrameMask,
     crop_mask,
+    is_automatic_seg,
     is_segmentation,
     load_segmentation,
     masks_for_sources,
+    seg_algorithms,
 )
 from inference.types import USFrame
 from inference.us_regions import RegionPolicy, colour_mask, tissue_regions
@@ -45,6 +47,8 @@ logger = logging.getLogger(__name__)
 # The reason recorded for a usable image that no DICOM-SEG references (informational: the image
 # is still in ``StudyRead.frames`` with ``mask=None``).
 NO_SEG_REASON = "no DICOM-SEG references this image"
+# The reason recorded for a SEG whose segments are all AUTOMATIC (see inference.roi).
+AUTOMATIC_SEG_REASON = "automatic DICOM-SEG (no human delineation); not used as the ROI"
 
 
 @dataclass
@@ -175,17 +179,22 @@ def read_study(
     frame_policy: FramePolicy = "middle",
     max_frames: int = 16,
     region_policy: RegionPolicy = "largest",
+    automatic_segs: bool = False,
 ) -> StudyRead:
     """Read every object of a study: US frames cropped and calibrated, SEG masks aligned.
 
     SEGs are matched first, so a cine whose annotated frame is not the policy's frame is read at
     the annotated frame(s) (for ``middle``/``max-contrast``; ``all`` adds them to its frames).
+    A SEG whose segments are all AUTOMATIC (:func:`inference.roi.is_automatic_seg`) is reported
+    and left out, so the study reads exactly as without it: an AI outline is not a human ROI.
 
     Args:
         paths: the study's DICOM files (US images, SEGs; anything else is reported and skipped).
         frame_policy: see :func:`read_frames`.
         max_frames: see :func:`read_frames`.
         region_policy: see :func:`read_frames`.
+        automatic_segs: use all-AUTOMATIC SEGs as masks too (to check an AI SEG against its
+            source image); never for scoring or training.
 
     Returns:
         A :class:`StudyRead`; it never raises for a bad object, it reports it.
@@ -193,6 +202,7 @@ def read_study(
     result = StudyRead()
     images: dict[str, Dataset] = {}
     segs: list[Dataset] = []
+    automatic: list[Dataset] = []
     for path in paths:
         try:
             ds: Dataset = pydicom.dcmread(path)
@@ -201,7 +211,7 @@ def read_study(
             continue
         sop = sop_uid_of(ds) or str(path)
         if is_segmentation(ds):
-            segs.append(ds)
+            (segs if automatic_segs or not is_automatic_seg(ds) else automatic).append(ds)
         elif "PixelData" in ds:
             if sop in images:
                 logger.info("duplicate instance %s ignored", sop)
@@ -212,6 +222,11 @@ def read_study(
             result.problems.append((sop, f"not an image or DICOM-SEG ({what}); skipped"))
     study = next((str(d.get("StudyInstanceUID", "")) for d in images.values()), "")
     extra = {"study_uid": study}
+    for seg_ds in automatic:
+        seg_uid = sop_uid_of(seg_ds) or "?"
+        result.problems.append((seg_uid, AUTOMATIC_SEG_REASON))
+        logger.info("study %s: automatic DICOM-SEG %s (%s) not used as the ROI", study, seg_uid,
+                    seg_algorithms(seg_ds), extra=extra)
 
     geometry: dict[str, tuple[int, int, int]] = {}
     for sop, ds in images.items():

@@ -11,12 +11,14 @@ and the reader reports it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -75,6 +77,50 @@ def is_segmentation(ds: Dataset) -> bool:
     return str(ds.get("SOPClassUID", "")) in (SEG_SOP_CLASS_UID, LABELMAP_SEG_SOP_CLASS_UID) or (
         ds.get("Modality") == "SEG"
     )
+
+
+def is_automatic_seg(seg: Dataset | str | os.PathLike[str]) -> bool:
+    """True for a DICOM-SEG whose segments are all AUTOMATIC: no human drew or checked it.
+
+    Such a SEG (this node's own AI SEG routed back by PACS, or another AI product's) is never a
+    human ROI: it is archived, but it does not count as "the SEG arrived", does not re-open a
+    study and is not used as the scoring ROI or as a training reference. MANUAL and
+    SEMIAUTOMATIC segments (a human drew or checked them) count as human; a SEG with any such
+    segment is human. A path is read header-only; anything unreadable or malformed is "not
+    automatic" (the reader then reports it like any other SEG).
+    """
+    try:
+        if not isinstance(seg, Dataset):
+            seg = pydicom.dcmread(seg, stop_before_pixels=True, specific_tags=[
+                "SOPClassUID", "Modality", "SegmentSequence"])
+        if not is_segmentation(seg):
+            return False
+        segments = list(seg.get("SegmentSequence") or [])
+        return bool(segments) and all(
+            str(item.get("SegmentAlgorithmType", "") or "").strip().upper() == "AUTOMATIC"
+            for item in segments)
+    except Exception:  # noqa: BLE001 - hostile input: an undecodable header is not "automatic"
+        return False
+
+
+def seg_algorithms(seg: Dataset) -> str:
+    """The algorithms named by a SEG's segments ("name version", de-duplicated), for logs.
+
+    Algorithm names are product names, never patient data; unnamed ones read "unnamed".
+    """
+    names: list[str] = []
+    try:
+        for item in seg.get("SegmentSequence") or []:
+            for alg in item.get("SegmentationAlgorithmIdentificationSequence") or []:
+                name = f"{alg.get('AlgorithmName', '')} {alg.get('AlgorithmVersion', '')}".strip()
+                if name and name not in names:
+                    names.append(name[:64])
+            name = str(item.get("SegmentAlgorithmName", "") or "").strip()
+            if name and not any(n.startswith(name[:64]) for n in names):
+                names.append(name[:64])
+    except Exception:  # noqa: BLE001 - a malformed sequence only loses the log detail
+        pass
+    return ", ".join(names) or "unnamed"
 
 
 def load_segmentation(ds: Dataset) -> hd.seg.Segmentation:

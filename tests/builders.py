@@ -216,11 +216,14 @@ def _centre_square(source: Dataset) -> np.ndarray:
 
 
 def make_seg(sources: Dataset | Sequence[Dataset], mask: np.ndarray | None = None,
-             label: str = "Rectus femoris", extra_segment: bool = False) -> hd.seg.Segmentation:
+             label: str = "Rectus femoris", extra_segment: bool = False,
+             algorithm_type: str = "MANUAL") -> hd.seg.Segmentation:
     """A binary highdicom SEG over single-frame ``sources``.
 
     ``mask`` is (N, H, W), one plane per source; without it, a centred square on each source.
     ``extra_segment`` adds a subcutaneous-fat segment 1 before the muscle segment.
+    ``algorithm_type`` of the muscle segment (the extra segment stays MANUAL); a non-manual one
+    names a third-party algorithm, as highdicom requires.
     """
     srcs = [sources] if isinstance(sources, Dataset) else list(sources)
     if mask is None:
@@ -236,11 +239,16 @@ def make_seg(sources: Dataset | Sequence[Dataset], mask: np.ndarray | None = Non
         other = np.zeros_like(mask)
         other[:, :5, :] = True
         pixel = np.stack([other, mask], axis=-1)
+    kind = hd.seg.SegmentAlgorithmTypeValues[algorithm_type]
+    algorithm = None if kind == hd.seg.SegmentAlgorithmTypeValues.MANUAL else \
+        hd.AlgorithmIdentificationSequence(
+            name="OtherVendor RF AI", version="2.1",
+            family=codes.cid7162.ArtificialIntelligence)
     descs.append(hd.seg.SegmentDescription(
         segment_number=len(descs) + 1, segment_label=label,
         segmented_property_category=codes.SCT.Tissue,
         segmented_property_type=codes.SCT.SkeletalMuscle,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        algorithm_type=kind, algorithm_identification=algorithm,
         anatomic_regions=[codes.SCT.Thigh]))
     return hd.seg.Segmentation(
         source_images=srcs, pixel_array=pixel,

@@ -34,6 +34,7 @@ from inference.artifact import (
 )
 from inference.durable import write_durable
 from inference.reader import read_study
+from inference.roi import is_automatic_seg
 from inference.segmenter import (
     SCHEMA_VERSION,
     TASK,
@@ -120,24 +121,6 @@ def _participants(labels: Path | None) -> dict[str, str]:
     return out
 
 
-def _automatic_seg(path: Path) -> bool:
-    """True for a DICOM-SEG whose segments are all AUTOMATIC (the node's own output).
-
-    Training on its own automatic outlines would teach the network its own mistakes, so only
-    manual or semi-automatic (human-checked) SEGs are used as references.
-    """
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["Modality", "SegmentSequence"])
-    except Exception:  # noqa: BLE001 - unreadable files are reported by read_study
-        return False
-    segments = ds.get("SegmentSequence") or []
-    return ds.get("Modality") == "SEG" and bool(segments) and all(
-        str(item.get("SegmentAlgorithmType", "")).upper() == "AUTOMATIC" for item in segments)
-
-
 def load_seg_samples(source_dir: Path, spec: SegmenterSpec, labels: Path | None = None, *,
                      progress: Progress | None = None) -> tuple[list[SegSample], list[str]]:
     """Every calibrated frame with a SEG mask under ``source_dir`` (archive or folder).
@@ -151,7 +134,9 @@ def load_seg_samples(source_dir: Path, spec: SegmenterSpec, labels: Path | None 
     samples: list[SegSample] = []
     skipped: list[str] = []
     for n, (study, (patient, paths)) in enumerate(sorted(index.items()), 1):
-        automatic = [p for p in paths if _automatic_seg(p)]
+        # the node's own automatic outlines would teach the network its own mistakes: only
+        # manual or semi-automatic (human-checked) SEGs are references
+        automatic = [p for p in paths if is_automatic_seg(p)]
         skipped.extend(f"{p}: automatic DICOM-SEG, not a reference" for p in automatic)
         read = read_study([p for p in paths if p not in automatic])
         pid = owner.get(study) or owner.get(patient) or patient or study

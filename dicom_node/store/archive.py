@@ -99,7 +99,8 @@ class Archive(Index):
 
         A re-sent instance with the same hash is acknowledged without a new write or row; with
         different content the newest is kept and the event logged. An instance arriving for a
-        study that is no longer ``receiving`` re-opens it (a new scoring job follows).
+        study that is no longer ``receiving`` re-opens it (a new scoring job follows), except an
+        automatic DICOM-SEG (``info.automatic_seg``), which is archived without re-opening.
         """
         self.check_disk(len(raw))
         digest = hashlib.sha256(raw).hexdigest()
@@ -141,6 +142,11 @@ class Archive(Index):
         elif row[0] == "receiving":
             conn.execute("UPDATE studies SET last_received = ? WHERE study_uid = ?",
                          (now, info.study_uid))
+        elif info.automatic_seg:
+            # e.g. the node's own AI SEG routed back by PACS: re-opening would rescore and send
+            # another AI SEG, a loop; an automatic outline is no new human input
+            log.info("study %s: automatic DICOM-SEG %s archived; not a human ROI, the study stays "
+                     "%s (not re-opened)", info.study_uid, info.sop_uid, row[0])
         else:
             reopened = True
             conn.execute(
@@ -170,13 +176,13 @@ class Archive(Index):
             "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, "
             "modality, path, sha256, size, transfer_syntax, calling_aet, received_at, "
             "manufacturer, "
-            "model_name, rows, columns, frames, photometric, referenced_sop_uids) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "model_name, rows, columns, frames, photometric, referenced_sop_uids, automatic_seg) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 info.sop_uid, info.study_uid, info.series_uid, info.sop_class_uid, info.modality,
                 str(rel), digest, size, str(transfer_syntax), calling_aet, now, info.manufacturer,
                 info.model_name, info.rows, info.columns, info.frames, info.photometric,
-                json.dumps(list(info.referenced_sop_uids)),
+                json.dumps(list(info.referenced_sop_uids)), int(info.automatic_seg),
             ),
         )
         return reopened

@@ -50,6 +50,8 @@ SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
             "calling_aet": str, "received_at": float, "manufacturer": str, "model_name": str,
             "rows": int, "columns": int, "frames": int, "photometric": str,
             "referenced_sop_uids": str,
+            # 1: a SEG whose segments are all AUTOMATIC (never a human ROI)
+            "automatic_seg": int,
         },
         "sop_uid",
     ),

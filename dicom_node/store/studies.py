@@ -16,9 +16,11 @@ def receiving_studies(index: Index) -> list[dict[str, Any]]:
 
 
 def completion_instances(index: Index, study_uid: str) -> list[dict[str, Any]]:
-    """What completion needs of each instance: SOP UID and class, SEG references (JSON)."""
+    """What completion needs of each instance: SOP UID and class, SEG references (JSON), and
+    whether a SEG is automatic."""
     return index.query(
-        "SELECT sop_uid, sop_class_uid, referenced_sop_uids FROM instances WHERE study_uid = ?",
+        "SELECT sop_uid, sop_class_uid, referenced_sop_uids, automatic_seg FROM instances "
+        "WHERE study_uid = ?",
         (study_uid,),
     )
 

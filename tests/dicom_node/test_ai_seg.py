@@ -59,8 +59,9 @@ def test_ai_seg_is_valid_and_reads_back_as_the_roi(tmp_path: Path, frames: int) 
     modifier = desc.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0]
     assert modifier.CodeValue == codes.SCT.Right.value
 
-    # the node's own reader matches it to the right frame, pixel for pixel
-    read = read_study([us_path, seg_path])
+    # the node's own reader matches it to the right frame, pixel for pixel (when asked to: an
+    # automatic SEG is never a scoring ROI)
+    read = read_study([us_path, seg_path], automatic_segs=True)
     masked = [f for f in read.frames if f.mask is not None]
     assert len(masked) == 1 and masked[0].frame_number == frame
     r0, c0, r1, c1 = masked[0].crop_box
