@@ -19,12 +19,14 @@ def _mean(values: list[float], digits: int = 2) -> str:
     return f"{sum(values) / len(values):.{digits}f}" if values else "-"
 
 
-def roi_text(roi: list[str]) -> str:
-    """The ROI sources of a study's images, e.g. ``automatic 4/5, not scored 1/5``."""
+def roi_text(roi: list[str], pushed: int) -> str:
+    """The ROI sources of a study's SR groups out of the US objects pushed, e.g.
+    ``automatic 3/5`` (the other 2 failed the segmenter's QC or the input gate)."""
     if not roi:
-        return "-"
+        return f"none/{pushed}"
     counts = Counter(roi)
-    return ", ".join(f"{_ROI_LABEL.get(k, k)} {n}/{len(roi)}" for k, n in counts.most_common())
+    return ", ".join(f"{_ROI_LABEL.get(k, k)} {n}/{max(pushed, len(roi))}"
+                     for k, n in counts.most_common())
 
 
 def _check(errors: int | None) -> str:
@@ -51,18 +53,20 @@ def print_table(studies: list[DemoStudy], workdir: Path, console: Any) -> None:
         seg_check = _check(st.seg_errors) if st.segs else "no SEG"
         folder = st.folder or workdir
         table.add_row(st.patient_id, st.vendor, f"{prob} ± {_mean(s.spread if s else [])}",
-                      decision, st.truth, roi_text(s.roi if s else []), dice,
+                      decision, st.truth, roi_text(s.roi if s else [], len(st.files)), dice,
                       _mean(s.csa if s else []), _mean(s.thickness if s else []),
                       _mean(s.echo if s else [], 0), f"{_check(st.sr_errors)} / {seg_check}",
-                      f"{os.path.relpath(folder, workdir)}/ (sr.dcm + {len(st.segs)} AI SEG "
-                      f"+ {len(st.heatmaps)} PNG)")
+                      f"{os.path.relpath(folder, workdir)}/ (SR, {len(st.segs)} SEG, "
+                      f"{len(st.heatmaps)} PNG)")
     console.print(table)
     console.print(
         f"{correct}/{len(studies)} decisions match the synthetic truth. The studies were pushed "
         "without DICOM-SEGs: ROI 'automatic' = the node's segmenter outlined the rectus femoris "
         "and sent it to the PACS as an AI DICOM-SEG; 'Dice vs truth' = median Dice of those AI "
-        "SEGs (read back from the PACS) against the generator's true outline; RF CSA, thickness "
-        "and mean echo intensity are measured inside that ROI ('-' where no image had one). "
+        "SEGs (read back from the PACS) against the generator's true outline; 'automatic n/m' = "
+        "n of the m US objects pushed were scored on it, the others failed the segmenter's "
+        "quality control or the input gate (reasons in the node log). RF CSA, thickness and "
+        "mean echo intensity are measured inside that ROI ('-' where no image had one). "
         f"Paths are under {workdir}.")
 
 
