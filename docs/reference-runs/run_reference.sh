@@ -4,6 +4,7 @@
 #
 #   docs/reference-runs/run_reference.sh [WORK_DIR]      (from the repository root)
 #
+# A finished training (its model.json exists in WORK_DIR) is not repeated: rerun to resume.
 # Writes (reports + model.json, no weights) into docs/reference-runs/model300-v2 (ROI-box crop,
 # image + clinical + lab + fusion) and docs/reference-runs/model300-v2-fov (physically scaled
 # crop, image only), each with evaluation-seed8/ (the served ensemble on a fresh cohort), and
@@ -45,11 +46,11 @@ TOML
 
 # 2. ROI-box crop (the paper's): image served, clinical, lab and fusion on the same folds
 write_cfg "$WORK/box.toml" 0.0
-cli train --config "$WORK/box.toml" --archive "$WORK/cohort/dicom" --labels "$WORK/cohort/labels.csv" \
+[ -f "$WORK/model300-v2/model.json" ] || cli train --config "$WORK/box.toml" --archive "$WORK/cohort/dicom" --labels "$WORK/cohort/labels.csv" \
     --out "$WORK/model300-v2" --also clinical lab image+clinical+lab
 # 3. physically scaled crop (6 cm field of view), image only
 write_cfg "$WORK/fov.toml" 6.0
-cli train --config "$WORK/fov.toml" --archive "$WORK/cohort/dicom" --labels "$WORK/cohort/labels.csv" \
+[ -f "$WORK/model300-v2-fov/model.json" ] || cli train --config "$WORK/fov.toml" --archive "$WORK/cohort/dicom" --labels "$WORK/cohort/labels.csv" \
     --out "$WORK/model300-v2-fov"
 
 # 4. the promise: both served ensembles on the fresh cohort, at their stored thresholds
