@@ -71,6 +71,7 @@ SEGMENTATION_METHOD = codes.DCM.SegmentationMethod  # 122554
 AUTOMATED = codes.SCT.Automated  # 8359006
 GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
 IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")
+NOT_SCORED_REASON = Code("WHY-NOT-SCORED", PRIVATE_SCHEME, "Reason the image was not scored")
 NO_CM = Code("NO-CM", PRIVATE_SCHEME, "No cm values: calibration absent or implausible")
 NOT_ASSESSABLE = codes.SCT.Undetermined  # 373068000: no sarcopenia verdict for this study
 
@@ -319,6 +320,7 @@ def build_sr(
         groups.append(_image_group(i, img, src, seg, algorithm, site, evidence,
                                    score.study_instance_uid))
     groups.extend(_not_scored_groups(score, algorithm, evidence))
+    groups.extend(_skipped_image_groups(score, algorithm, evidence, sources))
     study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uid("sr-tracking"), identifier=f"study ({score.rule} of {len(score.images)} images)"
@@ -418,6 +420,54 @@ def _not_scored_groups(score: StudyScore, algorithm: hd.sr.AlgorithmIdentificati
             qualitative_evaluations=_gate_evaluation(v),
             source_images=[hd.sr.SourceImageForMeasurementGroup(
                 v.sop_class_uid or "1.2.840.10008.5.1.4.1.1.6.1", v.sop_instance_uid)],
+        ))
+    return out
+
+
+def _skip_key(reason: str) -> str:
+    """A short stable code value for a skip reason (the full text is the code meaning)."""
+    if "quality control" in reason:
+        return "ROI-QC"
+    if "DICOM-SEG" in reason or "no ROI" in reason:
+        return "NO-ROI"
+    return "NOT-USABLE"
+
+
+def _skipped_image_groups(score: StudyScore, algorithm: hd.sr.AlgorithmIdentification,
+                          evidence: list[Dataset], sources: dict[str, Dataset]
+                          ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One group per US image of the study that the gate passed but that was still not scored.
+
+    Why: an automatic ROI that failed quality control (or an image without any usable ROI) is
+    neither measured nor scored; the report must say which image and why instead of silently
+    leaving it out. Images the gate stopped have their own groups; a cine loop with at least one
+    scored frame is in the report already (its skipped frames are in the study note).
+    """
+    scored = {im.frame.sop_instance_uid for im in score.images}
+    gated = {v.sop_instance_uid for v in score.gate if not v.passed}
+    reasons: dict[str, list[str]] = {}
+    for sop_uid, reason in score.skipped:
+        if sop_uid in scored or sop_uid in gated:
+            continue
+        src = sources.get(sop_uid)
+        if src is None or str(src.get("Modality", "")).upper() != "US":
+            continue  # not an image of this study (a SEG, a foreign object): note and log only
+        reasons.setdefault(sop_uid, []).append(reason)
+    out = []
+    for sop_uid, why in reasons.items():
+        src = sources[sop_uid]
+        evidence.append(src)
+        text = "; ".join(dict.fromkeys(why))
+        out.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=[score.study_instance_uid, sop_uid, "skipped"]),
+                identifier=f"not scored: {_skip_key(text).lower()}"[:64]),
+            finding_type=IMAGE_NOT_SCORED,
+            algorithm_id=algorithm,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                NOT_SCORED_REASON, Code(_skip_key(text), PRIVATE_SCHEME, text[:64]))],
+            source_images=[hd.sr.SourceImageForMeasurementGroup(
+                str(src.SOPClassUID), sop_uid)],
         ))
     return out
 

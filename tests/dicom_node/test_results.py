@@ -364,3 +364,27 @@ def test_nothing_to_score_error_survives_a_process_boundary():
     err = pickle.loads(pickle.dumps(NothingToScoreError("1.2", [("1.2.3", "colour-flow")], [v])))
     assert err.state == "not-applicable: colour-flow"
     assert err.verdicts[0].measured["colour_fraction"] == 0.05
+
+
+def test_image_whose_automatic_roi_failed_qc_is_listed_with_its_reason(study, tmp_path):
+    # three images: two scored, the third's automatic ROI failed quality control; an unrelated
+    # SEG problem in the skipped list is not an image and gets no group
+    sources = us_series(3, patient_id="SYN0002", rows=96, cols=128)
+    by_uid = {s.SOPInstanceUID: s for s in sources}
+    score = make_score(sources[:2])
+    failed = sources[2].SOPInstanceUID
+    score.skipped = [(failed, "frame 1: automatic ROI failed quality control (low confidence "
+                              "0.62 < 0.80); not measured, not scored"),
+                     (str(generate_uid()), "automatic DICOM-SEG, not a human ROI")]
+    cfg = make_config(tmp_path / "node")
+    paths = R.write_results(R.build_results(score, by_uid, cfg.results), cfg)
+    sr = hd.sr.srread(paths[0])
+    per_image, _ = groups_by_source(sr)
+    assert set(per_image) == {s.SOPInstanceUID for s in sources}
+    group = per_image[failed]
+    assert group.finding_type == R.IMAGE_NOT_SCORED
+    why = [e for e in group.get_qualitative_evaluations(name=R.NOT_SCORED_REASON)]
+    assert len(why) == 1 and why[0].value.value == "ROI-QC"
+    assert "quality control (low confidence" in why[0].value.meaning
+    assert not group.get_measurements() and sr.CompletionFlag == "PARTIAL"
+    assert validate([paths[0]]).count("PASS") == 1
