@@ -123,7 +123,7 @@ def studies_command(args: argparse.Namespace, cfg: Config) -> int:
     table.add_column("study", overflow="fold")
     table.add_column("patient", overflow="fold")
     table.add_column("state", no_wrap=True)
-    for col in ("inst", "US", "SEG"):
+    for col in ("inst", "US", "SEG", "AI SEG"):
         table.add_column(col, justify="right", no_wrap=True)
     for col in ("last received", "job", "delivery", "images", "note"):
         table.add_column(col, overflow="fold")
@@ -133,7 +133,7 @@ def studies_command(args: argparse.Namespace, cfg: Config) -> int:
         delivery = ", ".join(f"{k} {v}" for k, v in sorted(r.get("delivery", {}).items())) or "-"
         table.add_row(
             r["study_uid"], r["patient_id"], r["state"], str(r["instances"]), str(r["us"]),
-            str(r["seg"]), human_time(r["last_received"]),
+            str(r["seg"]), str(r["automatic_seg"]), human_time(r["last_received"]),
             job_s, delivery, images_summary(r.get("images") or []), (r["note"] or "")[:60],
         )
     # a pipe or log file has no width: give the UIDs room instead of rich's 80-column default

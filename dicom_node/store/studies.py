@@ -53,14 +53,20 @@ def apply_decision(index: Index, study_uid: str, *, state: str, reason: str, mis
 
 
 def study_table(index: Index) -> list[dict[str, Any]]:
-    """One dict per study: state, counts, latest job and delivery counts."""
+    """One dict per study: state, counts, latest job and delivery counts.
+
+    ``seg`` counts human (MANUAL/SEMIAUTOMATIC) SEGs, the ones that are ROIs; ``automatic_seg``
+    the AUTOMATIC ones that came back (the node's own AI SEG routed back, another AI product).
+    """
     studies = index.query(
         "SELECT s.*, "
         "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid) AS instances, "
         "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid "
         "AND i.modality = 'US') AS us, "
         "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid "
-        "AND i.modality = 'SEG') AS seg "
+        "AND i.modality = 'SEG' AND coalesce(i.automatic_seg, 0) = 0) AS seg, "
+        "(SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid "
+        "AND i.modality = 'SEG' AND i.automatic_seg = 1) AS automatic_seg "
         "FROM studies s ORDER BY s.first_received"
     )
     jobs = index.query(
@@ -75,6 +81,7 @@ def study_table(index: Index) -> list[dict[str, Any]]:
         out.append({
             "study_uid": s["study_uid"], "patient_id": s["patient_id"], "state": s["state"],
             "instances": s["instances"], "us": s["us"], "seg": s["seg"],
+            "automatic_seg": s["automatic_seg"],
             "first_received": s["first_received"], "last_received": s["last_received"],
             "completion_reason": s["completion_reason"], "missing_seg": bool(s["missing_seg"]),
             "reopen_count": s["reopen_count"], "note": s["note"] or "",

@@ -24,6 +24,7 @@ from dicom_node.scu import store_files
 from dicom_node.store.archive import Archive
 from dicom_node.store.queue import claim, jobs_for, mark_done
 from dicom_node.store.resultsets import sets_of
+from dicom_node.store.studies import study_table
 from dicom_node.validate import validate
 from dicom_node.worker import job_context, run_one
 from tests.builders import make_seg, make_us, rf_mask
@@ -97,6 +98,9 @@ def test_an_automatic_seg_is_archived_but_does_not_cover_an_image(archive: Archi
     job = claim(archive)
     assert job is not None
     assert job_context(archive, job).automatic_seg_uids == (ai.SOPInstanceUID,)
+    # `dicom-node studies` counts it apart from the human SEGs
+    row = next(r for r in study_table(archive) if r["study_uid"] == uid)
+    assert (row["us"], row["seg"], row["automatic_seg"]) == (1, 0, 1)
 
 
 def test_another_vendors_automatic_seg_does_not_release_a_held_study(archive: Archive) -> None:
