@@ -33,8 +33,7 @@ from inference.artifact import (
     write_artifact,
 )
 from inference.durable import write_durable
-from inference.reader import read_study
-from inference.roi import is_automatic_seg
+from inference.reader import AUTOMATIC_SEG_REASON, read_study
 from inference.segmenter import (
     SCHEMA_VERSION,
     TASK,
@@ -134,11 +133,11 @@ def load_seg_samples(source_dir: Path, spec: SegmenterSpec, labels: Path | None 
     samples: list[SegSample] = []
     skipped: list[str] = []
     for n, (study, (patient, paths)) in enumerate(sorted(index.items()), 1):
-        # the node's own automatic outlines would teach the network its own mistakes: only
-        # manual or semi-automatic (human-checked) SEGs are references
-        automatic = [p for p in paths if is_automatic_seg(p)]
-        skipped.extend(f"{p}: automatic DICOM-SEG, not a reference" for p in automatic)
-        read = read_study([p for p in paths if p not in automatic])
+        # read_study leaves all-AUTOMATIC SEGs out (the node's own outlines would teach the
+        # network its own mistakes): only manual or semi-automatic SEGs are references
+        read = read_study(paths)
+        skipped.extend(f"{uid}: automatic DICOM-SEG, not a reference"
+                       for uid, why in read.problems if why == AUTOMATIC_SEG_REASON)
         pid = owner.get(study) or owner.get(patient) or patient or study
         for fr in read.frames:
             if fr.mask is None:

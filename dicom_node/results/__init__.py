@@ -71,6 +71,7 @@ SEGMENTATION_METHOD = codes.DCM.SegmentationMethod  # 122554
 AUTOMATED = codes.SCT.Automated  # 8359006
 GATE_VERDICT = Code("GATE", PRIVATE_SCHEME, "Input gate verdict")
 IMAGE_NOT_SCORED = Code("NOT-SCORED", PRIVATE_SCHEME, "Image not scored")
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"  # when a header lacks its SOP Class UID
 NOT_SCORED_REASON = Code("WHY-NOT-SCORED", PRIVATE_SCHEME, "Reason the image was not scored")
 NO_CM = Code("NO-CM", PRIVATE_SCHEME, "No cm values: calibration absent or implausible")
 NOT_ASSESSABLE = codes.SCT.Undetermined  # 373068000: no sarcopenia verdict for this study
@@ -393,7 +394,7 @@ def _image_evaluations(score: ImageScore) -> list[hd.sr.QualitativeEvaluation] |
 def _verdict_stub(v: GateVerdict, study_uid: str) -> Dataset:
     """Evidence entry for an image that was not scored (its header is not needed)."""
     ds = Dataset()
-    ds.SOPClassUID = v.sop_class_uid or "1.2.840.10008.5.1.4.1.1.6.1"
+    ds.SOPClassUID = v.sop_class_uid or US_IMAGE_STORAGE
     ds.SOPInstanceUID = v.sop_instance_uid
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, v.sop_instance_uid])
     ds.StudyInstanceUID = study_uid
@@ -419,7 +420,7 @@ def _not_scored_groups(score: StudyScore, algorithm: hd.sr.AlgorithmIdentificati
             algorithm_id=algorithm,
             qualitative_evaluations=_gate_evaluation(v),
             source_images=[hd.sr.SourceImageForMeasurementGroup(
-                v.sop_class_uid or "1.2.840.10008.5.1.4.1.1.6.1", v.sop_instance_uid)],
+                v.sop_class_uid or US_IMAGE_STORAGE, v.sop_instance_uid)],
         ))
     return out
 
@@ -467,7 +468,7 @@ def _skipped_image_groups(score: StudyScore, algorithm: hd.sr.AlgorithmIdentific
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 NOT_SCORED_REASON, Code(_skip_key(text), PRIVATE_SCHEME, text[:64]))],
             source_images=[hd.sr.SourceImageForMeasurementGroup(
-                str(src.SOPClassUID), sop_uid)],
+                str(src.get("SOPClassUID") or US_IMAGE_STORAGE), sop_uid)],
         ))
     return out
 
